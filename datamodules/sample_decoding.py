@@ -1,0 +1,105 @@
+"""Turning one webdataset sample (bytes per key) into tensors, and counting the ones that fail.
+
+Decoding uses PIL and plain text only; no key is ever unpickled (``.pyd``, ``.pth``,
+``.pickle`` members are ignored because nothing asks for them).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from modalities import Modality
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+CAPTION_KEYS = ("txt", "caption")
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; the message names the shard, the key and why."""
+
+
+class SkipCounter:
+    """Webdataset ``handler=``: logs each bad sample with its shard and key, counts it, continues.
+
+    Lives inside each data worker; the count travels to the main process with every batch
+    (``batch["skipped"]``) so nothing is dropped silently.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        log.warning("skipping bad sample (%d so far): %s", self.count, exn)
+        return True
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def decode_image(sample: Mapping[str, Any]) -> torch.Tensor:
+    """The RGB image as a ``(3, H, W)`` uint8 tensor."""
+    for k in IMAGE_KEYS:
+        if k in sample:
+            try:
+                with Image.open(io.BytesIO(sample[k])) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except Exception as e:
+                raise BadSampleError(f"'{k}' is not a readable image ({type(e).__name__}: {e})") from None
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    raise BadSampleError(f"no image key (one of {IMAGE_KEYS}); keys present: {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def decode_caption(sample: Mapping[str, Any]) -> str:
+    for k in CAPTION_KEYS:
+        if k in sample:
+            v = sample[k]
+            return (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)).strip()
+    return ""
+
+
+def decode_modality(plugin: Modality, sample: Mapping[str, Any], image: torch.Tensor) -> torch.Tensor:
+    """The plugin's raw map from its shard key, or derived from the image / other keys."""
+    raw = plugin.decode(sample)
+    if raw is None:
+        if plugin.derive_keys and not any(k in sample for k in plugin.derive_keys):
+            raise BadSampleError(
+                f"modality '{plugin.name}' needs one of the keys {list(plugin.shard_keys + plugin.derive_keys)}; "
+                f"keys present: {sorted(k for k in sample if not k.startswith('__'))}")
+        raw = plugin.derive(image.float() / 255.0, sample)
+    h, w = image.shape[-2:]
+    if tuple(raw.shape[-2:]) != (h, w):
+        raise BadSampleError(f"modality '{plugin.name}' map is {tuple(raw.shape[-2:])} but the image is {(h, w)}")
+    return raw
+
+
+def joint_transform(image_size: int, train: bool, hflip: float, crop_scale: tuple[float, float]) -> v2.Transform:
+    """One geometric transform for the image and every spatial map (label maps resample nearest)."""
+    if train:
+        return v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip(hflip),
+        ])
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+
+def wrap_for_transform(plugin: Modality, raw: torch.Tensor) -> tv_tensors.TVTensor:
+    # Mask -> nearest resampling; continuous maps ride as Image -> bilinear
+    if plugin.is_label_map:
+        return tv_tensors.Mask(raw[None])
+    return tv_tensors.Image(raw)
+
+
+def unwrap(plugin: Modality, t: torch.Tensor) -> torch.Tensor:
+    t = t.as_subclass(torch.Tensor)
+    return t[0].long() if plugin.is_label_map else t.float()

@@ -1,0 +1,153 @@
+"""``ShardDataModule``: webdataset shards -> batches for MCM, ControlNet and base pretraining.
+
+Batches are ``{"image": (B,3,H,W) in [-1,1], "<modality>": raw map, "caption": list[str],
+"key": list[str], "skipped": int tensor}`` (see ``modalities.base`` for raw map formats).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from typing import Any
+
+import lightning as L
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader
+
+import modalities
+
+from .shard_stream import FixedLengthLoader, ShardStream
+
+log = logging.getLogger(__name__)
+
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
+
+
+def expand_shards(spec: str | list[str] | None, what: str) -> list[str]:
+    """Brace patterns / lists -> URLs; local paths must exist (a clear error names the missing ones)."""
+    if spec is None:
+        return []
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for part in s.split("::") for u in braceexpand(part)]
+    if not urls:
+        raise ValueError(f"{what}: the shard list {spec!r} is empty; expected a path, brace pattern or URL")
+    missing = [u for u in urls if not u.startswith(_REMOTE) and not os.path.exists(u.removeprefix("file:"))]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{what}: {len(missing)} of {len(urls)} shards do not exist: {missing[:5]}{more}")
+    return urls
+
+
+def count_samples(urls: list[str], what: str) -> int:
+    """Distinct sample keys in local tar shards (reads headers only)."""
+    if any(u.startswith(_REMOTE) for u in urls):
+        raise ValueError(f"{what}: cannot count samples of remote shards; set the number of samples per epoch explicitly")
+    n = 0
+    for u in urls:
+        try:
+            with tarfile.open(u.removeprefix("file:")) as tf:
+                n += len({m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()})
+        except (tarfile.TarError, OSError) as e:  # a truncated shard still counts what it has
+            log.warning("%s: could not fully read %s to count samples: %s", what, u, e)
+    return n
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams webdataset shards with joint geometric augmentation and per-modality augmentation.
+
+    Args:
+        train_shards: path, brace pattern (``data/shapes/train-{000000..000003}.tar``) or any
+            webdataset URL (``pipe:aws s3 cp s3://b/s-{0..9}.tar -``); ``::`` joins several.
+        val_shards: same, for validation (also used for test/predict when ``test_shards`` is unset).
+        test_shards: same, for test and predict.
+        modalities: plugins and their options, e.g. ``{"segmentation": {"num_classes": 6}}``.
+        image_size: output side in pixels (square).
+        batch_size: per-rank batch size.
+        num_workers: data-loading processes per rank (0 = in the main process).
+        train_samples: samples per training epoch (all ranks together); ``None`` counts local shards.
+        val_samples: samples per validation pass; ``None`` counts local shards.
+        limit_train_samples: read only the first N training samples (the limited-data regime of the
+            paper); the rest of the shards are ignored. ``None`` uses everything.
+        shuffle_buffer: webdataset shuffle buffer (samples).
+        hflip: probability of a horizontal flip (training).
+        crop_scale: area range of the random resized crop (training); ``[1, 1]`` disables cropping.
+        seed: seeds shard order, shuffling and augmentation together with (epoch, rank, worker).
+        max_bad_fraction: stop with an error when more than this share of samples is bad.
+    """
+
+    def __init__(self, train_shards: str | None = None, val_shards: str | None = None,
+                 test_shards: str | None = None, modalities: dict[str, dict[str, Any]] | None = None,
+                 image_size: int = 32, batch_size: int = 32, num_workers: int = 2,
+                 train_samples: int | None = None, val_samples: int | None = None,
+                 limit_train_samples: int | None = None, shuffle_buffer: int = 1000, hflip: float = 0.5,
+                 crop_scale: tuple[float, float] = (0.8, 1.0), seed: int = 0, max_bad_fraction: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+        self.modality_spec = dict(modalities or {})
+        self.plugins = modalities.build_all(self.modality_spec)
+        self.loaders: dict[str, FixedLengthLoader] = {}
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _dist(self) -> tuple[int, int]:
+        t = self._trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _epoch(self) -> int:
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    def _make(self, spec: str | None, train: bool, n_samples: int | None, what: str) -> FixedLengthLoader:
+        h = self.hparams
+        urls = expand_shards(spec, what)
+        if train and h.limit_train_samples:
+            urls, n_samples = self._limited(urls, h.limit_train_samples)
+        n = n_samples if n_samples is not None else count_samples(urls, what)
+        rank, world = self._dist()
+        per_step = h.batch_size * world
+        if n < per_step:
+            raise ValueError(f"{what}: {n} samples cannot fill one batch of {h.batch_size} on each of {world} ranks")
+        num_batches = n // per_step if train else -(-n // per_step)
+        ds = ShardStream(urls, self.plugins, h.image_size, h.batch_size, train=train, seed=h.seed,
+                         shuffle_buffer=h.shuffle_buffer if train else 0, hflip=h.hflip, crop_scale=h.crop_scale,
+                         rank=rank, world_size=world)
+        dl = DataLoader(ds, batch_size=None, num_workers=h.num_workers, persistent_workers=False,
+                        prefetch_factor=4 if h.num_workers else None)
+        loader = FixedLengthLoader(dl, ds, num_batches, self._epoch if train else (lambda: 0), h.max_bad_fraction)
+        self.loaders[what] = loader
+        log.info("%s: %d shards, %d samples, %d batches per rank per epoch", what, len(urls), n, num_batches)
+        return loader
+
+    @staticmethod
+    def _limited(urls: list[str], limit: int) -> tuple[list[str], int]:
+        """Keep whole leading shards up to ``limit`` samples (deterministic subset for limited-data runs)."""
+        kept, total = [], 0
+        for u in urls:
+            if total >= limit:
+                break
+            kept.append(u)
+            total += count_samples([u], "limit_train_samples")
+        if total > limit:
+            log.info("limit_train_samples=%d: using %d shards holding %d samples", limit, len(kept), total)
+        return kept, min(total, limit)
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    def train_dataloader(self) -> FixedLengthLoader:
+        if not self.hparams.train_shards:
+            raise ValueError("data.train_shards is not set; expected a path or pattern of training shards")
+        return self._make(self.hparams.train_shards, True, self.hparams.train_samples, "train_shards")
+
+    def val_dataloader(self) -> FixedLengthLoader | list:
+        if not self.hparams.val_shards:
+            return []
+        return self._make(self.hparams.val_shards, False, self.hparams.val_samples, "val_shards")
+
+    def test_dataloader(self) -> FixedLengthLoader:
+        spec = self.hparams.test_shards or self.hparams.val_shards
+        if not spec:
+            raise ValueError("data.test_shards (or data.val_shards) must be set to test or predict")
+        return self._make(spec, False, None, "test_shards")
+
+    predict_dataloader = test_dataloader
+
+    def skipped_samples(self) -> int:
+        return sum(l.skipped for l in self.loaders.values())
+

@@ -1,0 +1,192 @@
+"""The modality plugin API (design.md §5).
+
+A modality says how a spatial control is read from a shard, derived from the RGB image
+when the shard lacks it, augmented for training, checked, turned into channels, encoded
+to MCM features and drawn.  Built-ins and third-party plugins are the same kind of class,
+registered through the ``mcm.modalities`` entry-point group.
+
+Formats used throughout (B = batch):
+
+* raw map — what a batch carries under the modality's name and what users pass to the
+  pipeline: label maps are ``(B, H, W)`` int64, continuous maps ``(B, C, H, W)`` float32;
+  a single sample drops the leading ``B``.
+* channels — ``to_channels(raw)``: ``(B, channels, H, W)`` float32, the encoder's input.
+  An absent modality is all zeros in this format (plus presence 0 in the MCM input).
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+class ModalityError(ValueError):
+    """Bad input for a modality; the message names the modality, what was expected and what came."""
+
+
+class ConvEncoder(nn.Module):
+    """Small conv encoder: raw channels -> ``out_channels`` features, downsampled by ``downsample``.
+
+    ``downsample`` is 1 for pixel bases and 8 for Stable Diffusion's latent space; each
+    factor of 2 is one stride-2 conv so thin structures (sketch strokes) are not aliased away.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 16, hidden: int = 32, downsample: int = 1):
+        super().__init__()
+        if downsample < 1 or downsample & (downsample - 1):
+            raise ValueError(f"downsample must be a power of two >= 1, got {downsample}")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU()]
+        for _ in range(int(np.log2(downsample))):
+            layers += [nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.SiLU()]
+        layers += [nn.Conv2d(hidden, out_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/ds, W/ds)
+        return self.net(x)
+
+
+def png_bytes_to_array(data: bytes, what: str) -> np.ndarray:
+    """Decode PNG/JPEG bytes with PIL (never pickle); keeps 16-bit depth as uint16."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return np.asarray(im, dtype=np.int32).astype(np.uint16)
+            return np.asarray(im)
+    except Exception as e:  # PIL raises a zoo of types for corrupt files
+        raise ModalityError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+class Modality:
+    """Base class of modality plugins.  Subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str] = ""
+    is_label_map: ClassVar[bool] = False
+    #: shard keys this modality reads; the first one is its own map (e.g. ``"seg.png"``).
+    shard_keys: ClassVar[tuple[str, ...]] = ()
+    #: shard keys that, when the own key is missing, let ``derive`` build the map.
+    derive_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, feature_channels: int = 16, encoder_hidden: int = 32):
+        self.feature_channels = feature_channels
+        self.encoder_hidden = encoder_hidden
+
+    # ---- what the map is -------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Number of channels of ``to_channels`` output (the encoder's input)."""
+        raise NotImplementedError
+
+    @property
+    def raw_channels(self) -> int:
+        """Channels of a continuous raw map (ignored for label maps)."""
+        return self.channels
+
+    def config(self) -> dict[str, Any]:
+        """Options that rebuild this plugin: ``modalities.create(name, **config())``."""
+        return {"feature_channels": self.feature_channels, "encoder_hidden": self.encoder_hidden}
+
+    # ---- data --------------------------------------------------------------------------
+    def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
+        """Read the raw map from a shard sample (bytes per key); ``None`` if the key is absent."""
+        raise NotImplementedError
+
+    def derive(self, image: torch.Tensor, sample: Mapping[str, Any]) -> torch.Tensor:
+        """Build the raw map from the RGB image ``(3, H, W)`` in [0, 1] and the decoded sample.
+
+        The same preprocessing a user runs at inference to make a control from a photo.
+        """
+        raise ModalityError(
+            f"modality '{self.name}': the sample has none of the keys {list(self.shard_keys)} "
+            f"and '{self.name}' cannot be derived from the image"
+        )
+
+    def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training-only, per-sample, non-geometric augmentation of a raw map (default: none)."""
+        return raw
+
+    def eval_transform(self, raw: torch.Tensor, key: str) -> torch.Tensor:
+        """Deterministic per-sample preprocessing for validation (default: none)."""
+        return raw
+
+    # ---- model side ---------------------------------------------------------------------
+    def to_tensor(self, x: Any) -> torch.Tensor:
+        """Accept tensor / numpy / PIL input and return the batched raw format, validated."""
+        if isinstance(x, Image.Image):
+            x = np.asarray(x)
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if not isinstance(x, torch.Tensor):
+            raise ModalityError(
+                f"modality '{self.name}': expected a torch tensor, numpy array or PIL image, got {type(x).__name__}"
+            )
+        if self.is_label_map:
+            if x.ndim == 2:
+                x = x[None]
+        else:
+            if x.ndim == 2:
+                x = x[None, None]
+            elif x.ndim == 3:
+                x = x[None]
+            if not x.is_floating_point():
+                # 8/16-bit images: scale to [0, 1] by the dtype's range
+                top = 65535.0 if x.dtype in (torch.int32, torch.uint16) and x.max() > 255 else 255.0
+                x = x.float() / top
+        self.validate(x)
+        return x.long() if self.is_label_map else x.float()
+
+    def validate(self, x: torch.Tensor) -> None:
+        """Check shape, dtype, range and finiteness of a batched raw map."""
+        raise NotImplementedError
+
+    def to_channels(self, raw: torch.Tensor) -> torch.Tensor:
+        """Batched raw map -> ``(B, channels, H, W)`` float, the encoder's input."""
+        raise NotImplementedError
+
+    def build_encoder(self, downsample: int = 1) -> nn.Module:
+        """The trainable encoder from ``to_channels`` output to ``feature_channels`` MCM features."""
+        return ConvEncoder(self.channels, self.feature_channels, self.encoder_hidden, downsample)
+
+    def resize(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Resize a batched raw map: nearest for label maps, bilinear (antialiased) for continuous."""
+        if tuple(raw.shape[-2:]) == tuple(size):
+            return raw
+        if self.is_label_map:
+            return nn.functional.interpolate(raw[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        return nn.functional.interpolate(raw, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    def visualize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Batched raw map -> ``(B, 3, H, W)`` RGB in [0, 1] for grids."""
+        raise NotImplementedError
+
+    def example(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A valid random batched raw map ``(B, ...)`` for tests and smoke runs (seeded by ``generator``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({opts})"
+
+    # ---- shared checks ---------------------------------------------------------------
+    def _fail(self, expected: str, got: str) -> None:
+        raise ModalityError(f"modality '{self.name}': expected {expected}, got {got}")
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).sum().item()
+            self._fail("finite values", f"{bad} NaN/Inf values")
+
+    def _check_batch(self, x: torch.Tensor, ndim: int, layout: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            self._fail(f"a tensor {layout}", type(x).__name__)
+        if x.ndim != ndim:
+            self._fail(f"shape {layout}", f"shape {tuple(x.shape)}")
+        if x.numel() == 0:  # empty batch or a zero-size side
+            self._fail(f"a non-empty batch {layout}", f"shape {tuple(x.shape)}")
