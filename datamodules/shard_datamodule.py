@@ -5,6 +5,7 @@ Batches are ``{"image": (B,3,H,W) in [-1,1], "<modality>": raw map, "caption": l
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tarfile
@@ -14,7 +15,7 @@ import lightning as L
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
-import modalities
+import modalities as modality_registry
 
 from .shard_stream import FixedLengthLoader, ShardStream
 
@@ -29,6 +30,8 @@ def expand_shards(spec: str | list[str] | None, what: str) -> list[str]:
         return []
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = [u for s in specs for part in s.split("::") for u in braceexpand(part)]
+    # local globs (data/shapes/train-*.tar) expand too; a glob matching nothing stays and is reported missing
+    urls = [m for u in urls for m in (sorted(glob.glob(u)) or [u] if "*" in u and not u.startswith(_REMOTE) else [u])]
     if not urls:
         raise ValueError(f"{what}: the shard list {spec!r} is empty; expected a path, brace pattern or URL")
     missing = [u for u in urls if not u.startswith(_REMOTE) and not os.path.exists(u.removeprefix("file:"))]
@@ -56,7 +59,8 @@ class ShardDataModule(L.LightningDataModule):
     """Streams webdataset shards with joint geometric augmentation and per-modality augmentation.
 
     Args:
-        train_shards: path, brace pattern (``data/shapes/train-{000000..000003}.tar``) or any
+        train_shards: path, glob (``data/shapes/train-*.tar``), brace pattern
+            (``data/shapes/train-{000000..000003}.tar``) or any
             webdataset URL (``pipe:aws s3 cp s3://b/s-{0..9}.tar -``); ``::`` joins several.
         val_shards: same, for validation (also used for test/predict when ``test_shards`` is unset).
         test_shards: same, for test and predict.
@@ -84,16 +88,16 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.modality_spec = dict(modalities or {})
-        self.plugins = modalities.build_all(self.modality_spec)
+        self.plugins = modality_registry.build_all(self.modality_spec)
         self.loaders: dict[str, FixedLengthLoader] = {}
 
     # ---- helpers -------------------------------------------------------------------------
     def _dist(self) -> tuple[int, int]:
-        t = self._trainer
+        t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
     def _epoch(self) -> int:
-        return self._trainer.current_epoch if self._trainer is not None else 0
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _make(self, spec: str | None, train: bool, n_samples: int | None, what: str) -> FixedLengthLoader:
         h = self.hparams

@@ -1,0 +1,226 @@
+"""``FrozenBase``: a pretrained diffusers model that MCM and ControlNet control but never train.
+
+Loads a diffusers-layout directory (``unet/``, ``scheduler/``, optional ``vae/``,
+``text_encoder/`` + ``tokenizer/``), pixel or latent, text-conditional or not; Stable
+Diffusion 1.x/2.x directories load unchanged.  The built-in name ``shapes32`` resolves to
+the base shipped inside this package.  Nothing is ever fetched from a hub.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import diffusers
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUILTIN_BASES = {"shapes32": WEIGHTS_DIR / "shapes32" / "base"}
+
+
+class FrozenBaseError(RuntimeError):
+    """Someone tried to train the frozen base."""
+
+
+def resolve_base_path(name_or_path: str | Path) -> Path:
+    """A built-in name (``shapes32``) or a local diffusers directory -> an existing directory."""
+    if str(name_or_path) in BUILTIN_BASES:
+        path = BUILTIN_BASES[str(name_or_path)]
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(f"the built-in base '{name_or_path}' is not shipped in this install ({path})")
+        return path
+    path = Path(name_or_path).expanduser()
+    if not (path / "unet" / "config.json").is_file() or not (path / "scheduler").is_dir():
+        raise FileNotFoundError(
+            f"base '{name_or_path}': expected a diffusers-layout directory with unet/ and scheduler/ "
+            f"(optional vae/, text_encoder/, tokenizer/), or one of the built-in names {sorted(BUILTIN_BASES)}")
+    return path
+
+
+def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | None):
+    """Load ``path/sub`` with the class its config names (``_class_name``), from ``library``."""
+    cfg_file = next((path / sub / f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
+                     if (path / sub / f).is_file()), None)
+    if cfg_file is None:
+        raise FileNotFoundError(f"{path / sub}: no config.json / scheduler_config.json / tokenizer_config.json")
+    cfg = json.loads(cfg_file.read_text())
+    if library == "diffusers":
+        cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+        if cls is None:
+            raise ValueError(f"{cfg_file}: unknown diffusers class {cfg.get('_class_name')!r}")
+        kw = {"torch_dtype": dtype} if dtype is not None and sub != "scheduler" else {}
+        return cls.from_pretrained(path / sub, **kw)
+    import transformers
+
+    if sub == "tokenizer":
+        return transformers.AutoTokenizer.from_pretrained(path / sub)
+    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+    cls = getattr(transformers, arch)
+    return cls.from_pretrained(path / sub, **({"dtype": dtype} if dtype is not None else {}))
+
+
+class FrozenBase(nn.Module):
+    """The frozen diffusion model ``f(x_t, t, y)``: eval mode, no gradients, never optimised.
+
+    ``predict`` returns what the scheduler's ``prediction_type`` says (epsilon, v or sample).
+    Its parameters are deliberately hidden from ``.parameters()`` so they cannot reach an
+    optimizer or DDP by accident; ``frozen_parameters()`` lists them for inspection.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        self.source = source
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        super().train(False)
+        self._hash: str | None = None
+        self._uncond_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, torch_dtype: torch.dtype | None = None) -> "FrozenBase":
+        path = resolve_base_path(name_or_path)
+        unet = _load_component(path, "unet", "diffusers", torch_dtype)
+        scheduler = _load_component(path, "scheduler", "diffusers", None)
+        vae = _load_component(path, "vae", "diffusers", torch_dtype) if (path / "vae").is_dir() else None
+        text_encoder = tokenizer = None
+        if (path / "text_encoder").is_dir():
+            if not (path / "tokenizer").is_dir():
+                raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
+            text_encoder = _load_component(path, "text_encoder", "transformers", torch_dtype)
+            tokenizer = _load_component(path, "tokenizer", "transformers", None)
+        log.info("loaded base %s (%s, %s, %.1fM params)", name_or_path, type(unet).__name__,
+                 "latent" if vae is not None else "pixel", sum(p.numel() for p in unet.parameters()) / 1e6)
+        return cls(unet, scheduler, vae, text_encoder, tokenizer, source=str(name_or_path))
+
+    # ---- refusing to train ------------------------------------------------------------------
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        raise FrozenBaseError(
+            "FrozenBase parameters are frozen and must never be optimised or wrapped by DDP; train an "
+            "adapter (MCM or ControlNet) instead. Use frozen_parameters() to inspect them.")
+
+    def named_parameters(self, *args, **kwargs):
+        return self.parameters()
+
+    def frozen_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in super().named_parameters())
+
+    def requires_grad_(self, requires_grad: bool = True) -> "FrozenBase":
+        if requires_grad:
+            self.parameters()  # raises
+        return self
+
+    def train(self, mode: bool = True) -> "FrozenBase":
+        return super().train(False)  # always eval: no dropout, fixed norms
+
+    # ---- facts about the base ---------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per model-space pixel: 1 for pixel bases, 8 for Stable Diffusion's VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.frozen_parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.frozen_parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.frozen_parameters())
+
+    def content_hash(self) -> str:
+        """sha256 over every tensor of the base (names, shapes, bytes); identifies it in checkpoints."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            self._hash = h.hexdigest()
+        return self._hash
+
+    # ---- the three things adapters need -----------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``(B,3,H,W)`` in [-1, 1] -> model space (identity for pixel bases)."""
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.sample(generator) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1]."""
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        return self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str] | None, batch_size: int | None = None) -> torch.Tensor | None:
+        """Prompts -> ``(B, L, D)`` text embeddings; ``None`` for unconditional bases. ``""`` = unconditional."""
+        if self.text_encoder is None:
+            return None
+        if prompts is None:
+            prompts = [""] * (batch_size or 1)
+        if all(p == "" for p in prompts):  # the unconditional branch is asked for every step: cache it
+            key = (len(prompts), str(self.device))
+            if key not in self._uncond_cache:
+                self._uncond_cache = {key: self._encode(prompts)}
+            return self._uncond_cache[key]
+        return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+
+    @torch.no_grad()
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's prediction ``p`` (its scheduler's ``prediction_type``), ``(B, C, h, w)`` float32."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        x = x_t.to(self.unet.dtype)
+        if self.is_text_conditional:
+            if text_emb is None:
+                text_emb = self.encode_text(None, x_t.shape[0])
+            out = self.unet(x, t, encoder_hidden_states=text_emb.to(self.unet.dtype)).sample
+        else:
+            out = self.unet(x, t).sample
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models: keep the mean prediction
+            out = out[:, : x_t.shape[1]]
+        return out.float()
+
+
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Tokenize to the tokenizer's max length and take the encoder's last hidden state (as SD does)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
