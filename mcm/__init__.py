@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from .pipeline import MCMPipeline
 
         return MCMPipeline
+    if name == "MCMModule":
+        from .mcm_module import MCMModule
+
+        return MCMModule
     if name == "FrozenBase":
         from .frozen_base import FrozenBase
 
@@ -21,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mcm' has no attribute {name!r}")
 
 
-__all__ = ["MCMPipeline", "FrozenBase", "__version__"]
+__all__ = ["MCMPipeline", "MCMModule", "FrozenBase", "__version__"]
