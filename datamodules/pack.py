@@ -1,0 +1,485 @@
+"""``mcm data pack``: user folders -> webdataset shards with the keys of design.md §6.
+
+Files are paired by *stem* (file name without extension) across the folders given; only the
+top level of each folder is read.
+
+- ``--images``: ``.png .jpg .jpeg .webp``. Each is decoded with PIL (``verify`` then ``load``).
+  PNG and JPEG bytes are kept unchanged (keys ``png`` / ``jpg``); other formats become ``png``.
+- ``--seg``: ``.png`` label ids, 8-bit mode ``L`` or ``P`` (the raw palette indices are kept,
+  never mapped to colours) -> ``seg.png``.  Required for every image when given.
+- ``--depth``: 8- or 16-bit single-channel ``.png`` (8-bit values are scaled by 257) or a
+  ``.npy`` float array in [0, 1] (``numpy.load(allow_pickle=False)``) -> 16-bit ``depth.png``,
+  0 = nearest.  Required for every image when given.
+- ``--sketch``: ``.png`` in any mode, stored greyscale -> ``sketch.png``.  Optional per image.
+- ``--captions``: chosen by extension (see ``load_captions``) -> ``txt``.  Required per image.
+
+Every sample also gets a ``json`` with its source file names and size.  Webdataset splits a
+member name at the first dot, so dots in stems become ``_`` (the original stem is in the json).
+Samples with problems are skipped, logged by name with the reason, and counted in the
+returned ``PackReport``; each finished shard is renamed into place (never half-written).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+MAP_EXTS = {"seg": (".png",), "depth": (".png", ".npy"), "sketch": (".png",)}
+MAP_KEYS = {"seg": "seg.png", "depth": "depth.png", "sketch": "sketch.png"}
+REQUIRED_MAPS = ("seg", "depth")  # a missing sketch is fine: design.md §6 makes it optional
+
+
+@dataclass
+class Problem:
+    """One skipped file or sample: ``name`` (folder/file) and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+@dataclass
+class PackReport:
+    """What ``pack_folder`` did.  Every skipped sample or stray file is in exactly one list."""
+
+    packed: int = 0
+    shards: list[str] = field(default_factory=list)
+    unpaired: list[Problem] = field(default_factory=list)  # missing partner, stray map, no caption
+    unreadable: list[Problem] = field(default_factory=list)  # PIL / numpy could not decode, wrong mode
+    size_mismatch: list[Problem] = field(default_factory=list)  # map size != image size
+    renamed_keys: dict[str, str] = field(default_factory=dict)  # stem -> sample key, when sanitized
+    without_sketch: int = 0  # packed samples with no sketch while --sketch was given
+    unused_captions: list[str] = field(default_factory=list)  # caption stems with no image
+
+    @property
+    def skipped(self) -> int:
+        return len(self.unpaired) + len(self.unreadable) + len(self.size_mismatch)
+
+    def summary(self) -> str:
+        return (f"packed {self.packed} samples into {len(self.shards)} shards; skipped {self.skipped} "
+                f"(unpaired {len(self.unpaired)}, unreadable {len(self.unreadable)}, "
+                f"size mismatch {len(self.size_mismatch)})")
+
+
+class SampleError(Exception):
+    """A sample that cannot be packed; ``kind`` is ``"unreadable"`` or ``"size_mismatch"``."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.kind, self.problem = kind, Problem(name, reason)
+
+
+# ---- reading one file -------------------------------------------------------------------------
+
+def _label(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def _open_checked(path: Path, data: bytes) -> Image.Image:
+    """Decode ``data`` fully with PIL (``verify`` for structure, then ``load`` for pixels)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+    except UnidentifiedImageError:
+        raise SampleError("unreadable", _label(path), "not a recognised image format") from None
+    except Exception as e:  # PIL raises a zoo of types (OSError, SyntaxError, ValueError ...)
+        raise SampleError("unreadable", _label(path), f"corrupt image ({type(e).__name__}: {e})") from None
+
+
+def _png(arr_or_image: np.ndarray | Image.Image) -> bytes:
+    im = arr_or_image if isinstance(arr_or_image, Image.Image) else Image.fromarray(arr_or_image)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def read_image(path: Path) -> tuple[str, bytes, tuple[int, int]]:
+    """-> (shard key ``png``/``jpg``, bytes, (W, H)); PNG and JPEG bytes are kept as they are."""
+    data = path.read_bytes()
+    im = _open_checked(path, data)
+    if im.format == "JPEG":
+        return "jpg", data, im.size
+    if im.format == "PNG":
+        return "png", data, im.size
+    if im.mode not in ("RGB", "RGBA", "L", "LA"):
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    return "png", _png(im), im.size
+
+
+def read_seg(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """Label ids as an 8-bit ``L`` png; ``P`` images keep their raw palette indices."""
+    im = _open_checked(path, path.read_bytes())
+    if im.mode not in ("L", "P"):
+        raise SampleError("unreadable", _label(path),
+                          f"expected 8-bit label ids (PNG mode L or P), got mode {im.mode}; "
+                          "colour-coded masks must be converted to class ids first")
+    ids = np.asarray(im, dtype=np.uint8)  # for mode P these are the palette indices
+    return _png(ids), im.size
+
+
+def read_depth(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """Depth as a 16-bit png (0 = nearest) from an 8/16-bit png or a float ``.npy`` in [0, 1]."""
+    if path.suffix.lower() == ".npy":
+        d16 = _npy_depth(path)
+        return _png(d16), (d16.shape[1], d16.shape[0])
+    im = _open_checked(path, path.read_bytes())
+    if im.mode == "L":
+        d16 = np.asarray(im, dtype=np.uint16) * np.uint16(257)
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        d = np.asarray(im, dtype=np.int64)
+        if d.size and (d.min() < 0 or d.max() > 65535):
+            raise SampleError("unreadable", _label(path), f"depth values {d.min()}..{d.max()} do not fit 16 bits")
+        d16 = d.astype(np.uint16)
+    else:
+        raise SampleError("unreadable", _label(path),
+                          f"expected a single-channel 8- or 16-bit depth png (mode L or I;16), got mode {im.mode}")
+    return _png(d16), im.size
+
+
+def _npy_depth(path: Path) -> np.ndarray:
+    """A float (H, W) or (H, W, 1) ``.npy`` in [0, 1] -> (H, W) uint16; never unpickles."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # ValueError for object arrays, OSError / EOFError for junk
+        raise SampleError("unreadable", _label(path), f"not a plain .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+        raise SampleError("unreadable", _label(path), f"expected a float array, got {getattr(arr, 'dtype', type(arr))}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise SampleError("unreadable", _label(path), f"expected shape (H, W) or (H, W, 1), got {arr.shape}")
+    if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+        raise SampleError("unreadable", _label(path),
+                          f"expected finite values in [0, 1], got range [{np.nanmin(arr):.4g}, {np.nanmax(arr):.4g}]")
+    return np.round(arr.astype(np.float64) * 65535.0).astype(np.uint16)
+
+
+def read_sketch(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """A sketch in any mode as a greyscale png (transparent pixels become white)."""
+    im = _open_checked(path, path.read_bytes())
+    if "A" in im.getbands() or im.mode == "P":
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+    return _png(im.convert("L")), im.size
+
+
+READERS = {"seg": read_seg, "depth": read_depth, "sketch": read_sketch}
+
+
+# ---- pairing by stem --------------------------------------------------------------------------
+
+def _index_dir(folder: Path, exts: tuple[str, ...], what: str) -> dict[str, list[Path]]:
+    """stem -> files of ``folder`` with one of ``exts`` (more than one file means an ambiguous stem)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--{what}: {str(folder)!r} is not a directory")
+    by_stem: dict[str, list[Path]] = {}
+    ignored = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() in exts:
+            by_stem.setdefault(p.stem, []).append(p)
+        else:
+            ignored.append(p.name)
+    if ignored:
+        log.warning("--%s: ignoring %d files that are not %s: %s", what, len(ignored), "/".join(exts),
+                    ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+    return by_stem
+
+
+def _drop_ambiguous(indexed: dict[str, dict[str, list[Path]]], report: PackReport) -> dict[str, dict[str, Path]]:
+    """One file per stem and folder; a stem with several files in any folder skips that sample."""
+    ambiguous = sorted({s for files in indexed.values() for s, ps in files.items() if len(ps) > 1})
+    for stem in ambiguous:
+        files = [p for by_stem in indexed.values() for p in by_stem.get(stem, [])]
+        where = sorted({p.parent.name for by_stem in indexed.values() if len(by_stem.get(stem, [])) > 1
+                        for p in by_stem[stem]})
+        report.unpaired.append(Problem(", ".join(_label(p) for p in files),
+                                       f"several files in {', '.join(w + '/' for w in where)} share the stem "
+                                       f"{stem!r}; rename all but one"))
+    return {w: {s: ps[0] for s, ps in files.items() if s not in ambiguous} for w, files in indexed.items()}
+
+
+def _sample_key(stem: str, used: set[str]) -> str:
+    """Webdataset splits member names at the first dot: ``a.b`` -> ``a_b`` (made unique)."""
+    key = base = stem.replace(".", "_")
+    n = 1
+    while key in used:
+        n += 1
+        key = f"{base}_{n}"
+    used.add(key)
+    return key
+
+
+# ---- captions ---------------------------------------------------------------------------------
+
+STEM_FIELDS = ("stem", "key", "file")
+TEXT_FIELDS = ("caption", "text")
+
+
+def _caption_stem(name: str) -> str:
+    """``imgs/a.png`` -> ``a``; a plain stem (even with dots, ``a.b``) stays as it is."""
+    name = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    base, dot, ext = name.rpartition(".")
+    return base if dot and f".{ext.lower()}" in IMAGE_EXTS else name
+
+
+def _caption_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, stem, caption) rows of a captions file; the format follows the extension."""
+    ext, text = path.suffix.lower(), path.read_text(encoding="utf-8")
+    if ext == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--captions {path}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+            raise ValueError(f"--captions {path}: expected one JSON object {{stem: caption}} with string captions")
+        return [(0, k, v) for k, v in obj.items()]
+    if ext in (".tsv", ".txt"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            stem, tab, cap = line.partition("\t")
+            if line.strip() and (not tab or not stem.strip()):
+                raise ValueError(f"--captions {path}: line {n}: expected 'stem<TAB>caption', got {line[:60]!r}")
+            if line.strip():
+                rows.append((n, stem, cap))
+        return rows[1:] if rows and rows[0][1].strip().lower() in STEM_FIELDS else rows
+    if ext == ".jsonl":
+        return [_jsonl_row(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    raise ValueError(f"--captions {path}: unknown extension {ext!r}; expected .json, .jsonl, .tsv or .txt")
+
+
+def _jsonl_row(path: Path, n: int, line: str) -> tuple[int, str, str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--captions {path}: line {n}: not JSON ({e})") from None
+    obj = obj if isinstance(obj, dict) else {}
+    stem = next((obj[k] for k in STEM_FIELDS if isinstance(obj.get(k), str)), None)
+    cap = next((obj[k] for k in TEXT_FIELDS if isinstance(obj.get(k), str)), None)
+    if stem is None or cap is None:
+        raise ValueError(f"--captions {path}: line {n}: expected an object with one of {STEM_FIELDS} "
+                         f"and one of {TEXT_FIELDS} as strings")
+    return n, stem, cap
+
+
+def load_captions(path: Path) -> dict[str, str]:
+    """Captions by image stem.  Formats, by extension:
+
+    - ``.json``: one object ``{"stem": "caption", ...}``
+    - ``.jsonl``: one object per line with ``stem``/``key``/``file`` and ``caption``/``text``
+    - ``.tsv`` or ``.txt``: ``stem<TAB>caption`` per line (the caption may hold further tabs)
+    A header row (``stem``/``key``/``file`` first) is skipped; a file name (``a.png``) counts as its stem.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions: {str(path)!r} is not a file")
+    captions: dict[str, str] = {}
+    for n, name, cap in _caption_rows(path):
+        stem = _caption_stem(name)
+        if stem in captions:
+            log.warning("--captions %s: %s%r has two captions; keeping the last", path.name,
+                        f"line {n}: " if n else "", stem)
+        captions[stem] = cap.strip()
+    return captions
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def check_pattern(out: str) -> None:
+    """``out`` must be a ShardWriter pattern with one shard-number placeholder."""
+    try:
+        distinct = (out % 0) != (out % 1)
+    except (TypeError, ValueError):
+        distinct = False
+    if not distinct:
+        raise ValueError(f"--out {out!r} must contain one shard-number placeholder such as %06d, "
+                         "e.g. out/train-%06d.tar")
+
+
+class AtomicShardSink:
+    """``webdataset.ShardWriter`` that opens its first shard only when a sample arrives and
+    renames each finished ``*.tar.tmp`` into place, so a shard is either complete or absent."""
+
+    def __init__(self, pattern: str, maxcount: int) -> None:
+        self.pattern, self.maxcount = pattern, maxcount
+        self.shards: list[str] = []
+        self._writer = None
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None:
+            import webdataset as wds
+
+            Path(self.pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = wds.ShardWriter(self.pattern + ".tmp", maxcount=self.maxcount, verbose=0,
+                                           post=self._publish)
+        self._writer.write(sample)
+
+    def _publish(self, tmp: str) -> None:
+        final = tmp.removesuffix(".tmp")
+        os.replace(tmp, final)
+        self.shards.append(final)
+
+    def __enter__(self) -> AtomicShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._writer is None:
+            return
+        if exc_type is None:
+            self._writer.close()
+        elif self._writer.tarstream is not None:  # failed mid-shard: drop the partial file
+            self._writer.tarstream.close()
+            Path(self._writer.fname).unlink(missing_ok=True)
+
+
+# ---- the whole folder -------------------------------------------------------------------------
+
+def _pair(images: dict[str, Path], maps: dict[str, dict[str, Path]], folders: dict[str, Path],
+          captions: dict[str, str] | None, captions_name: str, report: PackReport) -> list[str]:
+    """Stems whose required partners all exist; the rest go to ``report.unpaired``."""
+    stems = []
+    for stem, img in images.items():
+        missing = [f"no {w} file with stem {stem!r} in {folders[w].name}/ (expected {' or '.join(MAP_EXTS[w])})"
+                   for w in REQUIRED_MAPS if w in maps and stem not in maps[w]]
+        if captions is not None and stem not in captions:
+            missing.append(f"no caption for {stem!r} in {captions_name}")
+        if missing:
+            report.unpaired.append(Problem(_label(img), "; ".join(missing)))
+        else:
+            stems.append(stem)
+    for what, files in maps.items():
+        where = folders["images"].name
+        report.unpaired += [Problem(_label(p), f"{what} file has no image with stem {s!r} in {where}/")
+                            for s, p in files.items() if s not in images]
+    if captions is not None:
+        report.unused_captions = sorted(s for s in captions if s not in images)
+    return stems
+
+
+def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], caption: str | None) -> dict:
+    """The webdataset sample for one stem; raises ``SampleError`` for unreadable files or sizes."""
+    ext, data, size = read_image(image)
+    sample: dict = {"__key__": key, ext: data}
+    meta: dict = {"stem": stem, "files": {"image": image.name}, "width": size[0], "height": size[1]}
+    if key != stem:
+        meta["key_sanitized_from"] = stem
+    for what, path in maps.items():
+        png, map_size = READERS[what](path)
+        if map_size != size:
+            raise SampleError("size_mismatch", _label(path), f"{what} is {map_size[0]}x{map_size[1]} (WxH) "
+                                                             f"but image {image.name} is {size[0]}x{size[1]}")
+        sample[MAP_KEYS[what]] = png
+        meta["files"][what] = path.name
+    if caption is not None:
+        sample["txt"] = caption
+    sample["json"] = json.dumps(meta)
+    return sample
+
+
+def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, depth: str | Path | None = None,
+                sketch: str | Path | None = None, captions: str | Path | None = None,
+                maxcount: int = 1000) -> PackReport:
+    """Pack ``images`` (+ maps paired by stem, + captions) into shards ``out % 0, out % 1, ...``.
+
+    Args:
+        images: folder of .png/.jpg/.jpeg/.webp images.
+        out: ShardWriter pattern, e.g. ``"out/train-%06d.tar"``; its folder is created.
+        seg, depth, sketch: optional folders of maps (see the module docstring for formats).
+        captions: optional captions file (see ``load_captions``).
+        maxcount: samples per shard (default 1000).
+    Returns: a ``PackReport``; problems are also logged at WARNING, each by file name.
+    """
+    # 1. check arguments and index the folders
+    check_pattern(out)
+    if maxcount < 1:
+        raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    report = PackReport()
+    folders = {"images": Path(images)}
+    folders |= {w: Path(f) for w, f in (("seg", seg), ("depth", depth), ("sketch", sketch)) if f is not None}
+    exts = {"images": IMAGE_EXTS, **MAP_EXTS}
+    indexed = _drop_ambiguous({w: _index_dir(f, exts[w], w) for w, f in folders.items()}, report)
+    image_files = indexed.pop("images")
+    maps = indexed
+    caps = load_captions(Path(captions)) if captions is not None else None
+
+    # 2. pair by stem, 3. decode, check and write each sample
+    stems = _pair(image_files, maps, folders, caps, Path(captions).name if captions else "", report)
+    used: set[str] = set()
+    with AtomicShardSink(out, maxcount) as sink:
+        for stem in stems:
+            sample_maps = {w: files[stem] for w, files in maps.items() if stem in files}
+            try:
+                sample = _build_sample(_sample_key(stem, used), stem, image_files[stem], sample_maps,
+                                       caps[stem] if caps is not None else None)
+            except SampleError as e:
+                getattr(report, e.kind).append(e.problem)
+                continue
+            if sample["__key__"] != stem:
+                report.renamed_keys[stem] = sample["__key__"]
+            sink.write(sample)
+            report.packed += 1
+            report.without_sketch += "sketch" in maps and "sketch.png" not in sample
+    report.shards = sink.shards
+    log_report(report)
+    return report
+
+
+def log_report(report: PackReport) -> None:
+    """Every problem by name at WARNING, then the counts and the summary line."""
+    for kind in ("unpaired", "unreadable", "size_mismatch"):
+        for p in getattr(report, kind):
+            log.warning("%s: %s", kind.replace("_", " "), p)
+    if report.unused_captions:
+        log.warning("captions with no image (%d): %s", len(report.unused_captions),
+                    ", ".join(report.unused_captions[:10]) + (" ..." if len(report.unused_captions) > 10 else ""))
+    if report.renamed_keys:
+        log.info("%d stems contain dots; their sample keys use '_' instead (e.g. %s)", len(report.renamed_keys),
+                 ", ".join(f"{s!r} -> {k!r}" for s, k in list(report.renamed_keys.items())[:3]))
+    if report.without_sketch:
+        log.info("%d packed samples have no sketch", report.without_sketch)
+    log.log(logging.WARNING if report.skipped else logging.INFO, "%s", report.summary())
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+def _cmd_pack(a: argparse.Namespace) -> int:
+    try:
+        report = pack_folder(a.images, a.out, seg=a.seg, depth=a.depth, sketch=a.sketch, captions=a.captions,
+                             maxcount=a.maxcount)
+    except (ValueError, OSError) as e:
+        log.error("mcm data pack: %s", e)
+        return 2
+    return 0 if report.packed else 1
+
+
+def add_command(data: argparse._SubParsersAction) -> None:
+    """Attach ``mcm data pack`` and ``mcm data inspect`` to the ``mcm data`` group."""
+    p = data.add_parser("pack", help="pack folders of images (+ seg/depth/sketch maps, captions) into shards",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of .png/.jpg/.jpeg/.webp images")
+    p.add_argument("--seg", help="folder of label-id pngs (mode L or P), same stems as the images")
+    p.add_argument("--depth", help="folder of 8/16-bit depth pngs or float .npy in [0,1], 0 = nearest")
+    p.add_argument("--sketch", help="folder of sketch pngs (optional per image)")
+    p.add_argument("--captions", help="captions: .json {stem: caption}, .jsonl or .tsv/.txt (stem<TAB>caption)")
+    p.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.set_defaults(func=_cmd_pack)
+
+    from .inspect_shards import add_inspect_command
+
+    add_inspect_command(data)
