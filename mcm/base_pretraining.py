@@ -137,8 +137,14 @@ class BasePretrainModule(L.LightningModule):
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: callbacks (ModelCheckpoint) run before the module's
+        # on_train_batch_end, so a step-N checkpoint would hold the EMA of step N-1 and each
+        # resume would lose an update; here also accumulated batches count once.
         self.ema.step(list(self.unet.parameters()) + list(self.text_encoder.parameters()))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.global_step
         if step % 100 == 0:
             self.log("train/ema_decay", self.ema.cur_decay_value or 0.0)

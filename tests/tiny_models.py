@@ -1,0 +1,132 @@
+"""Tiny random base models for tests, built offline and deterministically (diffusers test habit).
+
+Three layouts ``FrozenBase.from_pretrained`` must load (design.md §8):
+
+- ``make_tiny_sd``: a Stable-Diffusion-1.5-layout directory (latent, x8 VAE, CLIP text
+  encoder + CLIP BPE tokenizer, PNDM with SD 1.5's scheduler config, ``model_index.json``).
+- ``make_tiny_pixel_base``: the pixel, text-conditional base in the ``shapes32`` format,
+  made by ``mcm.base_pretraining`` itself (``BasePretrainModule`` -> ``export_base``).
+- ``make_tiny_unconditional``: a pixel ``UNet2DModel`` + ``DDPMScheduler``, no text.
+
+Import from any test as ``from tiny_models import make_tiny_sd`` (pytest puts ``tests/`` on
+``sys.path``); the session fixtures in ``conftest.py`` build each one once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Stable Diffusion 1.5's scheduler/scheduler_config.json (PNDM) minus the _class_name and version keys
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "prediction_type": "epsilon",
+}
+TINY_SD_TEXT_HIDDEN = 32
+TINY_SD_MAX_LENGTH = 77
+TINY_SD_VOCAB_SIZE = 1000
+TINY_PIXEL_SIZE = 16
+TINY_PIXEL_MAX_LENGTH = 24
+TINY_PIXEL_TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer with a tiny vocabulary (bytes, bytes + ``</w>``, a few merges, specials).
+
+    Built from in-memory vocab/merges so nothing is fetched from the hub; every string
+    tokenizes (byte fallback), ``model_max_length`` is 77 as in Stable Diffusion.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in ("a", "red", "blue", "circle", "square", "photo", "of", "cat", "dog"):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: r e d</w> -> re d</w> -> red</w>
+            pair = (parts[0], parts[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+                vocab_list.append(merged)
+            parts = [merged] + parts[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    assert len(vocab) <= TINY_SD_VOCAB_SIZE, len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_SD_MAX_LENGTH)
+
+
+def make_tiny_sd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable-Diffusion-1.5-layout directory to ``path`` and return it.
+
+    UNet 4 -> 4 channels at 8x8 latents; VAE with 4 blocks (x8 downsampling, 4 latent
+    channels) so 64x64 images <-> 8x8 latents; CLIP text encoder of width 32, 77 tokens.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_SD_TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=8)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4, sample_size=64)
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=TINY_SD_VOCAB_SIZE, hidden_size=TINY_SD_TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TINY_SD_MAX_LENGTH, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)  # as the real file is read
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)  # unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json
+    return path
+
+
+def make_tiny_pixel_base(path: str | Path, seed: int = 0) -> Path:
+    """The tiny pixel text-conditional base in the ``shapes32`` format (16x16, v-prediction).
+
+    Made exactly as pretraining makes the shipped one: ``BasePretrainModule`` with tiny sizes,
+    then ``export_base(module.ema_base(), path)`` (random weights, no training).
+    """
+    from mcm.base_pretraining import BasePretrainModule, export_base
+
+    torch.manual_seed(seed)
+    module = BasePretrainModule(sample_size=TINY_PIXEL_SIZE, block_out_channels=(16, 32), layers_per_block=1,
+                                text_hidden=TINY_PIXEL_TEXT_HIDDEN, text_layers=1, max_length=TINY_PIXEL_MAX_LENGTH,
+                                preview_every_n_steps=0)
+    return Path(export_base(module.ema_base(), path))
+
+
+def make_tiny_unconditional(path: str | Path, seed: int = 0) -> Path:
+    """A tiny unconditional pixel base: ``UNet2DModel`` 3 -> 3 channels at 16x16 + ``DDPMScheduler``."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=TINY_PIXEL_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+        path, safe_serialization=True)  # unet/ scheduler/ model_index.json
+    return path
