@@ -1,0 +1,65 @@
+"""``mcm export CKPT OUT``: the MCM alone (config + safetensors, a few MB), never the base."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from .modulator import MultimodalConditioningModule
+from .pipeline import save_module
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint, loaded without unpickling arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalConditioningModule:
+    """Rebuild the MCM from its config and weights in an ``MCMModule`` checkpoint (EMA weights if present)."""
+    if "mcm_config" not in ckpt:
+        raise ValueError("this checkpoint was not written by mcm.MCMModule (no 'mcm_config'); nothing to export")
+    cfg = {k: v for k, v in ckpt["mcm_config"].items() if not k.startswith("_")}
+    module = MultimodalConditioningModule.from_config(cfg)
+    state = {k.removeprefix("mcm."): v for k, v in ckpt["state_dict"].items() if k.startswith("mcm.")}
+    module.load_state_dict(state, strict=True)
+    if use_ema and "ema" in ckpt:
+        shadow = ckpt["ema"]["shadow_params"]
+        params = list(module.parameters())
+        if len(shadow) != len(params):
+            raise ValueError(f"EMA holds {len(shadow)} tensors but the MCM has {len(params)} parameters")
+        with torch.no_grad():
+            for p, s in zip(params, shadow):
+                p.copy_(s)
+    return module.eval()
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    module = module_from_checkpoint(ckpt, use_ema)
+    info = dict(ckpt.get("mcm_base", {}))
+    info["global_step"] = ckpt.get("global_step")
+    out = save_module(module, out, info)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    log.info("exported MCM (%d parameters, %.1f MB, base %s) to %s", module.num_trainable_parameters(),
+             size / 1e6, info.get("source"), out)
+    return out
+
+
+def _run(a: argparse.Namespace) -> int:
+    export_checkpoint(a.ckpt, a.out, use_ema=not a.no_ema)
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("export", help="export an MCM checkpoint as config.json + safetensors")
+    p.add_argument("ckpt", help="Lightning checkpoint of an MCMModule run")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    p.set_defaults(func=_run)
