@@ -154,6 +154,17 @@ class MCMModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Samples for held-out conditions: base alone and base + MCM with the same seeds.
+
+        ``mcm predict -c X.yaml --ckpt_path CKPT`` writes them with :class:`mcm.prediction_writer.SampleWriter`.
+        """
+        h = self.hparams
+        grid = comparison_grid(self.base, self.exported_module(), batch, n=batch["image"].shape[0],
+                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale,
+                               seed=batch_idx * 100003)
+        return {"grid": grid, "key": list(batch["key"]), "modalities": [n for n in self.mcm.modality_names if n in batch]}
+
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.mcm.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -169,7 +180,9 @@ class MCMModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end, so a step-N checkpoint holds the step-N EMA
         if self.ema is not None:
             self.ema.step(self.mcm.parameters())
 
