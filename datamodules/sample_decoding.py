@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from modalities import Modality
 
@@ -83,14 +84,34 @@ def decode_modality(plugin: Modality, sample: Mapping[str, Any], image: torch.Te
     return raw
 
 
+# torchvision resamples Masks with torch's legacy "nearest" (source pixel floor(i * in/out)), which
+# shifts labels by up to half an output pixel against the bilinear image; NEAREST_EXACT samples the
+# source pixel under each output pixel's centre, as bilinear does, so label edges stay on image edges.
+_LABEL_RESAMPLING = v2.InterpolationMode.NEAREST_EXACT
+
+
+class _AlignedResizedCrop(v2.RandomResizedCrop):
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return TF.resize(TF.crop(inpt, **params), self.size, interpolation=_LABEL_RESAMPLING)
+        return super().transform(inpt, params)
+
+
+class _AlignedResize(v2.Resize):
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return TF.resize(inpt, self.size, interpolation=_LABEL_RESAMPLING, max_size=self.max_size)
+        return super().transform(inpt, params)
+
+
 def joint_transform(image_size: int, train: bool, hflip: float, crop_scale: tuple[float, float]) -> v2.Transform:
     """One geometric transform for the image and every spatial map (label maps resample nearest)."""
     if train:
         return v2.Compose([
-            v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
+            _AlignedResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
             v2.RandomHorizontalFlip(hflip),
         ])
-    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose([_AlignedResize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
 
 def wrap_for_transform(plugin: Modality, raw: torch.Tensor) -> tv_tensors.TVTensor:

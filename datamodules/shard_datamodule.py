@@ -47,11 +47,15 @@ def count_samples(urls: list[str], what: str) -> int:
         raise ValueError(f"{what}: cannot count samples of remote shards; set the number of samples per epoch explicitly")
     n = 0
     for u in urls:
+        keys: set[str] = set()
         try:
             with tarfile.open(u.removeprefix("file:")) as tf:
-                n += len({m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()})
+                for m in tf:  # member by member: getmembers() would raise before anything is counted
+                    if m.isfile():
+                        keys.add(m.name.split(".", 1)[0])
         except (tarfile.TarError, OSError) as e:  # a truncated shard still counts what it has
             log.warning("%s: could not fully read %s to count samples: %s", what, u, e)
+        n += len(keys)
     return n
 
 

@@ -16,11 +16,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision import tv_tensors
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator, url_opener
 
 from modalities import Modality
 
 from .sample_decoding import (
-    IMAGE_KEYS, CAPTION_KEYS, SkipCounter, decode_caption, decode_image, decode_modality,
+    IMAGE_KEYS, CAPTION_KEYS, BadSampleError, SkipCounter, decode_caption, decode_image, decode_modality,
     joint_transform, unwrap, wrap_for_transform,
 )
 
@@ -70,15 +71,35 @@ class ShardStream(IterableDataset):
         # decode only what the configured modalities need: skip other members unread
         return any(name.endswith("." + k) for k in self.wanted_suffixes)
 
-    def _shard_urls(self, shards: list[str], worker: int) -> Iterator[dict[str, str]]:
+    def _shard_urls(self, shards: list[str]) -> Iterator[dict[str, str]]:
         pass_no = 0
         while True:  # repeat: the epoch length is fixed by the loader, not by the data
             order = list(shards)
             if self.train:
-                random.Random(_seed(self.seed, self.epoch, self.rank, worker, pass_no)).shuffle(order)
+                # seeded by the shard list, not by (rank, worker): readers that share shards and split
+                # them by sample index (assign_shards' fallback) must see them in the same order
+                random.Random(_seed(self.seed, self.epoch, pass_no, *shards)).shuffle(order)
             for url in order:
                 yield {"url": url}
             pass_no += 1
+
+    def _members(self, sources: Iterator[dict[str, str]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """The selected tar members of each shard, then an end-of-shard marker (webdataset's
+        ``tar_file_expander``, except that a shard failing mid-way (truncated, unreadable) counts
+        once, as the sample being read, which is dropped because it may be incomplete)."""
+        for source in url_opener(sources, handler=counter):
+            url, last = source["url"], None
+            try:
+                for member in tar_file_iterator(source["stream"], select_files=self._select):
+                    last = member["fname"]
+                    yield {**member, "__url__": url}
+            except Exception as e:
+                key = base_plus_ext(last)[0] if last else None
+                counter(BadSampleError(f"shard {url}, sample '{key}': shard unreadable after member "
+                                       f"{last!r}, dropping the rest ({type(e).__name__}: {e})"))
+                if key is not None:  # the marker makes group_by_keys drop the partial sample
+                    yield {"fname": f"{key}.__bad__", "data": True, "__url__": url}
+            yield {}  # end of shard: samples of different shards never merge
 
     def _decode(self, sample: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
@@ -104,8 +125,7 @@ class ShardStream(IterableDataset):
         shards, stride, offset = assign_shards(self.urls, self.rank, self.world_size, worker, workers)
         counter = SkipCounter()
         gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, worker, "aug"))
-        samples: Iterator[dict] = wds.tarfile_to_samples(handler=counter, select_files=self._select)(
-            self._shard_urls(shards, worker))
+        samples: Iterator[dict] = group_by_keys(self._members(self._shard_urls(shards), counter), handler=counter)
         if stride > 1:
             samples = (s for i, s in enumerate(samples) if i % stride == offset)
         if self.train and self.shuffle_buffer > 1:
