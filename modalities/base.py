@@ -118,13 +118,15 @@ class Modality:
     def to_tensor(self, x: Any) -> torch.Tensor:
         """Accept tensor / numpy / PIL input and return the batched raw format, validated."""
         if isinstance(x, Image.Image):
-            x = np.asarray(x)
+            x = np.array(x)  # a writable copy (torch warns on read-only arrays)
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.ascontiguousarray(x))
         if not isinstance(x, torch.Tensor):
             raise ModalityError(
                 f"modality '{self.name}': expected a torch tensor, numpy array or PIL image, got {type(x).__name__}"
             )
+        if x.dtype == torch.uint16:  # 16-bit PNGs; torch has few uint16 ops
+            x = x.int()
         if self.is_label_map:
             if x.ndim == 2:
                 x = x[None]

@@ -1,0 +1,158 @@
+"""``partial_mask``: a segmentation where some pixels are unknown (label 255) (design.md §5).
+
+Channels: K one-hot channels (all zero on unknown pixels) + 1 known-mask channel.  Training
+maps are made from full segmentations by hiding random objects and rectangles
+(:func:`hide_regions`); validation hides deterministically per sample key.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .segmentation import Segmentation
+
+UNKNOWN = 255
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in ``[0, high)``."""
+    return int(torch.randint(0, high, (1,), generator=generator))
+
+
+def hide_regions(
+    labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+    object_prob: float = 0.5,
+    rect_prob: float = 0.5,
+    max_rect_fraction: float = 0.5,
+) -> torch.Tensor:
+    """Return a copy of ``labels`` with random regions set to ``UNKNOWN`` (255).
+
+    Per sample, each class present is hidden with probability ``object_prob`` (all its
+    pixels), and with probability ``rect_prob`` a random rectangle (each side up to
+    ``max_rect_fraction`` of the map) is hidden too.  Whenever the map allows it, at least
+    one class stays known and something is hidden (a rectangle is forced if nothing else was).
+
+    Args:
+        labels: ``(H, W)`` or ``(B, H, W)`` integer labels; pixels already 255 stay unknown.
+        generator: seeds every random choice (``None``: torch's global RNG).
+    """
+    single = labels.ndim == 2
+    x = labels[None] if single else labels
+    out = x.clone()
+    _, height, width = x.shape
+    for b in range(x.shape[0]):
+        known = x[b] != UNKNOWN
+        classes = torch.unique(x[b][known])
+        hide = torch.rand(len(classes), generator=generator) < object_prob
+        if len(classes) > 0 and hide.all():  # keep one class known
+            hide[_randint(len(classes), generator)] = False
+        hidden = torch.isin(x[b], classes[hide.to(classes.device)])
+        if torch.rand(1, generator=generator).item() < rect_prob or not hide.any():
+            rh = 1 + _randint(max(1, int(height * max_rect_fraction)), generator)
+            rw = 1 + _randint(max(1, int(width * max_rect_fraction)), generator)
+            top, left = _randint(height - rh + 1, generator), _randint(width - rw + 1, generator)
+            with_rect = hidden.clone()
+            with_rect[top : top + rh, left : left + rw] = True
+            if (known & ~with_rect).any():  # never hide the last known pixels
+                hidden = with_rect
+        out[b][hidden] = UNKNOWN
+    return out[0] if single else out
+
+
+class PartialMask(Segmentation):
+    """Partial label map ``(B, H, W)`` int64: values 0..num_classes-1, or 255 = unknown.
+
+    Args:
+        num_classes (int, default 6): number of classes K; ``to_channels`` gives K + 1 channels.
+        feature_channels (int, default 16): MCM feature channels produced by the encoder.
+        encoder_hidden (int, default 32): hidden width of the encoder.
+        hide_object_prob (float, default 0.5): training: probability of hiding each class present.
+        hide_rect_prob (float, default 0.5): training: probability of also hiding a random rectangle.
+    """
+
+    name = "partial_mask"
+    shard_keys = ("partial.png",)
+    derive_keys = ("seg.png",)
+
+    def __init__(
+        self,
+        num_classes: int = 6,
+        feature_channels: int = 16,
+        encoder_hidden: int = 32,
+        hide_object_prob: float = 0.5,
+        hide_rect_prob: float = 0.5,
+    ):
+        super().__init__(num_classes, feature_channels, encoder_hidden)
+        if num_classes > UNKNOWN:
+            raise ValueError(f"modality '{self.name}': num_classes must be <= {UNKNOWN} (255 = unknown), got {num_classes}")
+        self.hide_object_prob = hide_object_prob
+        self.hide_rect_prob = hide_rect_prob
+
+    @property
+    def channels(self) -> int:
+        return self.num_classes + 1
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "hide_object_prob": self.hide_object_prob, "hide_rect_prob": self.hide_rect_prob}
+
+    # ---- data ---------------------------------------------------------------------------
+    def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
+        return self._decode_key(sample, "partial.png")
+
+    def derive(self, image: torch.Tensor, sample: Mapping[str, Any]) -> torch.Tensor:
+        """The full segmentation from ``sample["seg.png"]`` (PNG bytes or a label array); nothing hidden yet.
+
+        Hiding happens in :meth:`augment` (training) and :meth:`eval_transform` (validation).
+        """
+        seg = sample.get("seg.png")
+        if seg is None:
+            return super().derive(image, sample)  # raises, naming the keys
+        if isinstance(seg, (bytes, bytearray)):
+            return self._decode_key(sample, "seg.png")
+        labels = torch.as_tensor(np.asarray(seg) if not isinstance(seg, torch.Tensor) else seg).long()
+        self.validate(labels[None])
+        return labels
+
+    def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return hide_regions(raw, generator, self.hide_object_prob, self.hide_rect_prob)
+
+    def eval_transform(self, raw: torch.Tensor, key: str) -> torch.Tensor:
+        """Hide regions deterministically, seeded by ``zlib.crc32(key)`` (stable across processes)."""
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+        return hide_regions(raw, generator, self.hide_object_prob, self.hide_rect_prob)
+
+    # ---- checks / model side ------------------------------------------------------------
+    @property
+    def _label_rule(self) -> str:
+        return f"labels in 0..{self.num_classes - 1} (num_classes={self.num_classes}) or {UNKNOWN} (unknown)"
+
+    def _invalid_labels(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._invalid_labels(x) & (x != UNKNOWN)
+
+    def to_channels(self, raw: torch.Tensor) -> torch.Tensor:
+        # (B, H, W) -> (B, K + 1, H, W): one-hot zeroed where unknown, then the known mask
+        raw = raw.long()
+        known = (raw != UNKNOWN)[:, None].float()  # (B, 1, H, W)
+        onehot = F.one_hot(raw.where(raw != UNKNOWN, 0), self.num_classes).permute(0, 3, 1, 2).float()
+        return torch.cat([onehot * known, known], dim=1)
+
+    def visualize(self, raw: torch.Tensor) -> torch.Tensor:
+        # like segmentation; unknown pixels are a white / light-grey checkerboard (4-pixel squares)
+        raw = raw.long()
+        rgb = super().visualize(raw.where(raw != UNKNOWN, 0))
+        h, w = raw.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing="ij")
+        checker = torch.where(((yy // 4 + xx // 4) % 2) == 0, 1.0, 0.8)  # (H, W)
+        return torch.where((raw == UNKNOWN)[:, None], checker, rgb)
+
+    def example(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Blocky random layouts with some regions hidden, ``(B, H, W)`` int64."""
+        full = super().example(batch, height, width, generator)
+        return hide_regions(full, generator, self.hide_object_prob, self.hide_rect_prob)
