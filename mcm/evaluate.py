@@ -208,7 +208,10 @@ def score(images: torch.Tensor, data: dict, setting: dict, specs: dict, judges: 
         r = M.partial_alignment(labels, rep(data["partial_mask"]), specs["partial_mask"].get("num_classes", K))
         out["partial_miou"], out["partial_pixel_acc"] = r["miou"], r["pixel_acc"]
     if "sketch" in mods:
-        opts = {k: specs["sketch"][k] for k in ("low_threshold", "high_threshold", "sigma") if k in specs["sketch"]}
+        import modalities
+
+        plugin = modalities.get("sketch", **specs["sketch"])  # the detector settings that made the input sketches
+        opts = {k: getattr(plugin, k, None) for k in ("low_threshold", "high_threshold", "sigma")}
         r = M.sketch_alignment(flat, rep(data["sketch"]), a.sketch_tolerance, **opts)
         out["sketch_f1"], out["sketch_precision"], out["sketch_recall"] = r["f1"], r["precision"], r["recall"]
     if depth_judge is not None and "depth" in mods:

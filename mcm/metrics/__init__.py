@@ -24,7 +24,7 @@ from .segmentation import (
     UNKNOWN, SegmentationAlignment, confusion_matrix, iou_per_class, miou_from_confusion, partial_alignment,
     pixel_accuracy_from_confusion, segmentation_alignment,
 )
-from .sketch import SketchAlignment, dilate, edge_alignment, edge_counts, sketch_alignment
+from .sketch import SketchAlignment, dilate, edge_alignment, edge_counts, plugin_edges, sketch_alignment
 
 __all__ = [
     "CLIPScore", "clip_score", "clip_scores", "load_open_clip",
@@ -33,5 +33,5 @@ __all__ = [
     "JudgeFeatures", "SeededKID", "frechet_distance", "inception_fid", "judge_fid", "judge_kid",
     "UNKNOWN", "SegmentationAlignment", "confusion_matrix", "iou_per_class", "miou_from_confusion",
     "partial_alignment", "pixel_accuracy_from_confusion", "segmentation_alignment",
-    "SketchAlignment", "dilate", "edge_alignment", "edge_counts", "sketch_alignment",
+    "SketchAlignment", "dilate", "edge_alignment", "edge_counts", "plugin_edges", "sketch_alignment",
 ]

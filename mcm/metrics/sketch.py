@@ -53,12 +53,24 @@ def edge_alignment(pred_edges: torch.Tensor, target_edges: torch.Tensor, toleran
     return prf_from_counts(edge_counts(pred_edges, target_edges, tolerance))
 
 
-def sketch_alignment(images: torch.Tensor, sketches: torch.Tensor, tolerance: int = 1, low_threshold: float = 0.1,
-                     high_threshold: float = 0.2, sigma: float = 1.0) -> dict[str, float]:
-    """Edges of RGB ``images`` ``(B, 3, H, W)`` in [0, 1] against ``sketches`` ``(B, 1, H, W)`` (strokes = 1)."""
+def plugin_edges(images: torch.Tensor, low_threshold: float | None = None, high_threshold: float | None = None,
+                 sigma: float | None = None) -> torch.Tensor:
+    """:func:`modalities.sketch.detect_edges` of ``images``; ``None`` settings keep the detector's own defaults."""
     from modalities.sketch import detect_edges
 
-    return edge_alignment(detect_edges(images, low_threshold, high_threshold, sigma), sketches, tolerance)
+    opts = {k: v for k, v in dict(low_threshold=low_threshold, high_threshold=high_threshold, sigma=sigma).items()
+            if v is not None}
+    return detect_edges(images.float(), **opts)
+
+
+def sketch_alignment(images: torch.Tensor, sketches: torch.Tensor, tolerance: int = 1,
+                     low_threshold: float | None = None, high_threshold: float | None = None,
+                     sigma: float | None = None) -> dict[str, float]:
+    """Edges of RGB ``images`` ``(B, 3, H, W)`` in [0, 1] against ``sketches`` ``(B, 1, H, W)`` (strokes = 1).
+
+    Canny settings default to the detector's (``None``); pass the sketch plugin's when it was configured.
+    """
+    return edge_alignment(plugin_edges(images, low_threshold, high_threshold, sigma), sketches, tolerance)
 
 
 class SketchAlignment(Metric):
@@ -66,24 +78,22 @@ class SketchAlignment(Metric):
 
     Args:
         tolerance (int, default 1): match distance in pixels.
-        low_threshold / high_threshold / sigma: Canny settings; keep them equal to the sketch
-            plugin's (its defaults are these) so evaluation sees what training saw.
+        low_threshold / high_threshold / sigma (float | None, default None): Canny settings; ``None``
+            keeps ``detect_edges``' defaults.  Use the sketch plugin's so evaluation sees what training saw.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, tolerance: int = 1, low_threshold: float = 0.1, high_threshold: float = 0.2,
-                 sigma: float = 1.0, **kwargs):
+    def __init__(self, tolerance: int = 1, low_threshold: float | None = None, high_threshold: float | None = None,
+                 sigma: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.tolerance, self.canny = tolerance, (low_threshold, high_threshold, sigma)
         self.add_state("counts", torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, images: torch.Tensor, sketches: torch.Tensor) -> None:
-        from modalities.sketch import detect_edges
-
-        edges = detect_edges(images.float(), *self.canny)
+        edges = plugin_edges(images, *self.canny)
         if tuple(sketches.shape[-2:]) != tuple(edges.shape[-2:]):
             raise ValueError(f"sketches {tuple(sketches.shape)} and images {tuple(images.shape)} differ in size")
         self.counts += edge_counts(edges, sketches.to(edges.device), self.tolerance).to(self.counts.device)
