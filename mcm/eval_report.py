@@ -80,6 +80,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"{Path(m).name}" + (f" (w={w:g})" if len(s["mcm"]) > 1 else "") for m, w in zip(s["mcm"], s["weights"]))
         vals = ["–" if s["metrics"].get(k) is None else f"{s['metrics'][k]:.4f}" for k in keys]
         rows.append(f"| {who} | {', '.join(s['modalities'])} | {s['strength']:g} | " + " | ".join(vals) + " |")
+    ref = report.get("reference")
+    if ref:  # the held-out images themselves: what the judges allow at best
+        vals = ["–" if ref["metrics"].get(k) is None else f"{ref['metrics'][k]:.4f}" for k in keys]
+        rows.append(f"| *real held-out images* | {', '.join(ref['modalities'])} | – | " + " | ".join(vals) + " |")
     return "\n".join([head, sep, *rows])
 
 
@@ -89,7 +93,8 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
             f"seeds {report['seeds']}, {report['steps']} sampling steps, guidance {report['guidance_scale']:g}, "
             f"prompts: {report['prompts']}, sketch tolerance {report['sketch_tolerance']} px.\n"
             f"Judges: segmentation `{j['segmentation']}`, depth `{j['depth']}`, FID/KID features `{j['features']}`.\n\n"
-            + markdown_table(report) + "\n\nColumns: " + "; ".join(f"`{k}` {v}" for k, v in LABELS.items()) + ".\n")
+            + markdown_table(report) + "\n\nThe last row scores the real held-out images against their own maps: "
+            "the ceiling the judges allow (their own errors included).\n\nColumns: " + "; ".join(f"`{k}` {v}" for k, v in LABELS.items()) + ".\n")
     path.write_text(text)
     return path
 

@@ -183,7 +183,7 @@ def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -
 # ---- 4. scores ------------------------------------------------------------------------------------------------
 def _clean(x: Any) -> float | None:
     x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+    return None if math.isnan(x) or math.isinf(x) else round(x, 6) + 0.0  # + 0.0: no "-0.0"
 
 
 @torch.no_grad()
@@ -284,12 +284,16 @@ def run_evaluate(a: argparse.Namespace) -> dict:
                             "metrics": metrics})
             eval_report.save_setting_grid(out, len(results) - 1, results[-1], images, data, pipe, specs)
             progress.set_postfix_str(eval_report.short_summary(metrics))
+    # judge ceiling: the held-out images themselves, scored as if generated (FID 0, no diversity)
+    reference = {"modalities": names, "metrics": score(data["image"][None], data, {"modalities": names}, specs, judges,
+                                                       extras, a)}
     report = {
         "version": 1, "base": str(pipe.base.source), "data": a.data, "n": N, "seeds": list(a.seeds),
         "steps": a.steps, "guidance_scale": a.guidance_scale, "prompts": a.prompts,
         "sketch_tolerance": a.sketch_tolerance,
         "judges": {k: (j.name if j is not None else None) for k, j in judges.items()},
         "settings": results,
+        "reference": reference,
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     eval_report.write_all(out, report, curves=a.curve)

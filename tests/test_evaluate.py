@@ -86,6 +86,29 @@ def test_evaluate_base_alone_per_modality_with_clip_and_curve(tiny_setup, tiny_p
     assert (curve / "alignment_vs_train_images.png").stat().st_size > 0
 
 
+def test_evaluate_composes_modules(tiny_setup, tiny_pixel_base_dir, tmp_path):
+    """Two separately trained modules (segmentation-only, sketch-only) composed with weights (MCDM)."""
+    from mcm.frozen_base import FrozenBase
+    from mcm.modulator import MultimodalConditioningModule
+    from mcm.pipeline import save_module
+
+    _, data = tiny_setup
+    base = FrozenBase.from_pretrained(tiny_pixel_base_dir)
+    dirs = []
+    for name in ("segmentation", "sketch"):
+        m = MultimodalConditioningModule(latent_channels=3, modalities={name: MODALITIES[name]},
+                                         block_out_channels=(16, 16), layers_per_block=1, attention_levels=(),
+                                         norm_num_groups=8)
+        dirs.append(str(save_module(m, tmp_path / name, base)))
+    report = _evaluate(tmp_path / "out", "--mcm", *dirs, "--weights", "1", "0.5", "--data", data, "--seeds", "0",
+                       "--per-modality")
+    got = [(s["modalities"], s["weights"]) for s in report["settings"]]
+    assert got == [(["segmentation"], [1.0, 0.5]), (["sketch"], [1.0, 0.5]), (["segmentation", "sketch"], [1.0, 0.5])]
+    assert report["reference"]["modalities"] == ["segmentation", "sketch"]
+    assert report["reference"]["metrics"]["sketch_f1"] == 1.0  # real images vs their own derived sketches
+    assert "*real held-out images*" in (tmp_path / "out" / "metrics.md").read_text()
+
+
 def test_evaluate_rejects_unknown_modalities(tiny_setup, tmp_path):
     mcm_dir, data = tiny_setup
     with pytest.raises(ValueError, match="no --mcm module was trained on them"):

@@ -108,6 +108,8 @@ def test_depth_scale_shift_invariance():
         assert delta_accuracy(a * d + b, d).min() == 1.0
     out = depth_alignment(torch.rand(3, 1, 16, 16, generator=g), d)
     assert out["ssi_rmse"] > 0.1 and out["delta1"] < 0.8
+    reversed_ = ssi_rmse(1 - d, d)  # near and far swapped: no negative scale rescues it
+    assert torch.allclose(reversed_, d.double().flatten(1).std(1, unbiased=False))
     flipped = depth_alignment(d.flip(-1), d)  # right values, wrong places
     assert 0 < flipped["ssi_rmse"] < out["ssi_rmse"] + 0.1
 

@@ -116,7 +116,7 @@ def evaluate_judges(seg_model: JudgeUNet | None, depth_model: JudgeUNet | None, 
             seg_m.update(seg_model.predict(img), seg)
         if depth_model is not None:
             depth_m.update(depth_model.predict(img), depth)
-        mask_m.update((seg > 0).float()[:, None], depth)  # reference: knows the layout, not the object depths
+        mask_m.update((seg == 0).float()[:, None], depth)  # reference: background far, every object equally near
     out: dict[str, float | list[float]] = {}
     if seg_model is not None:
         out.update({"seg_miou": seg_m.compute()["miou"], "seg_pixel_acc": seg_m.compute()["pixel_acc"],
@@ -164,8 +164,9 @@ seed {DATA_SEED}), {info['threads']} CPU thread(s); wall time {info['minutes']:.
 | ssi-RMSE (lower is better) | {scores.get('depth_ssi_rmse', float('nan')):.4f} | {scores['layout_ref_ssi_rmse']:.4f} |
 | delta < 1.25 (after scale/shift alignment) | {scores.get('depth_delta1', float('nan')):.4f} | {scores['layout_ref_delta1']:.4f} |
 
-The layout reference predicts the exact object mask (`seg > 0`) as depth and is aligned the
-same way: it knows where every object is but not how far.  In `shapes` each object's depth
+The layout reference predicts the exact background mask (`seg == 0`: background far, every
+object equally near) as depth and is aligned the same way: it knows where every object is
+but not how far.  In `shapes` each object's depth
 is drawn at random, independently of its look, so no judge can read it from the image; only
 occlusion order and the background's slight tilt are visible.  A judge close to the
 reference has learned the layout (and what little the occlusion order tells); the rest of

@@ -3,7 +3,7 @@
 A monocular judge recovers depth only up to an affine map, so each prediction is first
 aligned to its target by the least-squares scale ``s`` and shift ``b`` minimising
 ``sum (s * pred + b - target)^2`` (Ranftl et al. 2020, "Towards robust monocular depth
-estimation" (MiDaS), eq. 4), then compared.  ``delta1`` is the share of pixels with
+estimation" (MiDaS), eq. 4; here with ``s >= 0`` so near and far cannot swap), then compared.  ``delta1`` is the share of pixels with
 ``max(a / t, t / a) < 1.25`` (Eigen et al. 2014); both sides are clamped to ``eps`` first
 because depth 0 (nearest) would divide by zero.
 """
@@ -24,7 +24,9 @@ def _flat(x: torch.Tensor, what: str) -> torch.Tensor:
 def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``s * pred + b`` with per-image least-squares ``(s, b)``; same shape as ``pred``, float64.
 
-    A constant prediction cannot be scaled: it gets ``s = 0`` and ``b`` = the target's mean.
+    The scale is kept ``>= 0``: a prediction with near and far swapped is not rescued by a
+    negative scale (with ``s = 0``, ``b`` is the target's mean and the error its spread).  A
+    constant prediction cannot be scaled either: ``s = 0`` too.
     """
     p, t = _flat(pred, "pred"), _flat(target, "target")
     if p.shape != t.shape:
@@ -34,7 +36,7 @@ def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     mp, mt = (w * p).sum(1, keepdim=True) / n, (w * t).sum(1, keepdim=True) / n
     var = (w * (p - mp) ** 2).sum(1, keepdim=True)
     cov = (w * (p - mp) * (t - mt)).sum(1, keepdim=True)
-    s = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(var))
+    s = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(var)).clamp(min=0)
     b = mt - s * mp
     return (s * p + b).reshape(pred.shape[0], 1, *pred.shape[-2:])
 
