@@ -94,7 +94,8 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
             f"prompts: {report['prompts']}, sketch tolerance {report['sketch_tolerance']} px.\n"
             f"Judges: segmentation `{j['segmentation']}`, depth `{j['depth']}`, FID/KID features `{j['features']}`.\n\n"
             + markdown_table(report) + "\n\nThe last row scores the real held-out images against their own maps: "
-            "the ceiling the judges allow (their own errors included).\n\nColumns: " + "; ".join(f"`{k}` {v}" for k, v in LABELS.items()) + ".\n")
+            "the ceiling the judges allow (their own errors included).\n\nColumns: "
+            + "; ".join(f"`{k}` {v}" for k, v in LABELS.items()) + ".\n")
     path.write_text(text)
     return path
 
@@ -177,14 +178,16 @@ def plot_data_curve(curves: Mapping[Any, str | Path | Mapping], path: str | Path
         curves: number of training images (or any label) -> a ``metrics.json`` path or its loaded content.
             Each setting (modalities x strength) becomes one line across the curve points.
     """
-    reports = {str(k): (json.loads(Path(v).read_text()) if isinstance(v, (str, Path)) else v) for k, v in curves.items()}
+    reports = {str(k): (json.loads(Path(v).read_text()) if isinstance(v, (str, Path)) else v)
+               for k, v in curves.items()}
     labels = list(reports)
     numeric = all(l.replace(".", "", 1).isdigit() for l in labels)
     xs = {l: (float(l) if numeric else i) for i, l in enumerate(labels)}
     lines: dict[str, list] = {}
     for l, rep in reports.items():
         for s in rep["settings"]:
-            lines.setdefault(f"{'+'.join(s['modalities']) or 'none'} @ s={s['strength']:g}", []).append((xs[l], s["metrics"]))
+            name = f"{'+'.join(s['modalities']) or 'none'} @ s={s['strength']:g}"
+            lines.setdefault(name, []).append((xs[l], s["metrics"]))
     keys = [k for k in keys if any(m.get(k) is not None for pts in lines.values() for _, m in pts)]
     if not keys:
         return None

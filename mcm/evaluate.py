@@ -43,7 +43,8 @@ def build_pipeline(mcm: Sequence[str], base: str | None, weights: Sequence[float
         if mcm and mcm[0] not in BUILTIN_MODULES:
             info = Path(mcm[0]) / BASE_INFO_FILE
             if not info.is_file():
-                raise FileNotFoundError(f"--mcm {mcm[0]}: {info} is missing; pass --base to say which base it modulates")
+                raise FileNotFoundError(f"--mcm {mcm[0]}: {info} is missing; "
+                                        f"pass --base to say which base it modulates")
             base = json.loads(info.read_text())["source"]
     if weights and len(weights) != len(mcm):
         raise ValueError(f"--weights: got {len(weights)} weights for {len(mcm)} modules (--mcm)")
@@ -80,7 +81,7 @@ def plugin_specs(pipe, judges: dict, names: Sequence[str]) -> dict[str, dict]:
 
 
 def available_modalities(shards: list[str]) -> list[str]:
-    """Built-in modalities the shards can provide (own key, a derivation key, or derivable from the image)."""
+    """Installed modalities the shards can provide (own key, a derivation key, or derivable from the image)."""
     import tarfile
 
     import modalities as registry
@@ -88,7 +89,7 @@ def available_modalities(shards: list[str]) -> list[str]:
 
     local = shards[0].removeprefix("file:")
     if not Path(local).is_file():  # a remote URL: trust the request, decoding will name what is missing
-        return list(BUILTIN_MODALITIES)
+        return registry.list_modalities()
     names: list[str] = []
     with tarfile.open(local) as tf:
         for member in tf:  # the first sample's members are enough: read headers lazily
@@ -99,8 +100,12 @@ def available_modalities(shards: list[str]) -> list[str]:
     first = names[0].split(".", 1)[0] if names else ""
     keys = {n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == first and "." in n}
     out = []
-    for name in BUILTIN_MODALITIES:
-        cls = registry.get_class(name)
+    for name in registry.list_modalities():
+        try:
+            cls = registry.get_class(name)
+        except Exception as e:  # a broken third-party plugin must not stop the evaluation of others
+            log.warning("modality plugin '%s' cannot be loaded, skipped: %s", name, e)
+            continue
         if keys & set(cls.shard_keys + cls.derive_keys) or (cls.derive is not Modality.derive and not cls.derive_keys):
             out.append(name)
     return out
@@ -147,13 +152,14 @@ def make_settings(pipe, a: argparse.Namespace, available: Sequence[str]) -> list
         mods = trained if pipe.modules else [m for m in BUILTIN_MODALITIES if m in available]
     lacking = sorted(set(mods) - set(available))
     if lacking:
-        raise ValueError(f"--modalities {lacking}: the --data shards cannot provide them (they provide {list(available)})")
+        raise ValueError(f"--modalities {lacking}: the --data shards cannot provide them "
+                         f"(they provide {list(available)})")
     subsets = [[m] for m in mods] + ([mods] if len(mods) > 1 else []) if a.per_modality else [mods]
     strengths = a.strength if pipe.modules else [0.0]  # the base alone has nothing to modulate
     return [{"modalities": list(s), "strength": float(st)} for s in subsets for st in strengths]
 
 
-def conditions_for(pipe, data: dict, modalities: Sequence[str], idx: slice) -> list[dict] | dict:
+def conditions_for(pipe, data: dict, modalities: Sequence[str], idx: slice) -> list[dict]:
     """One conditions dict per module (each gets the modalities it knows), for the conditions ``idx``."""
     return [{n: data[n][idx] for n in modalities if n in m.plugins} for m in pipe.modules]
 
@@ -170,11 +176,11 @@ def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -
             idx = slice(start, min(start + a.batch_size, N))
             B = idx.stop - idx.start
             conds = conditions_for(pipe, data, setting["modalities"], idx) if pipe.modules else {}
+            seeds = [s * SEED_STRIDE + i for i in range(idx.start, idx.stop)]
             chunks.append(pipe(conditions=conds, prompt=data["caption"][idx] if text else None,
                                num_images=None if any(c for c in conds) else B,
                                num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                               strength=setting["strength"], seeds=[s * SEED_STRIDE + i for i in range(idx.start, idx.stop)],
-                               output_type="pt").float().cpu())
+                               strength=setting["strength"], seeds=seeds, output_type="pt").float().cpu())
             progress.update(1)
         out.append(torch.cat(chunks))
     return torch.stack(out)
@@ -241,6 +247,19 @@ def score(images: torch.Tensor, data: dict, setting: dict, specs: dict, judges: 
 
 
 # ---- 5. the command ---------------------------------------------------------------------------------------
+def check_args(a: argparse.Namespace) -> None:
+    for name in ("n", "steps", "batch_size"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise ValueError(f"--seeds {a.seeds}: repeated seeds would repeat samples (and fake zero diversity)")
+    if a.sketch_tolerance < 0:
+        raise ValueError(f"--sketch-tolerance: expected >= 0 pixels, got {a.sketch_tolerance}")
+    if bool(a.clip_checkpoint) != bool(a.clip_arch):
+        raise ValueError("--clip-arch and --clip-checkpoint go together "
+                         "(an open_clip architecture and its local weights)")
+
+
 def run_evaluate(a: argparse.Namespace) -> dict:
     """Evaluate every setting, write the report to ``a.out``, return the ``metrics.json`` content."""
     from tqdm.auto import tqdm
@@ -248,6 +267,7 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     from . import eval_report
     from .metrics import inception_fid, load_open_clip
 
+    check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -267,8 +287,6 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     N = data["image"].shape[0]
     extras = {"inception": inception_fid(a.inception_weights) if a.inception_weights else None,
               "clip": load_open_clip(a.clip_arch, a.clip_checkpoint, a.clip_config) if a.clip_checkpoint else None}
-    if a.clip_checkpoint and not a.clip_arch:
-        raise ValueError("--clip-checkpoint needs --clip-arch (an open_clip architecture name)")
     results, cache = [], {}
     chunks = len(a.seeds) * -(-N // a.batch_size)
     with tqdm(total=len(settings) * chunks, desc="mcm evaluate", unit="batch") as progress:
@@ -327,18 +345,21 @@ def add_command(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds per condition (default 0 1)")
     p.add_argument("--strength", nargs="+", type=float, default=[1.0], help="modulation strengths to sweep")
     p.add_argument("--modalities", nargs="+", default=None,
-                   help="the subset to condition on (default: every modality of the modules; base alone: all available)")
+                   help="the subset to condition on (default: every modality of the modules; "
+                   "base alone: all available)")
     p.add_argument("--per-modality", action="store_true", help="also evaluate each modality alone (and all together)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--prompts", choices=("caption", "empty"), default="caption",
                    help="text-conditional bases: condition on the held-out captions or on '' (default caption)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seg-judge", default="shapes32-segmentation", help="judge name, dir, config or pkg.mod:attr; 'none'")
+    p.add_argument("--seg-judge", default="shapes32-segmentation",
+                   help="judge name, dir, config or pkg.mod:attr; 'none' = off")
     p.add_argument("--depth-judge", default="shapes32-depth", help="as --seg-judge, for depth; 'none' = off")
     p.add_argument("--feature-judge", default="shapes32-segmentation", help="judge whose features() FID/KID use")
     p.add_argument("--sketch-tolerance", type=int, default=1, help="edge match distance in pixels (default 1)")
-    p.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights: adds fid_inception")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torch-fidelity Inception weights file: adds fid_inception")
     p.add_argument("--clip-arch", default=None, help="open_clip architecture for clip_score")
     p.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint (never downloaded)")
     p.add_argument("--clip-config", default=None, help="JSON model config registering a custom --clip-arch")

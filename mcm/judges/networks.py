@@ -51,7 +51,8 @@ class JudgeUNet(ModelMixin, ConfigMixin):
         if image_size % 2 ** (len(widths) - 1):
             raise ValueError(f"image_size={image_size} must be divisible by 2**{len(widths) - 1} for widths={widths}")
         self.down = nn.ModuleList([_block(cin, cout) for cin, cout in zip((3,) + tuple(widths[:-1]), widths)])
-        self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(len(widths) - 1))])
+        self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i])
+                                 for i in reversed(range(len(widths) - 1))])
         self.head = nn.Conv2d(widths[0], num_classes if task == "segmentation" else 1, 1)
 
     @property

@@ -35,7 +35,8 @@ DATA_SEED = 0  # the shapes seed the judges learn from (train split) and are sco
 
 def shapes_batch(start: int, batch_size: int, size: int = 32, split: str = "train", seed: int = DATA_SEED
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples ``start .. start+batch_size-1``: images ``(B,3,S,S)`` in [0,1], labels ``(B,S,S)``, depth ``(B,1,S,S)``."""
+    """Samples ``start .. start+batch_size-1``: images ``(B,3,S,S)`` in [0,1], labels ``(B,S,S)``, depth ``(B,1,S,S)``.
+    """
     samples = [make_sample(seed, i, size, split) for i in range(start, start + batch_size)]
     img = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
     seg = torch.from_numpy(np.stack([s.seg for s in samples]).astype(np.int64))
@@ -130,7 +131,8 @@ def evaluate_judges(seg_model: JudgeUNet | None, depth_model: JudgeUNet | None, 
 
 
 def write_accuracy(out: Path, scores: dict, info: dict) -> Path:
-    seg_rows = "\n".join(f"| {name} | {iou:.4f} |" for name, iou in zip(CLASS_NAMES, scores.get("seg_iou_per_class", [])))
+    ious = scores.get("seg_iou_per_class", [])
+    seg_rows = "\n".join(f"| {name} | {iou:.4f} |" for name, iou in zip(CLASS_NAMES, ious))
     text = f"""# shapes32 judges: held-out accuracy
 
 Written by `mcm/judges/train.py`. Held-out set: `make_sample({DATA_SEED}, i, 32, "test")` for

@@ -3,9 +3,10 @@
 A monocular judge recovers depth only up to an affine map, so each prediction is first
 aligned to its target by the least-squares scale ``s`` and shift ``b`` minimising
 ``sum (s * pred + b - target)^2`` (Ranftl et al. 2020, "Towards robust monocular depth
-estimation" (MiDaS), eq. 4; here with ``s >= 0`` so near and far cannot swap), then compared.  ``delta1`` is the share of pixels with
-``max(a / t, t / a) < 1.25`` (Eigen et al. 2014); both sides are clamped to ``eps`` first
-because depth 0 (nearest) would divide by zero.
+estimation" (MiDaS), eq. 4; here with ``s >= 0`` so near and far cannot swap), then
+compared.  ``delta1`` is the share of pixels with ``max(a / t, t / a) < 1.25`` (Eigen et
+al. 2014); both sides are clamped to ``eps`` first because depth 0 (nearest) would divide
+by zero.
 """
 from __future__ import annotations
 
