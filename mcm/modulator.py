@@ -52,7 +52,9 @@ class MultimodalConditioningModule(ModelMixin, ConfigMixin):
         super().__init__()
         if not modalities:
             raise ValueError("MCM needs at least one modality, e.g. modalities={'segmentation': {'num_classes': 6}}")
-        self.plugins = modality_registry.build_all(modalities)
+        # sorted: config.json is written with sorted keys, and the channel layout of the UNet
+        # input must not depend on the order a YAML or dict happened to list the modalities in
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
         self.modality_names = list(self.plugins)
         self.encoders = nn.ModuleDict({n: p.build_encoder(downsample) for n, p in self.plugins.items()})
         feat = sum(p.feature_channels for p in self.plugins.values())

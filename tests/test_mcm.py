@@ -1,0 +1,198 @@
+"""MCM core: exact no-op at init, gradients only in the MCM, base never changes, checkpoints
+refer to the base, export round trip, pipeline inputs and composition identities."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import modalities
+from mcm.export import export_checkpoint, module_from_checkpoint
+from mcm.frozen_base import FrozenBase
+from mcm.mcm_module import BaseMismatchError, MCMModule
+from mcm.modulator import MultimodalConditioningModule, modulate
+from mcm.pipeline import MCMPipeline, load_module, save_module
+
+ALL = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "partial_mask": {"num_classes": 6}}
+SMALL = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8)
+
+
+def make_batch(B: int = 4, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.rand(B, 3, size, size, generator=g) * 2 - 1, "caption": ["a red circle"] * B,
+             "key": [f"k{i}" for i in range(B)]}
+    for name, opts in ALL.items():
+        batch[name] = modalities.get(name, **opts).example(B, size, size, g)
+    return batch
+
+
+@pytest.fixture
+def module(tiny_pixel_base_dir):
+    torch.manual_seed(0)
+    return MCMModule(base=str(tiny_pixel_base_dir), modalities=ALL, **SMALL, ema_decay=0.9)
+
+
+def test_zero_init_is_exact_noop(module):
+    batch = make_batch()
+    base = module.base
+    x = torch.randn(4, base.latent_channels, 16, 16)
+    t = torch.tensor([0, 10, 500, 999])
+    p = base.predict(x, t, base.encode_text(batch["caption"]))
+    gamma, beta = module.mcm(x, p, t, {n: batch[n] for n in ALL})
+    assert torch.equal(gamma, torch.zeros_like(p)) and torch.equal(beta, torch.zeros_like(p))
+    assert torch.equal(modulate(p, gamma, beta), p)
+    assert torch.equal(modulate(p, gamma, beta, 0.5), p)
+
+
+@pytest.mark.parametrize("latent, ds", [(3, 1), (4, 8)])
+def test_every_modality_forward_backward(latent, ds):
+    """Loop over every installed modality (timm habit): shapes, no NaN, every parameter gets a gradient."""
+    for name in modalities.list_modalities():
+        plugin = modalities.get(name)
+        mcm = MultimodalConditioningModule(latent_channels=latent, modalities={name: {}}, downsample=ds, **SMALL)
+        torch.nn.init.normal_(mcm.unet.conv_out.weight, std=0.01)  # leave the zero init so gradients reach inside
+        H = 16 * ds
+        cond = plugin.example(2, H, H, torch.Generator().manual_seed(1))
+        x, p = torch.randn(2, latent, 16, 16), torch.randn(2, latent, 16, 16)
+        gamma, beta = mcm(x, p, torch.tensor([3, 700]), {name: cond})
+        assert gamma.shape == p.shape and beta.shape == p.shape
+        assert torch.isfinite(gamma).all() and torch.isfinite(beta).all()
+        (modulate(p, gamma, beta) - p).pow(2).mean().backward()
+        missing = [n for n, q in mcm.named_parameters() if q.grad is None]
+        assert not missing, f"{name}: no gradient for {missing[:5]}"
+
+
+def test_training_step_trains_only_the_mcm(module):
+    base_hash = module.base.content_hash()
+    names = {n for n, _ in module.named_parameters()}
+    assert names and all(n.startswith("mcm.") for n in names), "only MCM parameters may be in the module"
+    assert not any(k.startswith("base") for k in module.state_dict())
+    opt = module.configure_optimizers()["optimizer"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in module.mcm.parameters()}
+    module.train()
+    torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.01)
+    loss = module.training_step(make_batch(), 0)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in module.base.frozen_parameters())
+    assert not any(p.requires_grad for p in module.base.frozen_parameters())
+    module.base._hash = None
+    assert module.base.content_hash() == base_hash, "the base changed during training"
+    assert not module.base.training
+
+
+def test_modality_dropout(module):
+    torch.manual_seed(0)
+    keep = module.presence(4000, train=True)
+    rate = 1 - keep.mean().item()
+    expected = 1 - (1 - 0.3) * (1 - 0.1)
+    assert abs(rate - expected) < 0.03
+    all_dropped = (keep.sum(1) == 0).float().mean().item()
+    assert all_dropped > 0.1  # drop-all plus independent drops of all four
+    assert torch.equal(module.presence(3, train=False), torch.ones(3, 4))
+
+
+def test_checkpoint_records_base_and_refuses_another(module, tiny_uncond_dir, tmp_path):
+    ckpt = {"state_dict": module.state_dict(), "global_step": 3}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["mcm_base"]["hash"] == module.base.content_hash()
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    other = FrozenBase.from_pretrained(tiny_uncond_dir)
+    object.__setattr__(module, "base", other)
+    with pytest.raises(BaseMismatchError, match="force_base"):
+        module.on_load_checkpoint(ckpt)
+    module.hparams.force_base = True
+    module.on_load_checkpoint(ckpt)  # forced: allowed
+
+
+def test_export_round_trip(module, tmp_path):
+    torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.01)
+    ckpt = {"state_dict": module.state_dict(), "global_step": 7}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    out = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "export", use_ema=False)
+    files = {f.name for f in out.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "mcm_base.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files)
+    loaded, info = load_module(out, module.base)
+    assert info["hash"] == module.base.content_hash()
+    assert loaded.modality_names == module.mcm.modality_names  # channel layout survives config.json
+    theirs = loaded.state_dict()
+    for n, a in module.mcm.state_dict().items():
+        assert torch.equal(a, theirs[n]), n
+    size = (out / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size < 4 * module.mcm.num_trainable_parameters() + 100_000  # the MCM alone, never the base
+    # EMA export takes the EMA weights
+    ema_module = module_from_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True), use_ema=True)
+    assert sum(p.numel() for p in ema_module.parameters()) == module.mcm.num_trainable_parameters()
+
+
+@pytest.fixture
+def pipe(module, tmp_path):
+    torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.05)
+    save_module(module.mcm, tmp_path / "mcm", module.base)
+    return MCMPipeline.from_pretrained(tmp_path / "mcm")
+
+
+def test_pipeline_inputs_and_determinism(pipe):
+    seg = np.random.default_rng(0).integers(0, 6, (16, 16))
+    a = pipe(conditions={"segmentation": seg}, num_inference_steps=3, seeds=[5])
+    assert a.shape == (1, 3, 16, 16) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    b = pipe(conditions={"segmentation": torch.from_numpy(seg)}, num_inference_steps=3, seeds=[5])
+    c = pipe(conditions={"segmentation": Image.fromarray(seg.astype(np.uint8))}, num_inference_steps=3, seeds=[5])
+    assert torch.equal(a, b) and torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g1),
+                       pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g2))
+    batch = torch.from_numpy(np.stack([seg, seg]))
+    assert pipe(conditions={"segmentation": batch}, num_inference_steps=2).shape[0] == 2
+    assert pipe(conditions={}, num_inference_steps=2).shape[0] == 1
+    assert pipe(conditions={}, num_images=3, num_inference_steps=2).shape[0] == 3
+    pil = pipe(conditions={}, num_inference_steps=2, output_type="pil")
+    assert isinstance(pil[0], Image.Image)
+
+
+def test_pipeline_bad_inputs(pipe):
+    seg = torch.randint(0, 6, (16, 16))
+    with pytest.raises(ValueError, match="thermal"):
+        pipe(conditions={"thermal": seg})
+    with pytest.raises(ValueError, match="segmentation"):
+        pipe(conditions={"segmentation": torch.full((16, 16), 9)})
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        pipe(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16)), "depth": torch.rand(3, 1, 16, 16)})
+    with pytest.raises(ValueError, match="depth"):
+        pipe(conditions={"depth": torch.full((1, 1, 16, 16), float("nan"))})
+    with pytest.raises(ValueError, match="modulation_window"):
+        pipe(conditions={"segmentation": seg}, modulation_window=(0.8, 0.2))
+
+
+def test_strength_window_and_composition_identities(pipe):
+    seg = torch.randint(0, 6, (2, 16, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=3, seeds=[1, 2])
+    plain = pipe(conditions={"segmentation": seg}, **kw)
+    base = pipe(conditions={}, num_images=2, **kw)
+    assert not torch.allclose(plain, base), "the (perturbed) MCM should change samples"
+    assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)
+    assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
+    module = pipe.modules[0]
+    one = MCMPipeline(pipe.base, [module], weights=[1.0])
+    assert torch.equal(one(conditions=[{"segmentation": seg}], **kw), plain)
+    zero = MCMPipeline(pipe.base, [module, module], weights=[0.0, 0.0])
+    assert torch.equal(zero(conditions=[{"segmentation": seg}, {"segmentation": seg}], **kw), base)
+
+
+def test_guidance_modulates_both_branches_in_one_call(pipe):
+    calls = []
+    module = pipe.modules[0]
+    orig = module.modulation
+
+    def spy(x, p, t, f):
+        calls.append(x.shape[0])
+        return orig(x, p, t, f)
+
+    module.modulation = spy
+    seg = torch.randint(0, 6, (2, 16, 16))
+    pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, num_inference_steps=2)
+    assert calls == [4, 4], "one batched MCM call per step over [uncond; cond]"
