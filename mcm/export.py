@@ -42,6 +42,10 @@ def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalCondit
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
     ckpt = load_checkpoint(ckpt_path)
+    if "controlnet_config" in ckpt:  # a ControlNetModule run (the ControlNet baseline)
+        from .controlnet import export_controlnet_checkpoint
+
+        return export_controlnet_checkpoint(ckpt, out, use_ema)
     module = module_from_checkpoint(ckpt, use_ema)
     info = dict(ckpt.get("mcm_base", {}))
     info["global_step"] = ckpt.get("global_step")
@@ -58,8 +62,8 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("export", help="export an MCM checkpoint as config.json + safetensors")
-    p.add_argument("ckpt", help="Lightning checkpoint of an MCMModule run")
+    p = sub.add_parser("export", help="export an MCM (or ControlNet) checkpoint as config.json + safetensors")
+    p.add_argument("ckpt", help="Lightning checkpoint of an MCMModule or ControlNetModule run")
     p.add_argument("out", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     p.set_defaults(func=_run)

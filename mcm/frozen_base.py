@@ -205,15 +205,29 @@ class FrozenBase(nn.Module):
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None = None) -> torch.Tensor:
         """The base's prediction ``p`` (its scheduler's ``prediction_type``), ``(B, C, h, w)`` float32."""
+        return self._predict(x_t, t, text_emb)
+
+    def predict_with_residuals(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None,
+                               down_residuals: tuple[torch.Tensor, ...], mid_residual: torch.Tensor) -> torch.Tensor:
+        """``p`` with ControlNet residuals added to the UNet's skip connections and middle block.
+
+        Not under ``no_grad``: in training, gradients flow back through the frozen UNet into the
+        residuals (Zhang & Agrawala 2023); the base's own parameters have ``requires_grad=False``.
+        """
+        dt = self.unet.dtype
+        return self._predict(x_t, t, text_emb, down_block_additional_residuals=tuple(r.to(dt) for r in down_residuals),
+                             mid_block_additional_residual=mid_residual.to(dt))
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None, **unet_kwargs) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         x = x_t.to(self.unet.dtype)
         if self.is_text_conditional:
             if text_emb is None:
                 text_emb = self.encode_text(None, x_t.shape[0])
-            out = self.unet(x, t, encoder_hidden_states=text_emb.to(self.unet.dtype)).sample
+            out = self.unet(x, t, encoder_hidden_states=text_emb.to(self.unet.dtype), **unet_kwargs).sample
         else:
-            out = self.unet(x, t).sample
+            out = self.unet(x, t, **unet_kwargs).sample
         if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models: keep the mean prediction
             out = out[:, : x_t.shape[1]]
         return out.float()

@@ -34,11 +34,13 @@ def in_window(i: int, n: int, window: tuple[float, float]) -> bool:
 
 
 def make_modulator(controls: list[Control], strength: float, window: tuple[float, float], num_steps: int,
-                   size: tuple[int, int]) -> Callable:
+                   size: tuple[int, int], base=None, context: torch.Tensor | None = None) -> Callable:
     """The ``modulate(x, p, t, i)`` hook of :func:`mcm.sampling.guided` for ``controls``.
 
     Features do not depend on ``t``: each module's conditions are encoded once here.  A
     single control with weight 1 is exactly plain MCM sampling; weights 0 give the base.
+    ControlNet controls (``module.is_controlnet``) give ``p_i`` from ``base`` with their
+    residuals, ``context`` being the text embeddings of the batch the hook sees.
     """
     for c in controls:
         B = next(iter(c.conditions.values())).shape[0] if c.conditions else None
@@ -53,8 +55,11 @@ def make_modulator(controls: list[Control], strength: float, window: tuple[float
                 continue
             reps = x.shape[0] // c.features.shape[0]  # 2 when guidance doubled the batch
             feats = c.features.repeat(reps, 1, 1, 1)
-            gamma, beta = c.module.modulation(x, p, t, feats)
-            p_i = modulate(p, gamma, beta, strength)
+            if getattr(c.module, "is_controlnet", False):
+                p_i = c.module.controlled_prediction(base, x, t, context, feats, strength)
+            else:
+                gamma, beta = c.module.modulation(x, p, t, feats)
+                p_i = modulate(p, gamma, beta, strength)
             out = p_i if (len(controls) == 1 and c.weight == 1.0) else out + c.weight * (p_i - p)
         return out
 
@@ -74,11 +79,28 @@ def mcm_sample(base, controls: list[Control], prompts: list[str] | None, batch_s
         size = (s, s) if isinstance(s, int) else tuple(s)
     text = base.encode_text(prompts if prompts is not None else [""] * batch_size) if base.is_text_conditional else None
     uncond = base.encode_text([negative_prompt] * batch_size) if text is not None and guidance_scale != 1.0 else None
-    hook = make_modulator(controls, strength, window, num_inference_steps, size) if controls else None
+    context = torch.cat([uncond, text]) if uncond is not None else text  # what guided() feeds the base
+    hook = make_modulator(controls, strength, window, num_inference_steps, size, base, context) if controls else None
+    predict = None
+    if len(controls) == 1 and controls[0].weight == 1.0 and getattr(controls[0].module, "is_controlnet", False):
+        predict, hook = controlnet_predictor(base, controls[0], strength, window, num_inference_steps), None
     noise = make_noise((batch_size, base.latent_channels, *size), generator, base.device, seeds)
-    x0 = sample(guided(base, text, uncond, guidance_scale, hook), noise, scheduler, num_inference_steps,
+    x0 = sample(guided(base, text, uncond, guidance_scale, hook, predict), noise, scheduler, num_inference_steps,
                 generator, callback)
     return (base.decode(x0) + 1) / 2
+
+
+def controlnet_predictor(base, control: Control, strength: float, window: tuple[float, float], num_steps: int
+                         ) -> Callable:
+    """``predict(x, t, emb, i)`` for :func:`mcm.sampling.guided`: one ControlNet alone, no separate base call."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor | None, i: int) -> torch.Tensor:
+        if control.features is None or not in_window(i, num_steps, window):
+            return base.predict(x, t, emb)
+        feats = control.features.repeat(x.shape[0] // control.features.shape[0], 1, 1, 1)
+        return control.module.controlled_prediction(base, x, t, emb, feats, strength)
+
+    return predict
 
 
 @torch.no_grad()

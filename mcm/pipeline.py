@@ -44,12 +44,17 @@ def save_module(module: MultimodalConditioningModule, out: str | Path, base: Fro
 
 def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bool = False
                 ) -> tuple[MultimodalConditioningModule, dict]:
-    """Load an exported MCM (safetensors only) and check it matches ``base``."""
+    """Load an exported MCM or ControlNet adapter (safetensors only) and check it matches ``base``."""
+    from .controlnet import ControlNetAdapter, is_controlnet_dir
+
     path = Path(BUILTIN_MODULES.get(str(path), path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' is not an exported MCM (expected config.json + safetensors; "
                                 f"make one with `mcm export CKPT OUT`)")
-    module = MultimodalConditioningModule.from_pretrained(path, use_safetensors=True)
+    if is_controlnet_dir(path):
+        module = ControlNetAdapter.from_pretrained(path)
+    else:
+        module = MultimodalConditioningModule.from_pretrained(path, use_safetensors=True)
     info = json.loads((path / BASE_INFO_FILE).read_text()) if (path / BASE_INFO_FILE).is_file() else {}
     if base is not None:
         check_base(info, base, force_base, f"the MCM at '{path}'")

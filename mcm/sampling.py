@@ -31,24 +31,27 @@ def sample(denoise: Denoiser, noise: torch.Tensor, scheduler, num_inference_step
 
 
 def guided(base, text_emb: torch.Tensor | None, uncond_emb: torch.Tensor | None, guidance_scale: float = 1.0,
-           modulate: Modulator | None = None) -> Denoiser:
+           modulate: Modulator | None = None, predict: Callable | None = None) -> Denoiser:
     """A denoiser for ``base`` with classifier-free guidance (Ho & Salimans 2022).
 
     With guidance, the unconditional and conditional branches go through the base in one
     batched call ``[uncond; cond]`` and ``modulate`` sees that doubled batch once, so both
-    branches are modulated by one MCM call; then ``p = p_u + w (p_c - p_u)``.
+    branches are modulated by one MCM call; then ``p = p_u + w (p_c - p_u)``.  ``predict(x, t, emb, i)``
+    replaces ``base.predict`` when given (e.g. the base with ControlNet residuals).
     """
     use_cfg = guidance_scale != 1.0 and text_emb is not None
+    if predict is None:
+        predict = lambda x, t, emb, i: base.predict(x, t, emb)  # noqa: E731
 
     def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         if use_cfg:
             x2 = torch.cat([x, x])
-            p = base.predict(x2, t, torch.cat([uncond_emb, text_emb]))
+            p = predict(x2, t, torch.cat([uncond_emb, text_emb]), i)
             if modulate is not None:
                 p = modulate(x2, p, t, i)
             p_u, p_c = p.chunk(2)
             return p_u + guidance_scale * (p_c - p_u)
-        p = base.predict(x, t, text_emb)
+        p = predict(x, t, text_emb, i)
         return modulate(x, p, t, i) if modulate is not None else p
 
     return denoise
