@@ -9,8 +9,10 @@ sampling loop lives in ``mcm.sampling`` / ``mcm.mcm_sampling``.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import numbers
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+import modalities as modality_registry
 from modalities import ModalityError
 
 from .frozen_base import WEIGHTS_DIR, FrozenBase
@@ -120,18 +123,22 @@ class MCMPipeline:
         """One dict of validated, batched raw maps per module (a single dict is shared by all)."""
         if conditions is None:
             conditions = {}
+        if not isinstance(conditions, (Mapping, list, tuple)):
+            raise ValueError(f"conditions: expected a dict of modality name -> map (or one dict per module), "
+                             f"got {type(conditions).__name__}")
         per_module = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions] * len(self.modules)
         if self.modules and len(per_module) != len(self.modules):
             raise ValueError(f"conditions: got {len(per_module)} dicts for {len(self.modules)} modules")
         if not self.modules and conditions:
-            raise ModalityError(f"this pipeline has no MCM; it cannot use conditions {sorted(conditions)}")
+            names = sorted({str(n) for c in (per_module or [conditions]) if isinstance(c, Mapping) for n in c})
+            raise ModalityError(f"modality {names}: this pipeline has no MCM, so it cannot use conditions")
         out = []
         for module, conds in zip(self.modules, per_module):
             if not isinstance(conds, Mapping):
                 raise ValueError(f"conditions: expected a dict of modality name -> map, got {type(conds).__name__}")
-            unknown = sorted(set(conds) - set(module.modality_names))
+            unknown = sorted(str(n) for n in set(conds) - set(module.modality_names))
             if unknown:
-                raise ModalityError(f"modality {unknown}: this MCM was trained on {module.modality_names}")
+                raise ModalityError(_unusable_modalities(unknown, module.modality_names))
             out.append({n: module.plugins[n].to_tensor(x) for n, x in conds.items()})
         return out
 
@@ -140,18 +147,26 @@ class MCMPipeline:
         maps = [(n, x) for c in conds for n, x in c.items()]
         s = self.base.unet.config.sample_size
         model_size = (s, s) if isinstance(s, int) else tuple(s)
+        if num_images is not None and (not isinstance(num_images, numbers.Integral) or isinstance(num_images, bool)
+                                       or num_images < 1):
+            raise ValueError(f"num_images: expected a positive integer, got {num_images!r}")
         if not maps:
             return (num_images or 1), model_size
         batch = {x.shape[0] for _, x in maps}
         if len(batch) > 1:
             raise ValueError(f"conditions: batch sizes differ: { {n: x.shape[0] for n, x in maps} }")
         sizes = {tuple(x.shape[-2:]) for _, x in maps}
-        if len(sizes) > 1:
-            raise ValueError(f"conditions: spatial sizes differ: { {n: tuple(x.shape[-2:]) for n, x in maps} }")
+        if len(sizes) > 1:  # the maps' size is the output size: one size for all of them
+            raise ValueError(f"conditions: spatial sizes differ: { {n: tuple(x.shape[-2:]) for n, x in maps} }; "
+                             f"expected every map at the output size (resize them to one size first)")
         B, (H, W) = batch.pop(), sizes.pop()
         ds = self.base.downsample
         if H % (8 * ds) or W % (8 * ds):
-            raise ValueError(f"conditions: {H}x{W} maps; expected a size divisible by {8 * ds} for this base")
+            names = ", ".join(sorted({f"'{n}'" for n, _ in maps}))
+            shapes = {n: tuple(x.shape) for n, x in maps}
+            raise ModalityError(
+                f"modality {names}: expected height and width that are multiples of {8 * ds} (the output size; this "
+                f"base was trained at {model_size[0] * ds}x{model_size[1] * ds}), got {H}x{W} maps {shapes}")
         if num_images is not None and num_images != B:
             raise ValueError(f"num_images={num_images} but the conditions hold {B} maps")
         return B, (H // ds, W // ds)
@@ -201,6 +216,20 @@ class MCMPipeline:
                             tuple(modulation_window), generator, seeds, self.scheduler, callback, negative_prompt)
         # 6. output
         return to_output(images, output_type)
+
+
+def _unusable_modalities(names: list[str], trained: list[str]) -> str:
+    """Why each of ``names`` cannot be used with a module trained on ``trained``: not installed, or not trained on."""
+    installed = modality_registry.list_modalities()
+    why = []
+    for n in names:
+        if n in installed:
+            why.append(f"modality '{n}': this module was trained on {trained} only, not on '{n}'")
+            continue
+        close = difflib.get_close_matches(n, trained + installed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        why.append(f"modality '{n}' is unknown: expected one of {trained} (installed: {installed}){hint}")
+    return "; ".join(why)
 
 
 def to_output(images: torch.Tensor, output_type: str):

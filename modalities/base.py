@@ -118,15 +118,22 @@ class Modality:
     def to_tensor(self, x: Any) -> torch.Tensor:
         """Accept tensor / numpy / PIL input and return the batched raw format, validated."""
         if isinstance(x, Image.Image):
-            x = np.array(x)  # a writable copy (torch warns on read-only arrays)
+            x = self._pil_to_array(x)
         if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x))
+            try:
+                x = torch.from_numpy(np.ascontiguousarray(x))
+            except TypeError:  # object, string, float128 ... arrays
+                self._fail("a numeric array (integer, float or bool)", f"a numpy array of dtype {x.dtype}")
         if not isinstance(x, torch.Tensor):
             raise ModalityError(
                 f"modality '{self.name}': expected a torch tensor, numpy array or PIL image, got {type(x).__name__}"
             )
+        if x.is_complex():
+            self._fail("a real-valued map", f"dtype {x.dtype}")
         if x.dtype == torch.uint16:  # 16-bit PNGs; torch has few uint16 ops
             x = x.int()
+        if x.dtype == torch.bool and not self.is_label_map:
+            x = x.float()  # a boolean mask means 0 / 1, not 0 / (1 / 255)
         if self.is_label_map:
             if x.ndim == 2:
                 x = x[None]
@@ -141,6 +148,14 @@ class Modality:
                 x = x.float() / top
         self.validate(x)
         return x.long() if self.is_label_map else x.float()
+
+    def _pil_to_array(self, im: Image.Image) -> np.ndarray:
+        arr = np.array(im)  # a writable copy (torch warns on read-only arrays)
+        if self.is_label_map and arr.ndim == 3:  # label maps are single-channel; grey stored as RGB(A) is fine
+            if not (arr[..., :3] == arr[..., :1]).all():
+                self._fail("a single-channel label image (PIL mode L, P or I)", f"a PIL image of mode {im.mode}")
+            arr = arr[..., 0]
+        return arr
 
     def validate(self, x: torch.Tensor) -> None:
         """Check shape, dtype, range and finiteness of a batched raw map."""
