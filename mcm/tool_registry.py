@@ -5,7 +5,7 @@ import argparse
 
 
 def add_commands(sub: argparse._SubParsersAction, data: argparse._SubParsersAction) -> None:
-    for modname in ("datamodules.pack", "mcm.export", "mcm.demo", "mcm.evaluate"):
+    for modname in ("datamodules.pack", "mcm.export", "mcm.demo", "mcm.evaluate", "mcm.sample_command"):
         try:
             mod = __import__(modname, fromlist=["add_command"])
         except ModuleNotFoundError as e:
