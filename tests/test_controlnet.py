@@ -192,14 +192,18 @@ def test_fit_with_trainer_then_export_and_evaluate(tiny_pixel_base_dir, tmp_path
                          val_shards=str(tmp_path / "data" / "val-*.tar"), modalities=mods, image_size=16,
                          batch_size=4, num_workers=0)
     torch.manual_seed(0)
-    model = ControlNetModule(base=str(tiny_pixel_base_dir), modalities=mods, warmup_steps=1, ema_decay=0.9)
+    model = ControlNetModule(base=str(tiny_pixel_base_dir), modalities=mods, warmup_steps=1, ema_decay=0.9,
+                             num_val_samples=2, val_sample_steps=2)
     model.base._hash = None
     before = model.base.content_hash()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        val_check_interval=2, num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2
+    assert len(list((tmp_path / "samples").glob("val_samples_step*.png"))) == 1  # conditions | base | ControlNet
+    pred = model.predict_step(next(iter(dm.val_dataloader())), 0)
+    assert pred["grid"].shape == (3 * 4, 3, 16, 16) and pred["modalities"] == ["segmentation"]
     model.base._hash = None
     assert model.base.content_hash() == before
     trainer.save_checkpoint(tmp_path / "last.ckpt")
