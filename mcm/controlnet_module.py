@@ -23,7 +23,7 @@ from .base_pretraining import diffusion_target
 from .controlnet import ControlNetAdapter
 from .frozen_base import FrozenBase
 from .grids import log_image_grid
-from .mcm_module import check_base
+from .mcm_module import MCMModule, check_base
 from .mcm_sampling import comparison_grid
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,7 @@ class ControlNetModule(L.LightningModule):
         keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
         return keep * keep_any
 
-    def _text(self, captions: list[str] | None, batch_size: int, train: bool) -> torch.Tensor:
-        captions = list(captions) if captions is not None else [""] * batch_size
-        if train:
-            drop = (torch.rand(batch_size) < self.hparams.caption_dropout).tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
-        return self.base.encode_text(captions)
+    _text = MCMModule._text  # shared with the MCM: caption dropout -> (B, L, D) text embeddings
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
