@@ -56,7 +56,7 @@ class ControlNetAdapter(nn.Module):
     def __init__(self, controlnet: ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 1):
         super().__init__()
         if not modalities:
-            raise ValueError("ControlNet needs at least one modality, e.g. modalities={'segmentation': {'num_classes': 6}}")
+            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
         self.controlnet = controlnet
         # sorted: the channel layout of the conditioning image must not depend on the YAML's order
         self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
@@ -79,13 +79,14 @@ class ControlNetAdapter(nn.Module):
         if not base.is_text_conditional:
             raise ValueError(f"base '{base.source}': ControlNet needs a text-conditional base (text_encoder/)")
         if not modalities:
-            raise ValueError("ControlNet needs at least one modality, e.g. modalities={'segmentation': {'num_classes': 6}}")
+            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
         plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
         widths = tuple(conditioning_embedding_out_channels or embedding_channels_for(base.downsample))
         if 2 ** (len(widths) - 1) != base.downsample:
             raise ValueError(f"conditioning_embedding_out_channels={widths}: {len(widths) - 1} stride-2 convs "
                              f"downsample x{2 ** (len(widths) - 1)}, but the base '{base.source}' needs "
-                             f"x{base.downsample}; pass {int(math.log2(base.downsample)) + 1} widths (or None for the default)")
+                             f"x{base.downsample}; pass {int(math.log2(base.downsample)) + 1} widths "
+                             f"(or None for the default)")
         controlnet = ControlNetModel.from_unet(
             base.unet, conditioning_embedding_out_channels=widths,
             conditioning_channels=sum(p.channels for p in plugins.values())).float()

@@ -218,7 +218,8 @@ class FrozenBase(nn.Module):
         return self._predict(x_t, t, text_emb, down_block_additional_residuals=tuple(r.to(dt) for r in down_residuals),
                              mid_block_additional_residual=mid_residual.to(dt))
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None, **unet_kwargs) -> torch.Tensor:
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None, **unet_kwargs
+                 ) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         x = x_t.to(self.unet.dtype)

@@ -107,7 +107,8 @@ def test_zero_init_is_an_exact_noop(module, kind):
 def test_modality_dropout_zeroes_the_conditioning(module):
     batch = make_batch(3, 16)
     present = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # columns: segmentation, sketch
-    cond = module.adapter.encode_conditions({n: batch[n] for n in MODS}, present, (16 // module.base.downsample,) * 2, 3)
+    size = (16 // module.base.downsample,) * 2
+    cond = module.adapter.encode_conditions({n: batch[n] for n in MODS}, present, size, 3)
     assert cond[0, 6:].abs().sum() == 0 and cond[0, :6].abs().sum() > 0
     assert cond[1, :6].abs().sum() == 0
     assert cond[2].abs().sum() == 0
