@@ -104,22 +104,28 @@ class MCMModule(L.LightningModule):
         keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
         return keep * keep_any
 
-    def _text(self, captions: list[str] | None, batch_size: int, train: bool) -> torch.Tensor | None:
+    def _text(self, captions: list[str] | None, batch_size: int, train: bool,
+              text_emb: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Text embeddings ``(B, L, D)`` with caption dropout; ``text_emb`` = precomputed ones of the captions."""
         if not self.base.is_text_conditional:
             return None
         captions = list(captions) if captions is not None else [""] * batch_size
-        if train:
-            drop = (torch.rand(batch_size) < self.hparams.caption_dropout).tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
-        return self.base.encode_text(captions)
+        drop = (torch.rand(batch_size) < self.hparams.caption_dropout).tolist() if train else [False] * batch_size
+        if text_emb is None:
+            return self.base.encode_text(["" if d else c for c, d in zip(captions, drop)])
+        if any(drop):  # dropped rows get the (cached) embedding of ""
+            dropped = torch.tensor(drop, device=text_emb.device)[:, None, None]
+            text_emb = torch.where(dropped, self.base.encode_text(None, 1).to(text_emb), text_emb)
+        return text_emb
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         B = images.shape[0]
-        # 1. model space and text, once per batch, without gradients
-        x0 = self.base.encode_images(images)  # (B, C, h, w)
-        text = self._text(batch.get("caption"), B, train)
+        # 1. model space and text, once per batch, without gradients; precomputed "latent" /
+        #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
+        x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
+        text = self._text(batch.get("caption"), B, train, batch.get("text_emb"))
         # 2. forward process
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.base.num_train_timesteps, (B,), device=self.device)

@@ -1,0 +1,72 @@
+"""The benchmark scripts run on tiny models and write well-formed JSON (no timing assertions).
+
+Benchmarks are scripts (docs/performance.md); these tests only guard that they keep running
+as the code they measure changes, and that the JSON carries the keys the docs and issue 7 name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # steps run without a Trainer
+
+TRAIN_KEYS = {"mcm_step_over_base_forward", "controlnet_step_over_mcm_step", "finetune_step_over_base_forward",
+              "mcm_peak_mem_over_base_inference", "mcm_params_over_base", "allreduce_bytes_mcm",
+              "allreduce_bytes_controlnet"}
+SAMPLE_KEYS = {"mcm_sampling_overhead", "controlnet_sampling_overhead", "compose2_sampling_overhead"}
+
+
+def _finite_numbers(d: dict, keys: set[str]) -> None:
+    missing = keys - set(d)
+    assert not missing, f"missing keys {sorted(missing)}"
+    for k in keys:
+        assert isinstance(d[k], (int, float)) and math.isfinite(d[k]), (k, d[k])
+
+
+def test_train_step_json(tmp_path):
+    from bench import train_step
+
+    out = tmp_path / "train.json"
+    train_step.main(["--tiny", "--reps", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res) == {"shapes32", "sd15"}
+    for name, r in res.items():
+        _finite_numbers(r, TRAIN_KEYS)
+        assert r["allreduce_bytes_mcm"] == 4 * r["params"]["mcm"]
+        assert 0 < r["mcm_params_over_base"] < 1, name  # the MCM is smaller than the base it modulates
+        assert r["peak_mem_bytes"]["base_inference"] > 0
+
+
+def test_sample_json(tmp_path):
+    from bench import sample
+
+    out = tmp_path / "sample.json"
+    sample.main(["--tiny", "--reps", "1", "--steps", "4", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res) == {"shapes32", "sd15"}
+    for r in res.values():
+        _finite_numbers(r, SAMPLE_KEYS)
+
+
+def test_data_json(tmp_path):
+    from bench import data
+
+    out = tmp_path / "data.json"
+    data.main(["--tiny", "--batch", "8", "--samples", "32", "--workers", "0,1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["loader"]) == {"0", "1"}
+    assert res["mcm_train_samples_per_s"] > 0 and all(v["samples_per_s"] > 0 for v in res["loader"].values())
+
+
+@pytest.mark.parametrize("script", ["train_step", "sample", "data", "scaling"])
+def test_scripts_have_help(script, capsys):
+    module = __import__(f"bench.{script}", fromlist=["main"])
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out

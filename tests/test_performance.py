@@ -1,0 +1,48 @@
+"""Speed-ups keep results the same (issue 7): each optimisation against the plain code path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modalities
+from mcm.mcm_module import MCMModule
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # steps run without a Trainer
+
+SMALL = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8)
+SEG = {"segmentation": {"num_classes": 6}}
+
+
+def _batch(B: int, size: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(B, 3, size, size, generator=g) * 2 - 1,
+            "caption": ["a red circle", "a blue square", "", "a red circle and a blue square"][:B],
+            "segmentation": modalities.get("segmentation", num_classes=6).example(B, size, size, g)}
+
+
+@pytest.mark.parametrize("base_fixture, size", [("tiny_sd_dir", 64), ("tiny_pixel_base_dir", 16)])
+def test_cached_latents_and_text_give_the_same_loss(base_fixture, size, request):
+    """``batch["latent"]`` / ``batch["text_emb"]`` (cached VAE latents and caption embeddings, used by
+    the benchmarks to keep encoder work out of the step) give the loss of the plain step, with
+    caption dropout applied to the cached embeddings exactly as to the captions."""
+    torch.manual_seed(0)
+    module = MCMModule(base=str(request.getfixturevalue(base_fixture)), modalities=SEG, **SMALL,
+                       caption_dropout=0.5)
+    torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.05)  # not a no-op: the MCM matters
+    batch = _batch(4, size)
+    torch.manual_seed(1)
+    plain = module._common_step(batch, "train")
+    torch.manual_seed(1)
+    latent = module.base.encode_images(batch["image"])  # consumes the RNG as the plain step's encode does
+    cached = dict(batch, latent=latent, text_emb=module.base.encode_text(batch["caption"]))
+    fast = module._common_step(cached, "train")
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(2)  # and with dropout hitting some rows but not others (checked, not assumed)
+    drop = torch.rand(4) < 0.5
+    assert drop.any() and not drop.all()
+    torch.manual_seed(2)
+    a = module._common_step(dict(cached, latent=latent), "train")
+    torch.manual_seed(2)
+    plain_latent = dict(batch, latent=latent)
+    b = module._common_step(plain_latent, "train")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
