@@ -34,13 +34,16 @@ def shapes_conditions(n: int, seed: int = 1234, size: int = 32) -> tuple[dict[st
 
 
 def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, seed: int = 0,
-             model: str = "shapes32", guidance_scale: float = 1.0) -> Path:
+             model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None) -> Path:
+    """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset."""
     from . import MCMPipeline
 
     pipe = MCMPipeline.from_pretrained(model)
     module = pipe.modules[0]
     conds, captions = shapes_conditions(n)
-    conds = {k: v for k, v in conds.items() if k in module.modality_names}
+    conds = {k: v for k, v in conds.items() if k in module.modality_names and (not only or k in only)}
+    if not conds:
+        raise ValueError(f"--modalities {only}: the module knows {module.modality_names}")
     seeds = [seed + i for i in range(n)]
     prompts = captions if pipe.base.is_text_conditional else None
     mcm = pipe(conditions=conds, prompt=prompts, num_inference_steps=steps, seeds=seeds, guidance_scale=guidance_scale)
@@ -55,7 +58,7 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
 
 
 def _run(a: argparse.Namespace) -> int:
-    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale)
+    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale, a.modalities)
     return 0
 
 
@@ -67,4 +70,5 @@ def add_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--model", default="shapes32", help="'shapes32' or an exported MCM directory")
+    p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")
     p.set_defaults(func=_run)
