@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from .base_pretraining import diffusion_target
+from .batch_checks import check_training_batch
 from .frozen_base import FrozenBase
 from .grids import log_image_grid
 from .mcm_sampling import comparison_grid
@@ -120,6 +121,7 @@ class MCMModule(L.LightningModule):
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
+        check_training_batch(self.plugins, batch, 8 * self.base.downsample)  # 0. clear errors, not UNet shape errors
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         B = images.shape[0]
         # 1. model space and text, once per batch, without gradients; precomputed "latent" /

@@ -144,7 +144,7 @@ class Modality:
                 x = x[None]
             if not x.is_floating_point():
                 # 8/16-bit images: scale to [0, 1] by the dtype's range
-                top = 65535.0 if x.dtype in (torch.int32, torch.uint16) and x.max() > 255 else 255.0
+                top = 65535.0 if x.dtype in (torch.int32, torch.uint16) and x.numel() and x.max() > 255 else 255.0
                 x = x.float() / top
         self.validate(x)
         return x.long() if self.is_label_map else x.float()

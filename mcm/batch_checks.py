@@ -1,0 +1,48 @@
+"""Checks on a training batch before it reaches the frozen base and the MCM.
+
+``ShardDataModule`` only yields batches that pass (its bad samples are skipped and counted);
+these checks turn what a custom DataModule or a hand-made batch gets wrong into a
+``ValueError`` naming the modality, what was expected and what came, instead of a shape
+error deep inside a UNet (or, worse, a silent resize of a map that does not fit its image).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from modalities import Modality, ModalityError
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_training_batch(plugins: Mapping[str, Modality], batch: Mapping[str, Any], multiple: int = 1) -> None:
+    """Raise ``ValueError`` unless ``batch`` holds images ``(B, 3, H, W)`` with H, W multiples of ``multiple``
+    and, for every modality, a valid raw map of the same batch size and spatial size (raw formats:
+    ``modalities.base``).  ``multiple`` is what the pipeline samples at: 8 x the base's downsampling."""
+    images = batch.get("image") if isinstance(batch, Mapping) else None
+    if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3 and images.numel()
+            and images.is_floating_point()):
+        raise ValueError(f"batch['image']: expected a non-empty float tensor (B, 3, H, W) in [-1, 1], "
+                         f"got {_describe(images)}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"batch['image']: expected finite values, got {int((~torch.isfinite(images)).sum())} "
+                         f"NaN/Inf values")
+    B, size = images.shape[0], tuple(images.shape[-2:])
+    if size[0] % multiple or size[1] % multiple:
+        raise ValueError(f"batch['image']: expected height and width that are multiples of {multiple} for this base, "
+                         f"got {size[0]}x{size[1]}; set data.image_size accordingly")
+    for name, plugin in plugins.items():
+        if name not in batch:
+            raise ModalityError(f"modality '{name}': expected batch['{name}'] (the module was built for "
+                                f"{list(plugins)}), got a batch with keys {sorted(batch)}; give the data module "
+                                f"the same modalities as the model")
+        x = batch[name]
+        plugin.validate(x)  # shape, dtype, range, NaN/Inf
+        if x.shape[0] != B or tuple(x.shape[-2:]) != size:
+            raise ModalityError(f"modality '{name}': expected {B} map(s) of {size[0]}x{size[1]} (the images' batch "
+                                f"and size), got shape {tuple(x.shape)}")
