@@ -7,9 +7,10 @@ Measures, side by side with real held-out ``shapes`` images:
 * saturated-pixel fraction: the share of samples whose fraction of saturated pixels (HSV
   saturation >= 0.5, value >= 0.35) falls inside the range holding 99% of real images;
 * named colours: for caption-conditioned samples, how often each colour the caption names
-  appears (>= 6 pixels within 20 degrees of its hue, saturated);
-* named shapes: how often the segmentation judge finds each shape class the caption names
-  (>= 6 pixels), when the shipped judge is available.
+  appears (>= 6 saturated pixels within 20 degrees of its hue: recall), and the share of
+  saturated pixels that have a named colour (precision: noise has every hue);
+* named shapes: the same with the shipped segmentation judge's labels and the shape
+  classes the caption names.
 Writes ``samples_unconditional.png`` and ``samples_captioned.png`` (64 each) and ``README.md``.
 """
 from __future__ import annotations
@@ -60,18 +61,29 @@ def named_shapes(caption: str) -> list[int]:
     return [CLASS_NAMES.index(w) for w in words if w in CLASS_NAMES[1:]]
 
 
-def colour_hits(images: torch.Tensor, captions: list[str], min_pixels: int = 6) -> tuple[int, int]:
+def colour_hits(images: torch.Tensor, captions: list[str], min_pixels: int = 6) -> tuple[float, float]:
+    """(recall, precision): named colours that appear; saturated pixels whose hue is a named colour.
+
+    Precision matters because noise contains every hue: recall alone would call it perfect.
+    """
     h, s, v = hsv(images)
     hit = total = 0
+    in_named = saturated = 0
     for i, cap in enumerate(captions):
+        sat = (s[i] >= 0.5) & (v[i] >= 0.35)
+        named = np.zeros_like(sat)
         for c in named_colours(cap):
-            dist = np.abs((h[i] - COLOURS[c] + 180) % 360 - 180)
-            hit += int(((dist <= 20) & (s[i] >= 0.5) & (v[i] >= 0.35)).sum() >= min_pixels)
+            close = (np.abs((h[i] - COLOURS[c] + 180) % 360 - 180) <= 20) & sat
+            hit += int(close.sum() >= min_pixels)
             total += 1
-    return hit, total
+            named |= close
+        in_named += int(named.sum())
+        saturated += int(sat.sum())
+    return hit / max(total, 1), in_named / max(saturated, 1)
 
 
-def shape_hits(images: torch.Tensor, captions: list[str], min_pixels: int = 6) -> tuple[int, int] | None:
+def shape_hits(images: torch.Tensor, captions: list[str], min_pixels: int = 6) -> tuple[float, float] | None:
+    """(recall, precision) of named shape classes in the judge's segmentation of the images."""
     try:
         from .judges import load_judge
 
@@ -80,12 +92,15 @@ def shape_hits(images: torch.Tensor, captions: list[str], min_pixels: int = 6) -
         log.warning("no segmentation judge (%s): skipping the named-shape measure", e)
         return None
     labels = judge.predict(images)
-    hit = total = 0
+    hit = total = in_named = foreground = 0
     for i, cap in enumerate(captions):
-        for k in named_shapes(cap):
+        ks = named_shapes(cap)
+        for k in ks:
             hit += int((labels[i] == k).sum().item() >= min_pixels)
             total += 1
-    return hit, total
+        in_named += int(torch.isin(labels[i], torch.tensor(ks or [-1])).sum())
+        foreground += int((labels[i] > 0).sum())
+    return hit / max(total, 1), in_named / max(foreground, 1)
 
 
 def real_images(n: int, split: str = "test", seed: int = EVAL_SEED) -> tuple[torch.Tensor, list[str]]:
@@ -112,10 +127,12 @@ def measure(base: FrozenBase, n: int = 256, steps: int = 50, guidance_scale: flo
            "in_range": {"real": in_range(real[:n]), "base_unconditional": in_range(uncond),
                         "base_captioned": in_range(cond)}}
     ch_real, ch_gen = colour_hits(real[:n], caps), colour_hits(cond, caps)
-    out["named_colour_rate"] = {"real": ch_real[0] / ch_real[1], "base_captioned": ch_gen[0] / ch_gen[1]}
+    out["named_colour_recall"] = {"real": ch_real[0], "base_captioned": ch_gen[0]}
+    out["named_colour_precision"] = {"real": ch_real[1], "base_captioned": ch_gen[1]}
     sh_real, sh_gen = shape_hits(real[:n], caps), shape_hits(cond, caps)
     if sh_real and sh_gen:
-        out["named_shape_rate"] = {"real": sh_real[0] / sh_real[1], "base_captioned": sh_gen[0] / sh_gen[1]}
+        out["named_shape_recall"] = {"real": sh_real[0], "base_captioned": sh_gen[0]}
+        out["named_shape_precision"] = {"real": sh_real[1], "base_captioned": sh_gen[1]}
     return out, uncond, cond
 
 
@@ -125,11 +142,15 @@ def write_card(out: Path, base: FrozenBase, metrics: dict, train: dict) -> Path:
              f"[{m['saturated_range'][0]:.3f}, {m['saturated_range'][1]:.3f}]",
              m["in_range"]["real"], f"{m['in_range']['base_unconditional']:.3f} (unconditional), "
              f"{m['in_range']['base_captioned']:.3f} (captioned)"),
-            ("named colours present (captioned)", m["named_colour_rate"]["real"],
-             f"{m['named_colour_rate']['base_captioned']:.3f}")]
-    if "named_shape_rate" in m:
-        rows.append(("named shapes found by the segmentation judge (captioned)", m["named_shape_rate"]["real"],
-                     f"{m['named_shape_rate']['base_captioned']:.3f}"))
+            ("named colours present (recall, captioned)", m["named_colour_recall"]["real"],
+             f"{m['named_colour_recall']['base_captioned']:.3f}"),
+            ("saturated pixels in a named colour (precision, captioned)", m["named_colour_precision"]["real"],
+             f"{m['named_colour_precision']['base_captioned']:.3f}")]
+    if "named_shape_recall" in m:
+        rows.append(("named shapes found by the segmentation judge (recall)", m["named_shape_recall"]["real"],
+                     f"{m['named_shape_recall']['base_captioned']:.3f}"))
+        rows.append(("judge foreground pixels of a named shape (precision)", m["named_shape_precision"]["real"],
+                     f"{m['named_shape_precision']['base_captioned']:.3f}"))
     table = "\n".join(f"| {a} | {b:.3f} | {c} |" for a, b, c in rows)
     n_unet = sum(p.numel() for p in base.unet.parameters())
     n_text = sum(p.numel() for p in base.text_encoder.parameters())
