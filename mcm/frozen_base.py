@@ -64,6 +64,15 @@ def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | Non
     return cls.from_pretrained(path / sub, **({"dtype": dtype} if dtype is not None else {}))
 
 
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating weights to ``dtype`` in place, except submodules the library keeps in fp32
+    (``_keep_in_fp32_modules``, what ``from_pretrained(torch_dtype=...)`` would respect)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not keep & set(name.split(".")):
+            t.data = t.data.to(dtype)
+
+
 class FrozenBase(nn.Module):
     """The frozen diffusion model ``f(x_t, t, y)``: eval mode, no gradients, never optimised.
 
@@ -87,19 +96,30 @@ class FrozenBase(nn.Module):
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, torch_dtype: torch.dtype | None = None) -> "FrozenBase":
+        """Load ``name_or_path``; ``torch_dtype`` casts the weights after loading.
+
+        The content hash is taken before the cast, so checkpoints made with the base in bf16/fp16
+        match the same base loaded in fp32 (and vice versa).
+        """
         path = resolve_base_path(name_or_path)
-        unet = _load_component(path, "unet", "diffusers", torch_dtype)
+        unet = _load_component(path, "unet", "diffusers", None)
         scheduler = _load_component(path, "scheduler", "diffusers", None)
-        vae = _load_component(path, "vae", "diffusers", torch_dtype) if (path / "vae").is_dir() else None
+        vae = _load_component(path, "vae", "diffusers", None) if (path / "vae").is_dir() else None
         text_encoder = tokenizer = None
         if (path / "text_encoder").is_dir():
             if not (path / "tokenizer").is_dir():
                 raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
-            text_encoder = _load_component(path, "text_encoder", "transformers", torch_dtype)
+            text_encoder = _load_component(path, "text_encoder", "transformers", None)
             tokenizer = _load_component(path, "tokenizer", "transformers", None)
         log.info("loaded base %s (%s, %s, %.1fM params)", name_or_path, type(unet).__name__,
                  "latent" if vae is not None else "pixel", sum(p.numel() for p in unet.parameters()) / 1e6)
-        return cls(unet, scheduler, vae, text_encoder, tokenizer, source=str(name_or_path))
+        base = cls(unet, scheduler, vae, text_encoder, tokenizer, source=str(name_or_path))
+        if torch_dtype is not None:
+            base.content_hash()  # of the weights as loaded, independent of the dtype they run in
+            for m in (unet, vae, text_encoder):
+                if m is not None:
+                    _cast(m, torch_dtype)
+        return base
 
     # ---- refusing to train ------------------------------------------------------------------
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
