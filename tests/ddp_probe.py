@@ -1,0 +1,53 @@
+"""A callback the DDP test (``test_training_runs.py``) adds to ``mcm fit`` with ``--trainer.callbacks+=``.
+
+Each rank writes ``<out_dir>/rank<R>.json`` (what DDP's reducer holds, how many batches the
+rank got and their sample keys) and ``<out_dir>/rank<R>.safetensors`` (its final MCM weights),
+so the test can compare ranks after the subprocess ends.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+
+class DumpWeights(Callback):
+    """Args:
+        out_dir: where ``rank<R>.json`` and ``rank<R>.safetensors`` go.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.report: dict = {"batches": 0, "keys": []}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ddp = trainer.strategy.model
+        self.report["wrapped_in_ddp"] = isinstance(ddp, DistributedDataParallel)
+        if self.report["wrapped_in_ddp"]:
+            # every tensor DDP synchronises: the reducer's parameters (trainable, not ignored) and broadcast buffers
+            held = [p for p in ddp.module.parameters() if p.requires_grad] + list(ddp._module_parameters)
+            held += list(ddp.module.buffers())
+            held_ids = {id(t) for t in held} | {t.data_ptr() for t in held}
+            base = list(pl_module.base.frozen_parameters()) + list(pl_module.base.buffers())
+            mcm = list(pl_module.mcm.parameters())
+            self.report["base_tensors"] = len(base)
+            self.report["base_in_ddp"] = sum(id(t) in held_ids or t.data_ptr() in held_ids for t in base)
+            self.report["mcm_params"] = len(mcm)
+            self.report["mcm_in_reducer"] = sum(id(p) in held_ids for p in mcm)
+            self.report["reducer_params"] = len({id(p) for p in ddp.module.parameters() if p.requires_grad})
+        self.report["num_training_batches"] = trainer.num_training_batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.report["batches"] += 1
+        self.report["keys"] += list(batch["key"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        self.report.update(rank=rank, world_size=trainer.world_size, global_step=trainer.global_step)
+        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.mcm.state_dict().items()}
+        save_file(state, str(self.out_dir / f"rank{rank}.safetensors"))
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps(self.report))
