@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -18,7 +19,12 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
+        raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers; refusing to "
+                         f"unpickle it (torch.load weights_only=True): {why}") from None
 
 
 def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalConditioningModule:
