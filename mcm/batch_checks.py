@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+import modalities as modality_registry
 from modalities import Modality, ModalityError
 
 
@@ -46,3 +47,21 @@ def check_training_batch(plugins: Mapping[str, Modality], batch: Mapping[str, An
         if x.shape[0] != B or tuple(x.shape[-2:]) != size:
             raise ModalityError(f"modality '{name}': expected {B} map(s) of {size[0]}x{size[1]} (the images' batch "
                                 f"and size), got shape {tuple(x.shape)}")
+
+
+def check_checkpoint_modalities(saved: Mapping[str, Any] | None, plugins: Mapping[str, Modality]) -> None:
+    """Refuse a checkpoint whose MCM was trained on other modalities (or other plugin options, e.g.
+    ``num_classes``) than the configured model, naming them, instead of a state-dict key/shape error."""
+    if not saved or saved.get("modalities") is None:
+        return
+    trained = {n: (o or {}) for n, o in dict(saved["modalities"]).items()}
+    if sorted(trained) != sorted(plugins):
+        differ = sorted(set(trained) ^ set(plugins))
+        raise ModalityError(f"modality {', '.join(repr(n) for n in differ)}: the checkpoint's MCM was trained on "
+                            f"{sorted(trained)} but the model is configured with {sorted(plugins)}; use the same "
+                            f"model.init_args.modalities to resume, or start a new run")
+    for name, opts in trained.items():
+        then, now = modality_registry.get(name, **opts).config(), plugins[name].config()
+        if then != now:
+            raise ModalityError(f"modality '{name}': the checkpoint's MCM was trained with options {then} but the "
+                                f"model is configured with {now}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from .base_pretraining import diffusion_target
-from .batch_checks import check_training_batch
+from .batch_checks import check_checkpoint_modalities, check_training_batch
 from .frozen_base import FrozenBase
 from .grids import log_image_grid
 from .mcm_sampling import comparison_grid
@@ -203,6 +203,7 @@ class MCMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_base(checkpoint.get("mcm_base"), self.base, self.hparams.force_base, "this checkpoint")
+        check_checkpoint_modalities(checkpoint.get("mcm_config"), self.plugins)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
