@@ -79,7 +79,6 @@ class BasePretrainModule(L.LightningModule):
                  ema_decay: float = 0.999, preview_every_n_steps: int = 1000, export_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        h = self.hparams
         self.tokenizer = build_shapes_tokenizer(max_length)
         self.text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=self.tokenizer.vocab_size, hidden_size=text_hidden, intermediate_size=2 * text_hidden,

@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 
 from .base_pretraining import diffusion_target
 from .controlnet import ControlNetAdapter
-from .frozen_base import FrozenBase
+from .frozen_base_holder import FrozenBaseHolder
 from .grids import log_image_grid
 from .mcm_module import MCMModule, check_base
 from .mcm_sampling import comparison_grid
@@ -29,7 +29,7 @@ from .mcm_sampling import comparison_grid
 log = logging.getLogger(__name__)
 
 
-class ControlNetModule(L.LightningModule):
+class ControlNetModule(FrozenBaseHolder, L.LightningModule):
     """LightningModule holding a frozen base and a trainable ControlNet (Zhang & Agrawala 2023).
 
     Args:
@@ -57,8 +57,7 @@ class ControlNetModule(L.LightningModule):
                  force_base: bool = False, base_dtype: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        dtype = getattr(torch, base_dtype) if base_dtype else None
-        object.__setattr__(self, "base", FrozenBase.from_pretrained(base, torch_dtype=dtype))
+        self._attach_base(base, base_dtype)
         self.adapter = ControlNetAdapter.from_base(self.base, modalities or {}, conditioning_embedding_out_channels)
         self.ema = EMAModel(self.adapter.parameters(), decay=ema_decay) if ema_decay else None
         self._val_batch: dict | None = None
@@ -71,24 +70,11 @@ class ControlNetModule(L.LightningModule):
     def plugins(self):
         return self.adapter.plugins
 
-    def _apply(self, fn, recurse: bool = True):
-        # the base is not a submodule (so never trained/checkpointed) but must follow .to(device)
-        super()._apply(fn, recurse)
-        self.base._apply(fn, recurse)
-        if hasattr(self.base.scheduler, "alphas_cumprod"):
-            self.base.scheduler.alphas_cumprod = self.base.scheduler.alphas_cumprod.to(self.base.device)
-        return self
+    @property
+    def modality_names(self) -> list[str]:
+        return self.adapter.modality_names
 
     # ---- the training step ------------------------------------------------------------------------
-    def presence(self, batch_size: int, train: bool) -> torch.Tensor:
-        """``(B, M)`` keep-mask: each modality dropped w.p. ``modality_dropout``, all w.p. ``drop_all_prob``."""
-        M = len(self.adapter.modality_names)
-        if not train:
-            return torch.ones(batch_size, M, device=self.device)
-        keep = (torch.rand(batch_size, M, device=self.device) >= self.hparams.modality_dropout).float()
-        keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
-        return keep * keep_any
-
     _text = MCMModule._text  # shared with the MCM: caption dropout -> (B, L, D) text embeddings
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:

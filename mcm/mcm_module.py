@@ -18,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from .base_pretraining import diffusion_target
 from .batch_checks import check_checkpoint_modalities, check_training_batch
 from .frozen_base import FrozenBase
+from .frozen_base_holder import FrozenBaseHolder
 from .grids import log_image_grid
 from .mcm_sampling import comparison_grid
 from .modulator import MultimodalConditioningModule, modulate
@@ -40,7 +41,7 @@ def check_base(expected: dict[str, Any] | None, base: FrozenBase, force: bool, w
             f"force_base=True to use it anyway")
 
 
-class MCMModule(L.LightningModule):
+class MCMModule(FrozenBaseHolder, L.LightningModule):
     """LightningModule holding a frozen base and a trainable MCM.
 
     Args:
@@ -70,8 +71,7 @@ class MCMModule(L.LightningModule):
                  force_base: bool = False, base_dtype: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        dtype = getattr(torch, base_dtype) if base_dtype else None
-        object.__setattr__(self, "base", FrozenBase.from_pretrained(base, torch_dtype=dtype))
+        self._attach_base(base, base_dtype)
         self.mcm = MultimodalConditioningModule(
             latent_channels=self.base.latent_channels, modalities=modalities, downsample=self.base.downsample,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
@@ -87,24 +87,11 @@ class MCMModule(L.LightningModule):
     def plugins(self):
         return self.mcm.plugins
 
-    def _apply(self, fn, recurse: bool = True):
-        # the base is not a submodule (so never trained/checkpointed) but must follow .to(device)
-        super()._apply(fn, recurse)
-        self.base._apply(fn, recurse)
-        if hasattr(self.base.scheduler, "alphas_cumprod"):
-            self.base.scheduler.alphas_cumprod = self.base.scheduler.alphas_cumprod.to(self.base.device)
-        return self
+    @property
+    def modality_names(self) -> list[str]:
+        return self.mcm.modality_names
 
     # ---- the training step ------------------------------------------------------------------------
-    def presence(self, batch_size: int, train: bool) -> torch.Tensor:
-        """``(B, M)`` keep-mask: each modality dropped w.p. ``modality_dropout``, all w.p. ``drop_all_prob``."""
-        M = len(self.mcm.modality_names)
-        if not train:
-            return torch.ones(batch_size, M, device=self.device)
-        keep = (torch.rand(batch_size, M, device=self.device) >= self.hparams.modality_dropout).float()
-        keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
-        return keep * keep_any
-
     def _text(self, captions: list[str] | None, batch_size: int, train: bool,
               text_emb: torch.Tensor | None = None) -> torch.Tensor | None:
         """Text embeddings ``(B, L, D)`` with caption dropout; ``text_emb`` = precomputed ones of the captions."""
