@@ -173,8 +173,8 @@ depth: those are what MCM adds. EMA weights, safetensors. Loaded offline with
 ```bash
 mcm data shapes --out data/shapes50k --train 50000 --val 1000 --seed 0
 mcm fit -c experiments/base_shapes32.yaml          # resumable: re-run the same command
-python -m mcm.base_card --base runs/base_shapes32/export --out mcm/weights/shapes32/base \\
-    --train-log runs/base_shapes32/train_summary.json
+python -m mcm.base_card --base mcm/weights/shapes32/base --out mcm/weights/shapes32/base \\
+    --train-log runs/base_shapes32/train_summary.json --n {m['n']} --steps {m['steps']}
 ```
 
 | | |
