@@ -118,7 +118,8 @@ def build_sd15(latent: int = 32, tiny: bool = False) -> BenchModel:
         mcm_cfg = {"block_out_channels": (16, 32), "layers_per_block": 1, "attention_levels": (1,)}
         source = "random weights, tiny SD-layout base"
     else:
-        unet = UNet2DConditionModel(sample_size=latent)  # diffusers' default config is SD 1.5's UNet
+        # diffusers' default config is SD 1.5's UNet except the cross-attention width (1280 there, 768 in SD 1.5)
+        unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)
         text_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
@@ -282,19 +283,40 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _mallopt(param: int, value: int) -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(param, value)
+    except (OSError, AttributeError):  # not glibc: RSS may then keep freed memory (peaks stay upper bounds)
+        pass
+
+
 class PeakMemory:
     """Peak memory of a workload: CUDA ``max_memory_allocated``, or on CPU the process's peak RSS.
 
     CPU: the peak RSS (``VmHWM``) is reset through ``/proc/self/clear_refs`` before each
     workload; values are bytes above the RSS measured at construction (interpreter + imported
     libraries, before any model), so they include weights, activations, gradients and
-    optimizer state.  Run in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
-    tensors go back to the OS between workloads.
+    optimizer state.  While measuring, glibc's mmap threshold is 64 KB so freed tensors go back
+    to the OS between workloads; ``release()`` restores fast allocation for timing.
     """
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
         self.floor = 0 if self.cuda else _proc_status("VmRSS")
+        if not self.cuda:
+            _mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # every tensor >= 64 KB is its own mapping, unmapped on free
+
+    def release(self) -> None:
+        """Back to fast allocation (32 MB mmap threshold, as glibc's dynamic default reaches) for timing:
+        the strict setting makes steps up to 2.5x slower."""
+        if not self.cuda:
+            _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+            _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
 
     def current(self) -> int:
         return torch.cuda.memory_allocated() if self.cuda else _proc_status("VmRSS") - self.floor

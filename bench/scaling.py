@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from mcm.mcm_module import adamw  # noqa: E402  (fused AdamW for every method alike)
 
 
 def point(m: C.BenchModel, module, mcm_opt, cn, cn_opt, side: int, batch_size: int, args) -> dict:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = C.build_mcm_module(m)
     mcm_opt = module.configure_optimizers()["optimizer"]
     cn = C.build_controlnet(m, C.control_image(m, probe).shape[1])
-    cn_opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+    cn_opt = adamw(cn.parameters(), lr=1e-5)
     sides, batches = [int(s) for s in args.sides.split(",")], [int(b) for b in args.batches.split(",")]
     res = {"model": args.model, "base_source": m.source, "side_batch": args.side_batch, "batch_side": args.batch_side,
            "by_side": [point(m, module, mcm_opt, cn, cn_opt, s, args.side_batch, args) for s in sides],

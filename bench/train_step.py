@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from mcm.mcm_module import adamw  # noqa: E402  (fused AdamW for every method alike)
 
 CHILD_TAG = "BENCH_CHILD_RESULT "
 TARGETS = {  # issue 7, SD-architecture row
@@ -63,7 +63,7 @@ def build_cn(m, batch, args):
     if args.channels_last:
         cn.to(memory_format=torch.channels_last)
     C.maybe_compile(cn, args)
-    opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+    opt = adamw(cn.parameters(), lr=1e-5)
     return cn, opt, cond
 
 
@@ -95,9 +95,9 @@ def child(name: str, args) -> dict:
     mem = C.PeakMemory(args.device)
     m, batch = setup(name, args)
     peaks = {"weights_loaded": mem.current()}
-    peaks["base_inference"] = mem.measure(lambda: C.base_forward(m, batch))
+    peaks["base_inference"] = mem.measure(lambda: C.base_forward(m, batch), repeat=1)  # no state to build up
     module, opt = build_mcm(m, args)
-    peaks["mcm_step"] = mem.measure(lambda: C.mcm_step(module, opt, batch))
+    peaks["mcm_step"] = mem.measure(lambda: C.mcm_step(module, opt, batch))  # 2nd step: with AdamW state
     del module, opt
     cn, opt, cond = build_cn(m, batch, args)
     peaks["controlnet_step"] = mem.measure(
@@ -106,20 +106,22 @@ def child(name: str, args) -> dict:
     unet = m.base.unet if m.base.unet.dtype == torch.float32 else copy.deepcopy(m.base.unet).float()
     unet.requires_grad_(True)  # the base UNet itself (fp32) or an fp32 master copy (mixed precision)
     C.maybe_compile(unet, args)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    opt = adamw(unet.parameters(), lr=1e-5)
     ft = lambda: C.trainable_step(lambda: C.unet_loss(m, unet, batch), opt)  # noqa: E731
     peaks["finetune_step"] = mem.measure(ft)
-    reps, warmup = C.reps_of(args)
-    times = C.interleaved({"base_forward": lambda: C.base_forward(m, batch), "finetune_step": ft}, reps, 0,
-                          args.device)  # warmed up by the memory runs
+    mem.release()
+    reps, _ = C.reps_of(args)
+    reps = min(reps, 2) if args.quick else reps
+    times = C.interleaved({"base_forward": lambda: C.base_forward(m, batch), "finetune_step": ft}, reps,
+                          0 if args.quick else 1,
+                          args.device)
     return {"peak_mem_bytes": peaks, "times": times, "memory_kind": "cuda max_memory_allocated" if mem.cuda
             else "peak RSS above the interpreter + libraries"}
 
 
 def run_child(name: str, argv: list[str]) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS (RSS is honest)
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", name]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith(CHILD_TAG)]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"child {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -164,12 +166,12 @@ def print_table(results: dict) -> None:
             "finetune_step_over_base_forward", "data_encode_over_base_forward", "mcm_peak_mem_over_base_inference",
             "controlnet_peak_mem_over_base_inference", "finetune_peak_mem_over_base_inference",
             "mcm_params_over_base", "allreduce_bytes_mcm", "allreduce_bytes_controlnet", "samples_per_s_mcm"]
-    print(f"{'':42s}" + "".join(f"{n:>16s}" for n in names))
+    print(f"{'':42s}" + "".join(f"{n:>21s}" for n in names))
     for k in ("base_forward", "mcm_step", "controlnet_step", "finetune_step", "vae_encode", "text_encode"):
-        print(f"{'time ' + k + ' [s]':42s}" + "".join(f"{results[n]['time_s'][k]:16.4f}" for n in names))
+        print(f"{'time ' + k + ' [s]':42s}" + "".join(f"{results[n]['time_s'][k]:21.4f}" for n in names))
     for k in ("base_inference", "mcm_step", "controlnet_step", "finetune_step"):
         print(f"{'peak mem ' + k + ' [MiB]':42s}" + "".join(
-            f"{results[n]['peak_mem_bytes'][k] / 2**20:16.1f}" for n in names))
+            f"{results[n]['peak_mem_bytes'][k] / 2**20:21.1f}" for n in names))
     for k in rows:
         cells = []
         for n in names:
@@ -178,7 +180,7 @@ def print_table(results: dict) -> None:
                 op, lim = TARGETS[k]
                 ok = results[n][k] <= lim if op == "<=" else results[n][k] >= lim
                 cell += f" ({'ok' if ok else 'MISS'} {op}{lim})"
-            cells.append(f"{cell:>16s}" if len(cell) <= 16 else " " + cell)
+            cells.append(f" {cell:>20s}")
         print(f"{k:42s}" + "".join(cells))
     for n in names:
         print(f"{n}: {results[n]['base_source']}; shapes {results[n]['shapes']}")

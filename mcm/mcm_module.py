@@ -41,6 +41,19 @@ def check_base(expected: dict[str, Any] | None, base: FrozenBase, force: bool, w
             f"force_base=True to use it anyway")
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors) where torch has that kernel for the parameters' device.
+
+    The default per-tensor loop cost 18.6 ms per step for the paper's MCM (340 tensors) on CPU
+    against 3.4 ms fused, about 3% of a bf16 SD forward (bench/train_step.py); same update.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # e.g. torch < 2.4 on CPU
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class MCMModule(FrozenBaseHolder, L.LightningModule):
     """LightningModule holding a frozen base and a trainable MCM.
 
@@ -162,7 +175,7 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.mcm.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(self.mcm.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warm = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

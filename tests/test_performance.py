@@ -67,3 +67,26 @@ def test_shapes_shards_are_plain_ustar_and_reproducible(tmp_path):
     from datamodules.shapes import _png
 
     assert png == _png(make_sample(3, 2, 16, "train").image)
+
+
+def test_fused_adamw_matches_the_default_update():
+    """``mcm_module.adamw`` (fused where available) updates the MCM as the default AdamW does."""
+    from mcm.mcm_module import adamw
+    from mcm.modulator import MultimodalConditioningModule
+
+    torch.manual_seed(0)
+    a = MultimodalConditioningModule(latent_channels=4, modalities=SEG, downsample=1, **SMALL)
+    b = MultimodalConditioningModule(latent_channels=4, modalities=SEG, downsample=1, **SMALL)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = adamw(a.parameters(), 1e-3, 0.01), torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            grad = torch.randn(pa.shape, generator=g)
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert opt_a.defaults["fused"], "fused AdamW exists for CPU in this torch; it should be used"
