@@ -107,7 +107,8 @@ def build_sd15(latent: int = 32, tiny: bool = False) -> BenchModel:
     if tiny:  # tests/tiny_models.py's tiny SD
         unet = UNet2DConditionModel(
             sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
         text_cfg = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=77,
@@ -257,20 +258,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device="cpu") -> dict[str, dict]:
-    """Run ``A B C ... A B C ...`` ``reps`` times after ``warmup`` rounds; median and min seconds per name.
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device="cpu",
+                order: list[str] | None = None) -> dict[str, dict]:
+    """Run the round ``A B C`` (or ``order``, names may repeat: ``A B C A B``) ``reps`` times after
+    ``warmup`` rounds; median and min seconds per name over all its runs.
 
     Interleaving spreads background noise (other processes, thermal, allocator) over all entries.
     """
+    order = order or list(fns)
     for _ in range(warmup):
-        for f in fns.values():
-            f()
+        for k in order:
+            fns[k]()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for k, f in fns.items():
+        for k in order:
             sync(device)
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "reps": len(v)} for k, v in times.items()}

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     for w, v in data.items():
         print(f"loader, {w} workers: {v['samples_per_s']:8.1f} samples/s  (start-up {v['startup_s']:.2f} s)"
               f"  -> {v['samples_per_s'] / train_sps:.2f}x what training consumes")
-    print(f"training fed by the loader (1 worker): {fed_sps:.1f} samples/s, stall share {res['stall_share_1_worker']:.1%}")
+    print(f"training fed by the loader (1 worker): {fed_sps:.1f} samples/s, "
+          f"stall share {res['stall_share_1_worker']:.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return res

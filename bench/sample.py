@@ -53,7 +53,8 @@ def controlnet_denoiser(m: C.BenchModel, cn, cond: torch.Tensor, text, uncond, g
         x = torch.cat([x, x]) if use_cfg else x
         with C.autocast_for(m):
             down, mid = cn(x, t, encoder_hidden_states=emb.float(), controlnet_cond=cond, return_dict=False)
-            p = unet(x.to(dt), t, encoder_hidden_states=emb.to(dt), down_block_additional_residuals=[r.to(dt) for r in down],
+            p = unet(x.to(dt), t, encoder_hidden_states=emb.to(dt),
+                     down_block_additional_residuals=[r.to(dt) for r in down],
                      mid_block_additional_residual=mid.to(dt)).sample.float()
         if not use_cfg:
             return p

@@ -15,7 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
 from mcm.mcm_module import adamw  # noqa: E402  (fused AdamW for every method alike)
@@ -31,7 +30,8 @@ def point(m: C.BenchModel, module, mcm_opt, cn, cn_opt, side: int, batch_size: i
     reps, warmup = C.reps_of(args)
     t = {k: v["median_s"] for k, v in C.interleaved(fns, reps, warmup, args.device).items()}
     print(f"side {side:3d} batch {batch_size:2d}: " + "  ".join(f"{k} {v:.3f}s" for k, v in t.items()), flush=True)
-    return {"side": side, "batch": batch_size, "time_s": t, "mcm_step_over_base_forward": t["mcm_step"] / t["base_forward"],
+    return {"side": side, "batch": batch_size, "time_s": t,
+            "mcm_step_over_base_forward": t["mcm_step"] / t["base_forward"],
             "controlnet_step_over_base_forward": t["controlnet_step"] / t["base_forward"]}
 
 
