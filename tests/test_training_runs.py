@@ -16,11 +16,9 @@ import glob
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from safetensors.torch import load_file
 
 from datamodules.shapes import write_shapes_shards
 from mcm.frozen_base import FrozenBase
+from mcm.wandb_offline import read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -43,63 +42,6 @@ PAD = 2  # grids.grid_image padding
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def wandb_records(path: Path):
-    """Records of a ``run-*.wandb`` file (wandb's LevelDB-style log of ``wandb_internal_pb2.Record``).
-
-    Layout: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each
-    ``<crc32 u32><length u16><type u8><data>``; type 1 = full record, 2/3/4 = first/middle/last part.
-    wandb 0.31 writes it from its Go core and no longer ships a Python reader.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block = path.read_bytes(), 32768
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path}: not a wandb log ({ident!r}, {magic:#x})"
-    pos, parts = 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        if pos + 7 + n > len(data):  # a chunk still being written
-            return
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        parts = chunk if kind in (1, 2) else parts + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            yield record
-
-
-def _key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def read_offline_run(run_dir: Path, timeout: float = 60.0) -> tuple[list[dict], dict]:
-    """(history rows, config) of an offline run, values JSON-decoded.
-
-    ``wandb.finish()`` can return before wandb's core process has written the last records, so
-    wait (up to ``timeout`` s) for the run's ``exit`` record first.
-    """
-    (wandb_file,) = run_dir.glob("run-*.wandb")
-    deadline = time.monotonic() + timeout
-    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(wandb_file)):
-        assert time.monotonic() < deadline, f"{wandb_file}: no exit record after {timeout} s"
-        time.sleep(0.2)
-    history, config = [], {}
-    for r in wandb_records(wandb_file):
-        kind = r.WhichOneof("record_type")
-        if kind == "history":
-            history.append({_key(i): json.loads(i.value_json) for i in r.history.item})
-        elif kind == "config":
-            config.update({_key(i): json.loads(i.value_json) for i in r.config.update})
-    return history, config
-
-
 def shard_keys(pattern: str) -> list[str]:
     keys = set()
     for shard in glob.glob(pattern):
@@ -179,7 +121,7 @@ def test_fit_logs_scalars_config_and_images_to_offline_wandb(fitted, tiny_pixel_
     runs = fitted["wandb_runs"]
     assert len(runs) == 1, f"expected one offline run, found {runs}"
     run = runs[0]
-    history, config = read_offline_run(run)
+    history, config = read_offline_run(run, timeout=60.0)
     ckpt = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
 
