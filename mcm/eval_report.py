@@ -219,3 +219,17 @@ def write_all(out: Path, report: Mapping[str, Any], curves: Sequence[str] | None
     if curves:
         written.append(plot_data_curve(parse_curves(curves), out / "alignment_vs_train_images.png"))
     return [p for p in written if p is not None]
+
+
+def curve_table(curves: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = ALIGNMENT_KEYS + ("fid_judge",
+                                                                                                "kid_judge")) -> str:
+    """Markdown: one row per curve point (number of training images) and setting."""
+    rows = [(n, s) for n, rep in curves.items() for s in rep["settings"]]
+    keys = [k for k in keys if any(s["metrics"].get(k) is not None for _, s in rows)]
+    lines = ["| training images | conditions | " + " | ".join(LABELS.get(k, k) for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for n, s in rows:
+        vals = ["–" if s["metrics"].get(k) is None else f"{s['metrics'][k]:.4f}" for k in keys]
+        lines.append(f"| {n} | {', '.join(s['modalities'])} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+

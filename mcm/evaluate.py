@@ -327,7 +327,9 @@ def _run(a: argparse.Namespace) -> int:
         from . import eval_report
 
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        eval_report.plot_data_curve(eval_report.parse_curves(a.curve), Path(a.out) / "alignment_vs_train_images.png")
+        curves = eval_report.parse_curves(a.curve)
+        eval_report.plot_data_curve(curves, Path(a.out) / "alignment_vs_train_images.png")
+        (Path(a.out) / "alignment_vs_train_images.md").write_text(eval_report.curve_table(curves))
         return 0
     run_evaluate(a)
     return 0

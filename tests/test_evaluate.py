@@ -84,6 +84,8 @@ def test_evaluate_base_alone_per_modality_with_clip_and_curve(tiny_setup, tiny_p
     assert run_tool_command(["evaluate", "--curve", f"250={tmp_path / 'base' / 'metrics.json'}",
                              f"500={tmp_path / 'base' / 'metrics.json'}", "--out", str(curve)]) == 0
     assert (curve / "alignment_vs_train_images.png").stat().st_size > 0
+    table = (curve / "alignment_vs_train_images.md").read_text().splitlines()
+    assert table[0].startswith("| training images |") and table[2].startswith("| 250 |")
 
 
 def test_evaluate_composes_modules(tiny_setup, tiny_pixel_base_dir, tmp_path):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Evaluates every module of docs/comparison.yaml on the same held-out maps, seeds and sampler, then
+# builds the comparison table and the limited-data curve in docs/results.md. Run from the repository
+# root after docs/train_comparison.sh. Usage: docs/make_comparison.sh [EVAL ...] (default: all).
+set -euo pipefail
+DATA="data/shapes/val-*.tar"
+COMMON=(--data "$DATA" --n 64 --seeds 0 1 --steps 25)
+
+ev() {  # ev NAME [mcm evaluate args...]
+  local name=$1; shift
+  if [[ -f docs/eval/$name/metrics.json ]]; then echo "skip $name"; return; fi
+  mcm evaluate "${COMMON[@]}" "$@" --out "docs/eval/$name"
+}
+
+one() {
+  case $1 in
+    base) ev base ;;
+    mcm_multimodal) ev mcm_multimodal --mcm shapes32 --per-modality ;;
+    mcm_*|controlnet_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" ;;
+    compose) ev compose_segmentation_sketch --mcm shapes32_compose_segmentation shapes32_compose_sketch \
+               --weights 1 1 ;;
+    curve_*) ev "$1" --mcm "runs/shapes32_segmentation_n${1#curve_}/export" ;;
+    curve)  # alignment and FID vs number of training images (2,000 = the per-modality segmentation MCM)
+      mcm evaluate --curve 250=docs/eval/curve_250/metrics.json 500=docs/eval/curve_500/metrics.json \
+        1000=docs/eval/curve_1000/metrics.json 2000=docs/eval/mcm_segmentation/metrics.json --out docs/eval/curve ;;
+    table) python -m mcm.comparison_report docs/comparison.yaml --out docs/eval/comparison.md ;;
+    *) echo "unknown evaluation $1" >&2; exit 2 ;;
+  esac
+}
+
+ALL=(base mcm_multimodal mcm_segmentation mcm_sketch mcm_depth mcm_partial_mask controlnet_segmentation
+     controlnet_sketch controlnet_depth controlnet_partial_mask compose curve_250 curve_500 curve_1000 curve table)
+for e in "${@:-${ALL[@]}}"; do echo "== $e $(date +%T)"; one "$e"; done
