@@ -47,6 +47,8 @@ class ControlNetModule(FrozenBaseHolder, L.LightningModule):
         num_val_samples / val_sample_steps / val_guidance_scale: validation grid settings.
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype while the ControlNet trains in fp32.
+        channels_last: ``channels_last`` memory format for the frozen UNet and the trainable module.
+        compile: ``torch.compile`` both in place (``True`` or a backend name; first steps are slow).
     """
 
     def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
@@ -54,11 +56,13 @@ class ControlNetModule(FrozenBaseHolder, L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
                  drop_all_prob: float = 0.1, caption_dropout: float = 0.3, ema_decay: float | None = None,
                  num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
-                 force_base: bool = False, base_dtype: str | None = None):
+                 force_base: bool = False, base_dtype: str | None = None,
+                 channels_last: bool = False, compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()
         self._attach_base(base, base_dtype)
         self.adapter = ControlNetAdapter.from_base(self.base, modalities or {}, conditioning_embedding_out_channels)
+        self._speed_up(self.adapter, channels_last, compile)
         self.ema = EMAModel(self.adapter.parameters(), decay=ema_decay) if ema_decay else None
         self._val_batch: dict | None = None
         n_cn, n_base = self.adapter.num_trainable_parameters(), self.base.num_parameters()

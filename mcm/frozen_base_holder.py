@@ -21,6 +21,21 @@ class FrozenBaseHolder:
         object.__setattr__(self, "base", FrozenBase.from_pretrained(base, torch_dtype=dtype))
         return self.base
 
+    def _speed_up(self, trainable: torch.nn.Module, channels_last: bool, compile: bool | str) -> None:
+        """Optional ``channels_last`` layout and ``torch.compile`` for the frozen UNet and the adapter
+        (``compile``: ``True`` for torch's default backend, or a backend name such as ``"aot_eager"``).
+
+        ``nn.Module.compile()`` compiles in place, so parameter names, ``state_dict``, the base's
+        content hash and exported files are exactly those of the uncompiled modules.
+        """
+        if channels_last:
+            self.base.unet.to(memory_format=torch.channels_last)
+            trainable.to(memory_format=torch.channels_last)
+        if compile:
+            kwargs = {"backend": compile} if isinstance(compile, str) else {}
+            self.base.unet.compile(**kwargs)
+            trainable.compile(**kwargs)
+
     def _apply(self, fn, recurse: bool = True):
         # the base is not a submodule (so never trained/checkpointed) but must follow .to(device)
         super()._apply(fn, recurse)

@@ -73,6 +73,8 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``) while the MCM
             trains in fp32; ``None`` keeps fp32.
+        channels_last: ``channels_last`` memory format for the frozen UNet and the trainable module.
+        compile: ``torch.compile`` both in place (``True`` or a backend name; first steps are slow).
     """
 
     def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
@@ -81,7 +83,8 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
                  drop_all_prob: float = 0.1, caption_dropout: float = 0.3, ema_decay: float | None = None,
                  num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
-                 force_base: bool = False, base_dtype: str | None = None):
+                 force_base: bool = False, base_dtype: str | None = None,
+                 channels_last: bool = False, compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()
         self._attach_base(base, base_dtype)
@@ -89,6 +92,7 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
             latent_channels=self.base.latent_channels, modalities=modalities, downsample=self.base.downsample,
             block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
             attention_levels=tuple(attention_levels), norm_num_groups=norm_num_groups)
+        self._speed_up(self.mcm, channels_last, compile)
         self.ema = EMAModel(self.mcm.parameters(), decay=ema_decay) if ema_decay else None
         self._val_batch: dict | None = None
         n_mcm, n_base = self.mcm.num_trainable_parameters(), self.base.num_parameters()

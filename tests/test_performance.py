@@ -90,3 +90,32 @@ def test_fused_adamw_matches_the_default_update():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
         assert opt_a.defaults["fused"], "fused AdamW exists for CPU in this torch; it should be used"
+
+
+def _loss_and_grads(base_dir: Path, **speed) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's loss and the MCM's flattened gradient, same init and RNG for every variant."""
+    torch.manual_seed(0)
+    module = MCMModule(base=str(base_dir), modalities=SEG, **SMALL, caption_dropout=0.0, **speed)
+    w = module.mcm.unet.conv_out.weight  # not a no-op: the MCM matters. copy_ (not normal_, which fills
+    with torch.no_grad():                # memory order) gives channels_last weights the same logical values
+        w.copy_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+    torch.manual_seed(1)
+    loss = module._common_step(_batch(4, 16), "train")
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in module.mcm.parameters() if p.grad is not None])
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("speed, rtol", [({"channels_last": True}, 1e-4), ({"base_dtype": "bfloat16"}, 3e-2),
+                                         ({"compile": "aot_eager"}, 1e-4)], ids=["channels_last", "bf16_base", "compile"])
+def test_speed_options_keep_loss_and_gradients(tiny_pixel_base_dir, speed, rtol):
+    """Each optimisation of the training step against the plain fp32 step: the same loss and MCM
+    gradient within its tolerance (exact up to float reordering; bf16 base within bf16's precision).
+    torch.compile runs with the ``aot_eager`` backend here: the same graph capture and autograd as
+    inductor, without minutes of C++ code generation on a 2-core CPU."""
+    ref_loss, ref_grad = _loss_and_grads(tiny_pixel_base_dir)
+    loss, grad = _loss_and_grads(tiny_pixel_base_dir, **speed)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0)
+    assert cos > 1 - rtol, f"{speed}: gradient direction changed (cosine {cos:.5f})"
+    torch.testing.assert_close(grad.norm(), ref_grad.norm(), rtol=rtol, atol=1e-8)
