@@ -46,15 +46,38 @@ def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalCondit
     return module.eval()
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+def fold_strength(module: MultimodalConditioningModule, strength: float) -> MultimodalConditioningModule:
+    """Scale the output layer by ``strength``: ``(gamma, beta) -> s (gamma, beta)``, so sampling the
+    result at strength 1 is sampling the original at strength ``s`` (``p + s (p gamma + beta)``), exactly.
+
+    The strength acts like a guidance scale for the spatial conditions (the module's modulation is
+    the conditional-minus-unconditional direction); folding ships a module whose default call uses
+    the strength measured best, while ``strength=1/s`` at sampling recovers the trained module.
+    """
+    if not strength > 0:
+        raise ValueError(f"--strength: expected a positive number, got {strength}")
+    with torch.no_grad():
+        module.unet.conv_out.weight.mul_(strength)
+        module.unet.conv_out.bias.mul_(strength)
+    return module
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True,
+                      strength: float | None = None) -> Path:
     ckpt = load_checkpoint(ckpt_path)
     if "controlnet_config" in ckpt:  # a ControlNetModule run (the ControlNet baseline)
+        if strength is not None:
+            raise ValueError(f"{ckpt_path}: --strength folds into an MCM's output layer; this is a ControlNet "
+                             f"checkpoint (scale its residuals with the sampler's strength instead)")
         from .controlnet import export_controlnet_checkpoint
 
         return export_controlnet_checkpoint(ckpt, out, use_ema)
     module = module_from_checkpoint(ckpt, use_ema)
     info = dict(ckpt.get("mcm_base", {}))
     info["global_step"] = ckpt.get("global_step")
+    if strength is not None:
+        fold_strength(module, strength)
+        info["folded_strength"] = strength
     out = save_module(module, out, info)
     size = sum(f.stat().st_size for f in Path(out).iterdir())
     log.info("exported MCM (%d parameters, %.1f MB, base %s) to %s", module.num_trainable_parameters(),
@@ -63,7 +86,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = Tr
 
 
 def _run(a: argparse.Namespace) -> int:
-    export_checkpoint(a.ckpt, a.out, use_ema=not a.no_ema)
+    export_checkpoint(a.ckpt, a.out, use_ema=not a.no_ema, strength=a.strength)
     return 0
 
 
@@ -72,4 +95,7 @@ def add_command(sub) -> None:
     p.add_argument("ckpt", help="Lightning checkpoint of an MCMModule or ControlNetModule run")
     p.add_argument("out", help="output directory")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    p.add_argument("--strength", type=float, default=None,
+                   help="fold this modulation strength into the MCM's output layer (recorded in mcm_base.json): "
+                        "the export at strength 1 samples like the checkpoint at this strength")
     p.set_defaults(func=_run)

@@ -2,6 +2,8 @@
 refer to the base, export round trip, pipeline inputs and composition identities."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,25 @@ def test_export_round_trip(module, tmp_path):
     # EMA export takes the EMA weights
     ema_module = module_from_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True), use_ema=True)
     assert sum(p.numel() for p in ema_module.parameters()) == module.mcm.num_trainable_parameters()
+
+
+def test_export_folds_strength_exactly(module, tmp_path):
+    """``mcm export --strength s``: the export at strength 1 is the checkpoint's module at strength s."""
+    torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.05)
+    ckpt = {"state_dict": module.state_dict(), "global_step": 7}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    plain = MCMPipeline.from_pretrained(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "plain", use_ema=False))
+    folded_dir = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "folded", use_ema=False, strength=2.5)
+    assert json.loads((folded_dir / "mcm_base.json").read_text())["folded_strength"] == 2.5
+    folded = MCMPipeline.from_pretrained(folded_dir)
+    cond = {"segmentation": make_batch(2)["segmentation"]}
+    a = plain(conditions=cond, num_inference_steps=3, strength=2.5, seeds=[0, 1])
+    b = folded(conditions=cond, num_inference_steps=3, seeds=[0, 1])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, plain(conditions=cond, num_inference_steps=3, seeds=[0, 1]), atol=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        export_checkpoint(tmp_path / "m.ckpt", tmp_path / "bad", strength=0.0)
 
 
 @pytest.fixture
