@@ -15,11 +15,16 @@ ev() {  # ev NAME [mcm evaluate args...]
 one() {
   case $1 in
     base) ev base ;;
-    mcm_multimodal) ev mcm_multimodal --mcm shapes32 --per-modality ;;
-    mcm_*|controlnet_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" ;;
+    # the multimodal run as trained (export without --strength): every modality alone and all four,
+    # at strength 1 and 2, and a strength sweep on segmentation that picks the strength folded into
+    # the shipped module (mcm export --strength, see mcm/weights/shapes32/mcm_multimodal/README.md)
+    mcm_multimodal) ev mcm_multimodal --mcm runs/shapes32_multimodal/export --per-modality --strength 1 2 ;;
+    strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal/export --modalities segmentation \
+                      --strength 1 1.5 2 2.5 3 ;;
+    mcm_*|controlnet_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" --strength 1 2 ;;
     compose) ev compose_segmentation_sketch --mcm shapes32_compose_segmentation shapes32_compose_sketch \
-               --weights 1 1 ;;
-    curve_*) ev "$1" --mcm "runs/shapes32_segmentation_n${1#curve_}/export" ;;
+               --weights 1 1 --strength 1 2 ;;
+    curve_*) ev "$1" --mcm "runs/shapes32_segmentation_n${1#curve_}/export" --strength 1 2 ;;
     curve)  # alignment and FID vs number of training images (2,000 = the per-modality segmentation MCM)
       mcm evaluate --curve 250=docs/eval/curve_250/metrics.json 500=docs/eval/curve_500/metrics.json \
         1000=docs/eval/curve_1000/metrics.json 2000=docs/eval/mcm_segmentation/metrics.json --out docs/eval/curve ;;
@@ -28,6 +33,6 @@ one() {
   esac
 }
 
-ALL=(base mcm_multimodal mcm_segmentation mcm_sketch mcm_depth mcm_partial_mask controlnet_segmentation
+ALL=(base mcm_multimodal strength_sweep mcm_segmentation mcm_sketch mcm_depth mcm_partial_mask controlnet_segmentation
      controlnet_sketch controlnet_depth controlnet_partial_mask compose curve_250 curve_500 curve_1000 curve table)
 for e in "${@:-${ALL[@]}}"; do echo "== $e $(date +%T)"; one "$e"; done

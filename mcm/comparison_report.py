@@ -120,12 +120,15 @@ def build_rows(spec: Mapping[str, Any], root: Path) -> list[dict]:
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     keys = [k for k in (*ALIGNMENT, *QUALITY) if any(r["metrics"].get(k) is not None for r in rows)]
-    head = ("| method | conditions | trainable params | training steps | train step / base fwd | "
+    head = ("| method | conditions (strength) | trainable params | training steps | train step / base fwd | "
             "train mem / base inf | s/step in run | sampling step / base | " + " | ".join(keys) + " |")
     sep = "|---|---|---|---|---|---|---|---|" + "---|" * len(keys)
     lines = [head, sep]
     for r in rows:
-        cells = [r["label"], ", ".join(r["modalities"]) or "–", _fmt(r["params"]), _fmt(r["train_steps"]),
+        cond = ", ".join(r["modalities"]) or "–"
+        if r["strength"] is not None and r["strength"] != 1:
+            cond += f" (s={r['strength']:g})"
+        cells = [r["label"], cond, _fmt(r["params"]), _fmt(r["train_steps"]),
                  _fmt(r["train_step"], 2), _fmt(r["train_mem"], 2), _fmt(r["run_s_per_step"], 2),
                  _fmt(r["sample_step"], 2)] + [_fmt(r["metrics"].get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
