@@ -34,7 +34,8 @@ def shapes_conditions(n: int, seed: int = 1234, size: int = 32) -> tuple[dict[st
 
 
 def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, seed: int = 0,
-             model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None) -> Path:
+             model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None,
+             strength: float = 1.0) -> Path:
     """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset."""
     from . import MCMPipeline
 
@@ -46,7 +47,8 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
         raise ValueError(f"--modalities {only}: the module knows {module.modality_names}")
     seeds = [seed + i for i in range(n)]
     prompts = captions if pipe.base.is_text_conditional else None
-    mcm = pipe(conditions=conds, prompt=prompts, num_inference_steps=steps, seeds=seeds, guidance_scale=guidance_scale)
+    mcm = pipe(conditions=conds, prompt=prompts, num_inference_steps=steps, seeds=seeds, guidance_scale=guidance_scale,
+               strength=strength)
     base = pipe(conditions={}, num_images=n, prompt=prompts, num_inference_steps=steps, seeds=seeds,
                 guidance_scale=guidance_scale)  # the base alone, same seeds
     rows = [module.plugins[k].visualize(v) for k, v in conds.items()] + [base, mcm]
@@ -58,7 +60,7 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
 
 
 def _run(a: argparse.Namespace) -> int:
-    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale, a.modalities)
+    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale, a.modalities, a.strength)
     return 0
 
 
@@ -71,4 +73,6 @@ def add_command(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--model", default="shapes32", help="'shapes32' or an exported MCM directory")
     p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="modulation strength (the shipped module has its measured best folded in: keep 1)")
     p.set_defaults(func=_run)
