@@ -30,7 +30,12 @@ from .modulator import MultimodalConditioningModule
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODULES = {"shapes32": WEIGHTS_DIR / "shapes32" / "mcm_multimodal"}
+BUILTIN_MODULES = {
+    "shapes32": WEIGHTS_DIR / "shapes32" / "mcm_multimodal",
+    # single-modality modules trained on disjoint halves of the data, to compose (design.md §3)
+    "shapes32_compose_segmentation": WEIGHTS_DIR / "shapes32" / "compose_segmentation",
+    "shapes32_compose_sketch": WEIGHTS_DIR / "shapes32" / "compose_sketch",
+}
 BASE_INFO_FILE = "mcm_base.json"
 
 
