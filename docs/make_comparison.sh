@@ -33,6 +33,6 @@ one() {
   esac
 }
 
-ALL=(base mcm_multimodal strength_sweep mcm_segmentation mcm_sketch mcm_depth mcm_partial_mask controlnet_segmentation
+ALL=(base mcm_multimodal strength_sweep mcm_segmentation mcm_sketch controlnet_segmentation
      controlnet_sketch controlnet_depth controlnet_partial_mask compose curve_250 curve_500 curve_1000 curve table)
 for e in "${@:-${ALL[@]}}"; do echo "== $e $(date +%T)"; one "$e"; done

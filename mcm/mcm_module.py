@@ -69,7 +69,8 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
         caption_dropout: probability of conditioning the base on ``""`` instead of the caption,
             so both classifier-free-guidance branches are seen in training.
         ema_decay: keep an EMA of the MCM (``None`` = off); used for validation samples and export.
-        num_val_samples / val_sample_steps / val_guidance_scale: validation grid settings.
+        num_val_samples / val_sample_steps / val_guidance_scale / val_strength: validation and
+            prediction grid settings (``val_strength``: the modulation strength of the adapter's row).
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``) while the MCM
             trains in fp32; ``None`` keeps fp32.
@@ -83,6 +84,7 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
                  drop_all_prob: float = 0.1, caption_dropout: float = 0.3, ema_decay: float | None = None,
                  num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
+                 val_strength: float = 1.0,
                  force_base: bool = False, base_dtype: str | None = None,
                  channels_last: bool = False, compile: bool | str = False):
         super().__init__()
@@ -174,7 +176,7 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
         h = self.hparams
         grid = comparison_grid(self.base, self.exported_module(), batch, n=batch["image"].shape[0],
                                steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale,
-                               seed=batch_idx * 100003)
+                               seed=batch_idx * 100003, strength=h.val_strength)
         return {"grid": grid, "key": list(batch["key"]), "modalities": [n for n in self.mcm.modality_names if n in batch]}
 
     # ---- optimisation ----------------------------------------------------------------------------
@@ -227,6 +229,7 @@ class MCMModule(FrozenBaseHolder, L.LightningModule):
             return
         h = self.hparams
         grid = comparison_grid(self.base, self.exported_module(), self._val_batch, n=h.num_val_samples,
-                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale, seed=0)
+                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale, seed=0,
+                               strength=h.val_strength)
         log_image_grid(self, grid, "val/samples", f"step{self.global_step:06d}", nrow=h.num_val_samples)
         self._val_batch = None

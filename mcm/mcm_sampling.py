@@ -105,8 +105,8 @@ def controlnet_predictor(base, control: Control, strength: float, window: tuple[
 
 @torch.no_grad()
 def comparison_grid(base, module: MultimodalConditioningModule, batch: dict, n: int = 8, steps: int = 25,
-                    guidance_scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Rows: each condition's visualisation, then the base alone, then base + MCM (same seeds)."""
+                    guidance_scale: float = 1.0, seed: int = 0, strength: float = 1.0) -> torch.Tensor:
+    """Rows: each condition's visualisation, then the base alone, then base + MCM (same seeds) at ``strength``."""
     n = min(n, batch["image"].shape[0])
     conds = {k: batch[k][:n].to(base.device) for k in module.modality_names if k in batch}
     prompts = list(batch["caption"][:n]) if base.is_text_conditional and "caption" in batch else None
@@ -115,7 +115,7 @@ def comparison_grid(base, module: MultimodalConditioningModule, batch: dict, n: 
     module.eval()
     plain = mcm_sample(base, [], prompts, n, num_inference_steps=steps, guidance_scale=guidance_scale, seeds=seeds)
     ctrl = mcm_sample(base, [Control(module, conds)], prompts, n, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, seeds=seeds)
+                      guidance_scale=guidance_scale, seeds=seeds, strength=strength)
     module.train(was_training)
     rows = [module.plugins[k].visualize(v).cpu() for k, v in conds.items()]
     size = plain.shape[-2:]
