@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# Reproduces every figure and table in docs/results.md (run from the repository root).
-# Needs: pip install -e ".[dev]" and about 15 minutes of 2 CPU cores for the evaluation part.
+# Reproduces every figure and table in docs/results.md and docs/performance.md (run from the
+# repository root after `pip install -e ".[dev]"`). Stages can run separately; the times are
+# what they took here on 2 CPU cores (stages 2 and 3 ran two or three jobs at once).
 set -euo pipefail
 
-# 0. held-out data (the val split is never trained on)
+# 0. data: 2,000 training images in 4 shards of 500, 200 held-out (val) images; seconds
 mcm data shapes --out data/shapes --train 2000 --val 200
 
-# 1. one grid per modality from the shipped multimodal MCM (held-out "test" layouts),
-#    rows: condition(s) | base alone | base + MCM, same seeds per column
-mkdir -p docs/img
+# 1. the shipped multimodal MCM (README main job, resumed; ~90 min) and its strength sweep;
+#    the export folds the chosen strength in (see its model card)
+mcm fit -c experiments/shapes32_multimodal.yaml
+mcm fit -c experiments/shapes32_multimodal.yaml --ckpt_path last --trainer.max_steps 4000 --trainer.max_time null
+mcm export runs/shapes32_multimodal/checkpoints/last.ckpt runs/shapes32_multimodal/export          # as trained
+docs/make_comparison.sh strength_sweep
+mcm export runs/shapes32_multimodal/checkpoints/last.ckpt mcm/weights/shapes32/mcm_multimodal --strength 1.5
+
+# 2. every compared module at the shared 600-step budget (~15 min each with 2-3 jobs at once)
+docs/train_comparison.sh compose_segmentation compose_sketch mcm_segmentation mcm_sketch \
+  controlnet_segmentation controlnet_sketch controlnet_depth controlnet_partial_mask curve_250 curve_500 curve_1000
+
+# 3. evaluations (64 held-out maps x 2 seeds, DDIM 25), the comparison table and the curve
+docs/make_comparison.sh
+
+# 4. one grid per modality from the shipped module (held-out "test" layouts)
 for m in segmentation sketch depth partial_mask; do
   mcm demo --modalities "$m" --n 8 --steps 50 --out "docs/img/mcm_${m}.png"
 done
 mcm demo --n 8 --steps 50 --out docs/img/mcm_all.png
+mcm sample --mcm shapes32_compose_segmentation shapes32_compose_sketch --weights 2 2 \
+  --data "data/shapes/val-*.tar" --n 8 --compare --out docs/img/compose_segmentation_sketch.png
 
-# 2. alignment and quality: base alone vs the shipped MCM, each modality alone and all four
-mcm evaluate --mcm shapes32 --data "data/shapes/val-*.tar" --n 64 --seeds 0 --steps 25 \
-  --per-modality --strength 0.5 1.0 --out docs/eval/mcm_shapes32
-mcm evaluate --data "data/shapes/val-*.tar" --n 64 --seeds 0 --steps 25 --out docs/eval/base_shapes32
-
-# 3. cost: MCM training step vs one no-grad base forward, peak memory vs base inference
-python bench/train_step.py --quick --models shapes32 --json docs/eval/train_step_shapes32.json
+# 5. cost, measured side by side in one process each (run on an otherwise idle machine)
+python bench/train_step.py --quick --json docs/bench/train_step_quick.json
+python bench/sample.py --quick --json docs/bench/sample_quick.json
+python bench/data.py --quick --json docs/bench/data_quick.json

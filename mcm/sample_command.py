@@ -106,8 +106,8 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
     if a.compare:
         variants.append((MCMPipeline(pipe.base, [], scheduler=pipe.scheduler), []))
         if len(pipe.modules) > 1 or pipe.weights != [1.0]:
-            variants += [(MCMPipeline(pipe.base, [m], scheduler=pipe.scheduler), [c])
-                         for m, c in zip(pipe.modules, conds)]
+            variants += [(MCMPipeline(pipe.base, [m], weights=[w], scheduler=pipe.scheduler), [c])
+                         for m, c, w in zip(pipe.modules, conds, pipe.weights)]  # each alone, at its weight
     variants.append((pipe, conds))
     rows = []
     for s in a.seeds:
