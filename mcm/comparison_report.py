@@ -126,7 +126,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, sep]
     for r in rows:
         cond = ", ".join(r["modalities"]) or "–"
-        if r["strength"] is not None and r["strength"] != 1:
+        if r["method"] not in ("base", "reference") and r["strength"] is not None and r["strength"] != 1:
             cond += f" (s={r['strength']:g})"
         cells = [r["label"], cond, _fmt(r["params"]), _fmt(r["train_steps"]),
                  _fmt(r["train_step"], 2), _fmt(r["train_mem"], 2), _fmt(r["run_s_per_step"], 2),

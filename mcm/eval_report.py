@@ -226,10 +226,10 @@ def curve_table(curves: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = A
     """Markdown: one row per curve point (number of training images) and setting."""
     rows = [(n, s) for n, rep in curves.items() for s in rep["settings"]]
     keys = [k for k in keys if any(s["metrics"].get(k) is not None for _, s in rows)]
-    lines = ["| training images | conditions | " + " | ".join(LABELS.get(k, k) for k in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+    lines = ["| training images | conditions | strength | " + " | ".join(LABELS.get(k, k) for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
     for n, s in rows:
         vals = ["–" if s["metrics"].get(k) is None else f"{s['metrics'][k]:.4f}" for k in keys]
-        lines.append(f"| {n} | {', '.join(s['modalities'])} | " + " | ".join(vals) + " |")
+        lines.append(f"| {n} | {', '.join(s['modalities'])} | {s['strength']:g} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
