@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,8 @@ def count_params(module_dirs: Sequence[str | Path]) -> int:
             raise FileNotFoundError(f"{d}: no .safetensors file (expected an `mcm export` directory)")
         for f in files:
             with safe_open(str(f), "pt") as sf:
-                total += sum(_numel(sf.get_slice(k).get_shape()) for k in sf.keys())
+                total += sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
     return total
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def cost_ratios(method: str, train: Mapping[str, Any] | None, sample: Mapping[str, Any] | None) -> dict:

@@ -2,6 +2,8 @@
 do what their model cards say, on layouts generated here (split "test": never trained on)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,13 @@ def layouts() -> torch.Tensor:
     return torch.from_numpy(np.stack([make_sample(7, i, 32, "test").seg for i in range(N)])).long()
 
 
+@functools.cache
+def _judge():
+    return load_judge("shapes32-segmentation")
+
+
 def _seg_miou(images: torch.Tensor, maps: torch.Tensor) -> float:
-    judge = load_judge("shapes32-segmentation")
+    judge = _judge()
     return segmentation_alignment(judge.predict(images), maps, judge.num_classes)["miou"]
 
 
