@@ -23,7 +23,7 @@ from .base_pretraining import diffusion_target
 from .controlnet import ControlNetAdapter
 from .frozen_base_holder import FrozenBaseHolder
 from .grids import log_image_grid
-from .mcm_module import MCMModule, check_base
+from .mcm_module import MCMModule, adamw, check_base
 from .mcm_sampling import comparison_grid
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class ControlNetModule(FrozenBaseHolder, L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.adapter.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(self.adapter.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warm = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
