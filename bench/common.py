@@ -36,8 +36,8 @@ if str(ROOT) not in sys.path:  # scripts run as `python bench/x.py`
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mcm.base_pretraining import diffusion_target  # noqa: E402
-from mcm.frozen_base import BUILTIN_BASES, FrozenBase  # noqa: E402
+from mcm.diffusion.forward_process import diffusion_target  # noqa: E402
+from mcm.models.frozen_base import BUILTIN_BASES, FrozenBase  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # MCMModule steps run without a Trainer
 
@@ -80,7 +80,7 @@ class HashTokenizer:
 
 # ---- the two bench models ------------------------------------------------------------------------
 def build_shapes32(tiny: bool = False) -> BenchModel:
-    from mcm.base_pretraining import BasePretrainModule
+    from mcm.training.base_pretraining import BasePretrainModule
 
     mcm_cfg = {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "attention_levels": (1,)}
     if tiny:  # tests/tiny_models.py's tiny pixel base
@@ -180,7 +180,7 @@ def control_image(m: BenchModel, batch: dict) -> torch.Tensor:
 # ---- adapters ----------------------------------------------------------------------------------
 def build_mcm_module(m: BenchModel, **kwargs):
     """``MCMModule`` around the in-memory base (random SD weights are never written to disk)."""
-    from mcm.mcm_module import MCMModule
+    from mcm.training.mcm_module import MCMModule
 
     with mock.patch.object(FrozenBase, "from_pretrained", lambda *a, **k: m.base):
         module = MCMModule(base=m.name, modalities=m.modalities, **m.mcm_config, **kwargs)

@@ -1,8 +1,8 @@
 """Per-step sampling cost of base + MCM, base + ControlNet and base + 2 composed MCMs vs the base alone.
 
-One denoising step each, through our real code path: ``mcm.sampling.guided`` (classifier-free
-guidance: both branches in one batched base call) with the ``mcm.mcm_sampling.make_modulator``
-hook (one batched MCM call per module; modality features encoded once per run, when the hook
+One denoising step each, through our real code path: ``mcm.diffusion.sampling.guided`` (classifier-free
+guidance: both branches in one batched base call) around ``mcm.diffusion.control.controlled_predictor``
+(one batched MCM call per module; modality features encoded once per run, when the predictor
 is made, not per step).  ControlNet: diffusers ``ControlNetModel`` residuals into the frozen UNet,
 both guidance branches batched the same way.  Steps run interleaved; medians are reported, and
 overheads as ``t / t_base - 1`` (0.03 = 3 % per step).
@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from mcm.mcm_sampling import Control, make_modulator  # noqa: E402
-from mcm.modulator import MultimodalConditioningModule  # noqa: E402
-from mcm.sampling import guided  # noqa: E402
+from mcm.diffusion.control import Control, controlled_predictor  # noqa: E402
+from mcm.models.modulator import MultimodalConditioningModule  # noqa: E402
+from mcm.diffusion.sampling import guided  # noqa: E402
 
 DEFAULT_GUIDANCE = {"shapes32": 3.0, "sd15": 7.5}
 
@@ -44,12 +44,12 @@ def build_module(m: C.BenchModel, modalities: dict, args, seed: int) -> Multimod
 def controlnet_denoiser(m: C.BenchModel, cn, cond: torch.Tensor, text, uncond, guidance_scale: float):
     """Like ``guided`` but the frozen UNet takes ControlNet residuals; both branches batched."""
     unet, dt = m.base.unet, m.base.unet.dtype
-    use_cfg = guidance_scale != 1.0
+    use_cfg = guidance_scale > 1.0
     emb = torch.cat([uncond, text]) if use_cfg else text
     cond = torch.cat([cond, cond]) if use_cfg else cond
 
     @torch.no_grad()
-    def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, x]) if use_cfg else x
         with C.autocast_for(m):
             down, mid = cn(x, t, encoder_hidden_states=emb.float(), controlnet_cond=cond, return_dict=False)
@@ -79,22 +79,21 @@ def measure(name: str, args) -> dict:
     if args.channels_last:
         cn.to(memory_format=torch.channels_last)
     C.maybe_compile(cn, args)
-    n = args.steps
     with torch.no_grad():
         controls1 = [Control(seg, {"segmentation": batch["segmentation"]})]
         controls2 = controls1 + [Control(depth, {"depth": batch["depth"]})]
         denoisers = {
-            "base": guided(m.base, text, uncond, gs),
-            "mcm": guided(m.base, text, uncond, gs, make_modulator(controls1, 1.0, (0.0, 1.0), n, size)),
+            "base": guided(m.base.predict, text, uncond, gs),
+            "mcm": guided(controlled_predictor(m.base, controls1, size), text, uncond, gs),
             "controlnet": controlnet_denoiser(m, cn, cond, text, uncond, gs),
-            "compose2": guided(m.base, text, uncond, gs, make_modulator(controls2, 1.0, (0.0, 1.0), n, size)),
+            "compose2": guided(controlled_predictor(m.base, controls2, size), text, uncond, gs),
             # once per sampling run, not per step: the conditions -> MCM features
-            "encode_features": lambda x, t, i: make_modulator(controls1, 1.0, (0.0, 1.0), n, size),
+            "encode_features": lambda x, t: controlled_predictor(m.base, controls1, size),
         }
         x = torch.randn(B, m.base.latent_channels, *size, generator=torch.Generator().manual_seed(0)).to(args.device)
         t = torch.tensor(m.base.num_train_timesteps // 2, device=args.device)
         reps, warmup = C.reps_of(args)
-        times = C.interleaved({k: (lambda f=f: f(x, t, 0)) for k, f in denoisers.items()}, reps, warmup, args.device)
+        times = C.interleaved({k: (lambda f=f: f(x, t)) for k, f in denoisers.items()}, reps, warmup, args.device)
     tm = {k: v["median_s"] for k, v in times.items()}
     params = {"mcm": C.numel(seg), "mcm_depth": C.numel(depth), "controlnet": C.numel(cn),
               "base_unet": sum(p.numel() for p in m.base.unet.parameters())}
@@ -113,7 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
     C.add_common_args(p)
     p.add_argument("--batch", type=int, default=1, help="images per sampling run (both models)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 3 for shapes32, 7.5 for sd15)")
-    p.add_argument("--steps", type=int, default=50, help="steps of the run the hooks are made for")
     args = p.parse_args(argv)
     results = {name: measure(name, args) for name in args.models.split(",")}
     names = list(results)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from bench import common as C  # noqa: E402
-from mcm.mcm_module import adamw  # noqa: E402  (fused AdamW for every method alike)
+from mcm.training.adapter_module import adamw  # noqa: E402  (fused AdamW for every method alike)
 
 
 def point(m: C.BenchModel, module, mcm_opt, cn, cn_opt, side: int, batch_size: int, args) -> dict:

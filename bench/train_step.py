@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from mcm.mcm_module import adamw  # noqa: E402  (fused AdamW for every method alike)
+from mcm.training.adapter_module import adamw  # noqa: E402  (fused AdamW for every method alike)
 
 CHILD_TAG = "BENCH_CHILD_RESULT "
 TARGETS = {  # issue 7, SD-architecture row

@@ -2,27 +2,36 @@
 
 Reference: Ham et al., "Modulating Pretrained Diffusion Models for Multimodal Image
 Synthesis", SIGGRAPH 2023 (arXiv 2302.12764).
+
+Subpackages, whose imports run one way (design.md §7):
+``models`` <- ``diffusion`` <- ``pipelines`` <- ``training`` / ``evaluation`` <- ``cli``.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "MCMPipeline": "mcm.pipelines.pipeline",
+    "AdapterStack": "mcm.pipelines.adapter_stack",
+    "MCMModule": "mcm.training.mcm_module",
+    "ControlNetModule": "mcm.training.controlnet_module",
+    "T2IAdapterModule": "mcm.training.t2i_adapter_module",
+    "FrozenBase": "mcm.models.frozen_base",
+    "MultimodalConditioningModule": "mcm.models.modulator",
+    # diffusers resolves a saved pipeline's ["mcm", "AdapterStack"] component by looking up its
+    # loadable base classes in the component's library: `mcm.ModelMixin` must be diffusers' own
+    "ModelMixin": "diffusers",
+}
+
 
 def __getattr__(name: str):
-    # lazy: `import mcm` stays cheap for the CLI's data commands
-    if name == "MCMPipeline":
-        from .pipeline import MCMPipeline
+    # lazy: `import mcm` stays cheap for the CLI's data commands, and inference never imports Lightning
+    if name in _LAZY:
+        import importlib
 
-        return MCMPipeline
-    if name == "MCMModule":
-        from .mcm_module import MCMModule
-
-        return MCMModule
-    if name == "FrozenBase":
-        from .frozen_base import FrozenBase
-
-        return FrozenBase
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mcm' has no attribute {name!r}")
 
 
-__all__ = ["MCMPipeline", "MCMModule", "FrozenBase", "__version__"]
+__all__ = ["MCMPipeline", "MCMModule", "ControlNetModule", "T2IAdapterModule", "FrozenBase",
+           "MultimodalConditioningModule", "AdapterStack", "__version__"]

@@ -15,8 +15,8 @@ import torch
 import yaml
 from diffusers import DDPMScheduler
 
-from mcm.base_pretraining import diffusion_target, min_snr_weights
-from mcm.frozen_base import FrozenBase
+from mcm.diffusion.forward_process import diffusion_target, min_snr_weights
+from mcm.models.frozen_base import FrozenBase
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "base_shapes32.yaml"
@@ -88,7 +88,7 @@ def _tiny_config(tmp: Path, shards: Path) -> Path:
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
                 "dirpath": str(tmp / "ckpt"), "save_last": True, "every_n_train_steps": 1, "save_top_k": 0}}],
         },
-        "model": {"class_path": "mcm.base_pretraining.BasePretrainModule", "init_args": {
+        "model": {"class_path": "mcm.training.base_pretraining.BasePretrainModule", "init_args": {
             "sample_size": 16, "block_out_channels": [16, 32], "text_hidden": 32, "text_layers": 1,
             "warmup_steps": 2, "preview_every_n_steps": 2, "export_dir": str(tmp / "export")}},
         "data": {"class_path": "datamodules.ShardDataModule", "init_args": {

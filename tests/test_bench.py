@@ -47,7 +47,7 @@ def test_sample_json(tmp_path):
     from bench import sample
 
     out = tmp_path / "sample.json"
-    sample.main(["--tiny", "--reps", "1", "--steps", "4", "--json", str(out)])
+    sample.main(["--tiny", "--reps", "1", "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res) == {"shapes32", "sd15"}
     for r in res.values():

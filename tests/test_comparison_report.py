@@ -1,4 +1,4 @@
-"""`python -m mcm.comparison_report`: every cell comes from the files the spec names."""
+"""`python -m mcm.evaluation.comparison_report`: every cell comes from the files the spec names."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mcm import comparison_report as R
+from mcm.evaluation import comparison_report as R
 
 
 def _metrics(settings: list[tuple[list[str], dict]]) -> dict:

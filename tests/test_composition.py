@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import modalities
-from mcm.controlnet import ControlNetAdapter
-from mcm.frozen_base import FrozenBase
-from mcm.mcm_sampling import Control, make_modulator
-from mcm.modulator import MultimodalConditioningModule
-from mcm.pipeline import MCMPipeline, save_module
-from mcm.tool_commands import run_tool_command
+from mcm.models.controlnet import ControlNetAdapter
+from mcm.models.frozen_base import FrozenBase
+from mcm.diffusion.control import Control, controlled_predictor
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.pipelines import MCMPipeline, save_module
+from mcm.cli.tool_commands import run_tool_command
 
 SEG, SKETCH = {"segmentation": {"num_classes": 6}}, {"sketch": {}}
 SMALL = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(), norm_num_groups=8)
@@ -49,11 +49,11 @@ def setup(tiny_pixel_base_dir):
 
 def test_single_module_weight_one_is_plain_sampling_and_weights_zero_the_base(setup):
     base, seg, sketch, c = setup
-    plain = MCMPipeline(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
-    one = MCMPipeline(base, [seg], weights=[1.0])(conditions=[{"segmentation": c["segmentation"]}], **KW)
+    plain = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
+    one = MCMPipeline.from_base(base, [seg], weights=[1.0])(conditions=[{"segmentation": c["segmentation"]}], **KW)
     assert torch.equal(one, plain)
-    alone = MCMPipeline(base, [])(conditions={}, num_images=2, **KW)
-    zero = MCMPipeline(base, [seg, sketch], weights=[0.0, 0.0])
+    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
+    zero = MCMPipeline.from_base(base, [seg, sketch], weights=[0.0, 0.0])
     assert torch.equal(zero(conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW), alone)
     assert not torch.allclose(plain, alone)
 
@@ -62,11 +62,12 @@ def test_hook_computes_the_weighted_sum_of_differences(setup):
     """At one denoising step: p_c == p_u + w_a (p_a - p_u) + w_b (p_b - p_u), each module with its own maps."""
     base, seg, sketch, c = setup
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor(500)
-    p_u = base.predict(x, t, base.encode_text(["a red circle"] * 2))
+    ctx = base.encode_text(["a red circle"] * 2)
+    p_u = base.predict(x, t, ctx)
 
     def run(controls):
         with torch.no_grad():
-            return make_modulator(controls, 1.0, (0.0, 1.0), 10, (16, 16))(x, p_u, t, 0)
+            return controlled_predictor(base, controls, (16, 16))(x, t, ctx)
 
     p_a = run([Control(seg, {"segmentation": c["segmentation"]})])
     p_b = run([Control(sketch, {"sketch": c["sketch"]})])
@@ -77,32 +78,32 @@ def test_hook_computes_the_weighted_sum_of_differences(setup):
 
 def test_order_invariance_and_own_conditions(setup):
     base, seg, sketch, c = setup
-    ab = MCMPipeline(base, [seg, sketch], weights=[1.0, 0.5])(
+    ab = MCMPipeline.from_base(base, [seg, sketch], weights=[1.0, 0.5])(
         conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW)
-    ba = MCMPipeline(base, [sketch, seg], weights=[0.5, 1.0])(
+    ba = MCMPipeline.from_base(base, [sketch, seg], weights=[0.5, 1.0])(
         conditions=[{"sketch": c["sketch"]}, {"segmentation": c["segmentation"]}], **KW)
     assert torch.allclose(ab, ba, atol=1e-5)
-    only_seg = MCMPipeline(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
+    only_seg = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
     assert not torch.allclose(ab, only_seg, atol=1e-4), "the sketch module should contribute"
     with pytest.raises(ValueError, match="sketch"):  # each module only takes its own modalities
-        MCMPipeline(base, [seg, sketch])(conditions=[{"sketch": c["sketch"]}, {"sketch": c["sketch"]}], **KW)
+        MCMPipeline.from_base(base, [seg, sketch])(conditions=[{"sketch": c["sketch"]}, {"sketch": c["sketch"]}], **KW)
 
 
 def test_mcm_and_controlnet_compose(setup):
     base, seg, _, c = setup
     cn = make_controlnet(base, SKETCH, 4)
     conds = [{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}]
-    mixed = MCMPipeline(base, [seg, cn], weights=[1.0, 1.0])(conditions=conds, **KW)
-    swapped = MCMPipeline(base, [cn, seg], weights=[1.0, 1.0])(conditions=conds[::-1], **KW)
+    mixed = MCMPipeline.from_base(base, [seg, cn], weights=[1.0, 1.0])(conditions=conds, **KW)
+    swapped = MCMPipeline.from_base(base, [cn, seg], weights=[1.0, 1.0])(conditions=conds[::-1], **KW)
     assert torch.isfinite(mixed).all() and torch.allclose(mixed, swapped, atol=1e-5)
     # the single-ControlNet fast path (no separate base call) equals the general composition hook
-    fast = MCMPipeline(base, [cn])(conditions={"sketch": c["sketch"]}, **KW)
-    general = MCMPipeline(base, [cn, cn], weights=[1.0, 0.0])(conditions=[conds[1], conds[1]], **KW)
+    fast = MCMPipeline.from_base(base, [cn])(conditions={"sketch": c["sketch"]}, **KW)
+    general = MCMPipeline.from_base(base, [cn, cn], weights=[1.0, 0.0])(conditions=[conds[1], conds[1]], **KW)
     assert torch.allclose(fast, general, atol=1e-5)
-    alone = MCMPipeline(base, [])(conditions={}, num_images=2, **KW)
-    assert torch.equal(MCMPipeline(base, [seg, cn], weights=[0.0, 0.0])(conditions=conds, **KW), alone)
+    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
+    assert torch.equal(MCMPipeline.from_base(base, [seg, cn], weights=[0.0, 0.0])(conditions=conds, **KW), alone)
     # guidance: both branches, composition still runs
-    g = MCMPipeline(base, [seg, cn])(conditions=conds, prompt="a red circle", guidance_scale=2.0, **KW)
+    g = MCMPipeline.from_base(base, [seg, cn])(conditions=conds, prompt="a red circle", guidance_scale=2.0, **KW)
     assert g.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import modalities
-from mcm.controlnet import ADAPTER_FILE, ControlNetAdapter, embedding_channels_for
-from mcm.controlnet_module import ControlNetModule
-from mcm.export import export_checkpoint
-from mcm.frozen_base import FrozenBase
-from mcm.mcm_module import BaseMismatchError
-from mcm.pipeline import MCMPipeline, load_module
+from mcm.models.controlnet import ADAPTER_FILE, ControlNetAdapter, embedding_channels_for
+from mcm.training.controlnet_module import ControlNetModule
+from mcm.training.export import export_checkpoint
+from mcm.models.frozen_base import FrozenBase
+from mcm.models.frozen_base import BaseMismatchError
+from mcm.pipelines import MCMPipeline, load_module
 
 MODS = {"segmentation": {"num_classes": 6}, "sketch": {}}
 IMAGE_SIZE = {"pixel": 16, "sd": 64}  # tiny pixel base: 16x16 pixels; tiny SD: 64x64 images -> 8x8 latents
@@ -41,7 +41,7 @@ def base_dir(kind, tiny_pixel_base_dir, tiny_sd_dir):
 @pytest.fixture
 def module(base_dir):
     torch.manual_seed(0)
-    return ControlNetModule(base=str(base_dir), modalities=MODS, warmup_steps=1)
+    return ControlNetModule(base=str(base_dir), modalities=MODS, warmup_steps=0)
 
 
 def nudge(adapter: ControlNetAdapter, std: float = 0.05) -> None:
@@ -166,7 +166,7 @@ def test_checkpoint_export_reload_sample(module, kind, tmp_path, tiny_uncond_dir
 
 def test_guidance_runs_the_controlnet_once_per_step_on_both_branches(module):
     nudge(module.adapter)
-    pipe = MCMPipeline(module.base, [module.adapter])
+    pipe = MCMPipeline.from_base(module.base, [module.adapter])
     calls, orig = [], module.adapter.residuals
 
     def spy(x, t, emb, cond, scale=1.0):
@@ -185,7 +185,7 @@ def test_fit_with_trainer_then_export_and_evaluate(tiny_pixel_base_dir, tmp_path
 
     from datamodules import ShardDataModule
     from datamodules.shapes import write_shapes_shards
-    from mcm.tool_commands import run_tool_command
+    from mcm.cli.tool_commands import run_tool_command
 
     write_shapes_shards(tmp_path / "data", train=16, val=8, size=16, shard_size=8, workers=1)
     mods = {"segmentation": {"num_classes": 6}}

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from mcm.evaluate import METRIC_KEYS
-from mcm.tool_commands import run_tool_command
+from mcm.evaluation.evaluate import METRIC_KEYS
+from mcm.cli.tool_commands import run_tool_command
 
 MODALITIES = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "partial_mask": {"num_classes": 6}}
 
@@ -16,9 +16,9 @@ MODALITIES = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "pa
 def tiny_setup(tiny_pixel_base_dir, tmp_path_factory):
     """Tiny random pixel base + a fresh MCM over all four built-ins (output layer nudged off zero) + 8 val shapes."""
     from datamodules.shapes import write_shapes_shards
-    from mcm.frozen_base import FrozenBase
-    from mcm.modulator import MultimodalConditioningModule
-    from mcm.pipeline import save_module
+    from mcm.models.frozen_base import FrozenBase
+    from mcm.models.modulator import MultimodalConditioningModule
+    from mcm.pipelines import save_module
 
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
@@ -90,9 +90,9 @@ def test_evaluate_base_alone_per_modality_with_clip_and_curve(tiny_setup, tiny_p
 
 def test_evaluate_composes_modules(tiny_setup, tiny_pixel_base_dir, tmp_path):
     """Two separately trained modules (segmentation-only, sketch-only) composed with weights (MCDM)."""
-    from mcm.frozen_base import FrozenBase
-    from mcm.modulator import MultimodalConditioningModule
-    from mcm.pipeline import save_module
+    from mcm.models.frozen_base import FrozenBase
+    from mcm.models.modulator import MultimodalConditioningModule
+    from mcm.pipelines import save_module
 
     _, data = tiny_setup
     base = FrozenBase.from_pretrained(tiny_pixel_base_dir)
@@ -126,8 +126,8 @@ def saturation_judge(images: torch.Tensor) -> torch.Tensor:
 
 def test_shipped_judges_read_shapes():
     from datamodules.shapes import make_sample
-    from mcm.judges import list_judges, load_judge
-    from mcm.metrics import depth_alignment, segmentation_alignment
+    from mcm.evaluation.judges import list_judges, load_judge
+    from mcm.evaluation.metrics import depth_alignment, segmentation_alignment
 
     assert list_judges() == ["shapes32-depth", "shapes32-segmentation"]
     samples = [make_sample(0, i, 32, "test") for i in range(16)]
@@ -147,8 +147,8 @@ def test_shipped_judges_read_shapes():
 def test_pluggable_judges(tmp_path):
     from safetensors.torch import save_file
 
-    from mcm.judges import load_judge
-    from mcm.judges.networks import JudgeUNet
+    from mcm.evaluation.judges import load_judge
+    from mcm.evaluation.judges.networks import JudgeUNet
 
     img = torch.rand(2, 3, 16, 16)
     fn = load_judge("test_evaluate:saturation_judge", task="segmentation")
@@ -160,7 +160,7 @@ def test_pluggable_judges(tmp_path):
     net = JudgeUNet(task="depth", widths=(8, 8))
     save_file(net.state_dict(), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({
-        "class_path": "mcm.judges.networks:JudgeUNet", "init_args": {"task": "depth", "widths": [8, 8]},
+        "class_path": "mcm.evaluation.judges.networks:JudgeUNet", "init_args": {"task": "depth", "widths": [8, 8]},
         "task": "depth"}))
     judge = load_judge(tmp_path)
     assert judge.task == "depth" and torch.equal(judge.predict(img), net.eval().predict(img))
@@ -172,8 +172,8 @@ def test_real_images_score_as_perfectly_aligned(tmp_path):
     import argparse
 
     from datamodules.shapes import write_shapes_shards
-    from mcm.evaluate import load_data, score
-    from mcm.judges import load_judge
+    from mcm.evaluation.evaluate import load_data, score
+    from mcm.evaluation.judges import load_judge
 
     write_shapes_shards(tmp_path, train=0, val=8, size=32, workers=1)
     specs = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "partial_mask": {"num_classes": 6}}

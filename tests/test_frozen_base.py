@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mcm.frozen_base import BUILTIN_BASES, FrozenBase, FrozenBaseError
+from mcm.models.frozen_base import BUILTIN_BASES, FrozenBase, FrozenBaseError
 from tiny_models import TINY_PIXEL_MAX_LENGTH, TINY_PIXEL_SIZE, TINY_SD_MAX_LENGTH, TINY_SD_TEXT_HIDDEN
 
 SHAPES32_SHIPPED = (BUILTIN_BASES["shapes32"] / "unet").is_dir()

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 import modalities
-from mcm.export import export_checkpoint, module_from_checkpoint
-from mcm.frozen_base import FrozenBase
-from mcm.mcm_module import BaseMismatchError, MCMModule
-from mcm.modulator import MultimodalConditioningModule, modulate
-from mcm.pipeline import MCMPipeline, load_module, save_module
+from mcm.training.export import export_checkpoint, module_from_checkpoint
+from mcm.models.frozen_base import FrozenBase
+from mcm.models.frozen_base import BaseMismatchError
+from mcm.training.mcm_module import MCMModule
+from mcm.models.modulator import MultimodalConditioningModule, modulate
+from mcm.pipelines import MCMPipeline, load_module, save_module
 
 ALL = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "partial_mask": {"num_classes": 6}}
 SMALL = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8)
@@ -131,21 +132,25 @@ def test_export_round_trip(module, tmp_path):
     assert sum(p.numel() for p in ema_module.parameters()) == module.mcm.num_trainable_parameters()
 
 
-def test_export_folds_strength_exactly(module, tmp_path):
-    """``mcm export --strength s``: the export at strength 1 is the checkpoint's module at strength s."""
+def test_export_records_default_strength_and_keeps_the_trained_weights(module, tmp_path):
+    """``mcm export --strength s`` records ``default_strength = s``; weights stay as trained; ``strength=None``
+    samples at ``s``, an explicit float overrides it."""
     torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.05)
     ckpt = {"state_dict": module.state_dict(), "global_step": 7}
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "m.ckpt")
     plain = MCMPipeline.from_pretrained(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "plain", use_ema=False))
-    folded_dir = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "folded", use_ema=False, strength=2.5)
-    assert json.loads((folded_dir / "mcm_base.json").read_text())["folded_strength"] == 2.5
-    folded = MCMPipeline.from_pretrained(folded_dir)
+    rec_dir = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "recorded", use_ema=False, strength=2.5)
+    assert json.loads((rec_dir / "config.json").read_text())["default_strength"] == 2.5
+    recorded = MCMPipeline.from_pretrained(rec_dir)
+    assert plain.modules[0].default_strength == 1.0 and recorded.modules[0].default_strength == 2.5
+    for name, w in module.mcm.state_dict().items():  # never rescaled
+        assert torch.equal(recorded.modules[0].state_dict()[name], w), name
     cond = {"segmentation": make_batch(2)["segmentation"]}
-    a = plain(conditions=cond, num_inference_steps=3, strength=2.5, seeds=[0, 1])
-    b = folded(conditions=cond, num_inference_steps=3, seeds=[0, 1])
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(a, plain(conditions=cond, num_inference_steps=3, seeds=[0, 1]), atol=1e-4)
+    kw = dict(conditions=cond, num_inference_steps=3, seeds=[0, 1])
+    assert torch.equal(plain(strength=2.5, **kw), recorded(**kw))
+    assert torch.equal(plain(**kw), recorded(strength=1.0, **kw))
+    assert not torch.allclose(recorded(**kw), plain(**kw), atol=1e-4)
     with pytest.raises(ValueError, match="positive"):
         export_checkpoint(tmp_path / "m.ckpt", tmp_path / "bad", strength=0.0)
 
@@ -198,9 +203,9 @@ def test_strength_window_and_composition_identities(pipe):
     assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)
     assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
     module = pipe.modules[0]
-    one = MCMPipeline(pipe.base, [module], weights=[1.0])
+    one = MCMPipeline.from_base(pipe.base, [module], weights=[1.0])
     assert torch.equal(one(conditions=[{"segmentation": seg}], **kw), plain)
-    zero = MCMPipeline(pipe.base, [module, module], weights=[0.0, 0.0])
+    zero = MCMPipeline.from_base(pipe.base, [module, module], weights=[0.0, 0.0])
     assert torch.equal(zero(conditions=[{"segmentation": seg}, {"segmentation": seg}], **kw), base)
 
 

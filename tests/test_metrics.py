@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mcm.metrics import (
+from mcm.evaluation.metrics import (
     CLIPScore, DepthAlignment, Diversity, SegmentationAlignment, SketchAlignment, clip_score, delta_accuracy,
     depth_alignment, diversity, edge_alignment, frechet_distance, inception_fid, judge_fid, judge_kid,
     load_open_clip, partial_alignment, segmentation_alignment, sketch_alignment, ssi_rmse,
@@ -170,7 +170,7 @@ def test_judge_fid_kid():
 
 
 def test_judge_unet_features_for_fid():
-    from mcm.judges.networks import JudgeUNet
+    from mcm.evaluation.judges.networks import JudgeUNet
 
     judge = JudgeUNet(widths=(8, 8, 8, 16)).eval()
     fid = judge_fid(judge)  # num_features read from the judge: no probe forward

@@ -344,6 +344,37 @@ def test_depth_decode_16_and_8_bit():
         depth.derive(torch.zeros(3, 2, 2), {})
 
 
+def test_16_bit_png_is_scaled_by_its_dtype_not_its_values():
+    """Regression: a 16-bit depth map whose values stay <= 255 was divided by 255, not 65535."""
+    depth = modalities.get("depth")
+    d16 = np.array([[0, 200], [100, 7]], dtype=np.uint16)
+    expected = torch.from_numpy(d16.astype(np.float32) / 65535)[None]
+    assert torch.allclose(depth.decode({"depth.png": _png(d16)}), expected)
+    assert torch.allclose(depth.to_tensor(d16), expected[None])
+    assert torch.allclose(depth.to_tensor(torch.from_numpy(d16)), expected[None])  # a torch.uint16 tensor
+    assert torch.allclose(depth.to_tensor(Image.fromarray(d16)), expected[None])
+    assert depth.to_tensor(d16).max().item() == pytest.approx(200 / 65535)
+
+
+def test_png_decoding_keeps_raw_values():
+    """Palette indices (also of palettes packed under 8 bits) and 1-bit maps decode to their values."""
+    from modalities.base import png_bytes_to_array
+
+    for n in (4, 200):  # PIL writes a 4-colour palette with 2 bits per pixel
+        ids = (np.arange(16, dtype=np.uint8) % n).reshape(4, 4)
+        im = Image.frombytes("P", (4, 4), ids.tobytes())
+        im.putpalette([v % 256 for v in range(3 * n)])
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        assert np.array_equal(png_bytes_to_array(buf.getvalue(), "seg"), ids), n
+    bits = np.array([[True, False], [False, True]])
+    assert np.array_equal(png_bytes_to_array(_png(bits), "seg"), bits)
+    rgb = png_bytes_to_array(_png(np.full((2, 2, 3), 100, np.uint8)), "x")
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    with pytest.raises(ModalityError, match="x: not a readable image"):
+        png_bytes_to_array(b"not a png", "x")
+
+
 def test_depth_augment_monotone_in_range():
     depth = modalities.get("depth", noise_std=0.0)
     ramp = torch.linspace(0, 1, 32).expand(1, 4, 32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import modalities
-from mcm.mcm_module import MCMModule
+from mcm.training.mcm_module import MCMModule
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # steps run without a Trainer
 
@@ -71,8 +71,8 @@ def test_shapes_shards_are_plain_ustar_and_reproducible(tmp_path):
 
 def test_fused_adamw_matches_the_default_update():
     """``mcm_module.adamw`` (fused where available) updates the MCM as the default AdamW does."""
-    from mcm.mcm_module import adamw
-    from mcm.modulator import MultimodalConditioningModule
+    from mcm.training.adapter_module import adamw
+    from mcm.models.modulator import MultimodalConditioningModule
 
     torch.manual_seed(0)
     a = MultimodalConditioningModule(latent_channels=4, modalities=SEG, downsample=1, **SMALL)

@@ -30,11 +30,12 @@ from PIL import Image
 
 import modalities
 from datamodules import ShardDataModule
-from mcm.checkpoint_io import AtomicCheckpointIO
-from mcm.lightning_cli import ClassNotAllowedError, check_config_classes, run_lightning_cli
-from mcm.mcm_module import BaseMismatchError, MCMModule
-from mcm.modulator import MultimodalConditioningModule
-from mcm.pipeline import MCMPipeline, save_module
+from mcm.training.checkpoint_io import AtomicCheckpointIO
+from mcm.cli.lightning_cli import ClassNotAllowedError, check_config_classes, run_lightning_cli
+from mcm.models.frozen_base import BaseMismatchError
+from mcm.training.mcm_module import MCMModule
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.pipelines import MCMPipeline, save_module
 from shard_fixtures import plain_sample, png, sample_members, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def _names_modality(err: BaseException, name: str) -> bool:
 @pytest.fixture(scope="module")
 def pipe(tiny_pixel_base_dir, tmp_path_factory) -> MCMPipeline:
     """A fresh 4-modality MCM on the tiny pixel base, exported and loaded back like a user's module."""
-    from mcm.frozen_base import FrozenBase
+    from mcm.models.frozen_base import FrozenBase
 
     torch.manual_seed(0)
     module = MultimodalConditioningModule(latent_channels=3, modalities=ALL, **SMALL)
@@ -64,7 +65,7 @@ def pipe(tiny_pixel_base_dir, tmp_path_factory) -> MCMPipeline:
 
 @pytest.fixture(scope="module")
 def seg_only_pipe(pipe) -> MCMPipeline:
-    return MCMPipeline(pipe.base, [MultimodalConditioningModule(latent_channels=3, modalities=SEG, **SMALL)])
+    return MCMPipeline.from_base(pipe.base, [MultimodalConditioningModule(latent_channels=3, modalities=SEG, **SMALL)])
 
 
 def _rgb_label_image() -> Image.Image:
@@ -553,7 +554,7 @@ def test_config_classes_outside_the_allow_list_are_refused(tmp_path, monkeypatch
 def test_allow_list_holds_where_the_scan_cannot_see_and_lifts_with_the_flag(tmp_path, monkeypatch):
     """Defence in depth: with the YAML scan switched off, jsonargparse's import policy (set from the same
     allow-list) still refuses to import the module; ``--allow-any-class`` lifts both (and the module runs)."""
-    import mcm.lightning_cli as lightning_cli
+    import mcm.cli.lightning_cli as lightning_cli
 
     monkeypatch.setattr(sys, "argv", ["mcm"])
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from datamodules.shapes import make_sample
-from mcm.judges import load_judge
-from mcm.metrics.segmentation import segmentation_alignment
-from mcm.pipeline import BUILTIN_MODULES, MCMPipeline
+from mcm.evaluation.judges import load_judge
+from mcm.evaluation.metrics.segmentation import segmentation_alignment
+from mcm.pipelines import BUILTIN_MODULES, MCMPipeline
 from modalities.sketch import detect_edges
 
 pytestmark = pytest.mark.skipif(not all((p / "config.json").is_file() for p in BUILTIN_MODULES.values()),

@@ -5,7 +5,7 @@ Three layouts ``FrozenBase.from_pretrained`` must load (design.md §8):
 - ``make_tiny_sd``: a Stable-Diffusion-1.5-layout directory (latent, x8 VAE, CLIP text
   encoder + CLIP BPE tokenizer, PNDM with SD 1.5's scheduler config, ``model_index.json``).
 - ``make_tiny_pixel_base``: the pixel, text-conditional base in the ``shapes32`` format,
-  made by ``mcm.base_pretraining`` itself (``BasePretrainModule`` -> ``export_base``).
+  made by ``mcm.training.base_pretraining`` itself (``BasePretrainModule`` -> ``export_base``).
 - ``make_tiny_unconditional``: a pixel ``UNet2DModel`` + ``DDPMScheduler``, no text.
 
 Import from any test as ``from tiny_models import make_tiny_sd`` (pytest puts ``tests/`` on
@@ -109,7 +109,7 @@ def make_tiny_pixel_base(path: str | Path, seed: int = 0) -> Path:
     Made exactly as pretraining makes the shipped one: ``BasePretrainModule`` with tiny sizes,
     then ``export_base(module.ema_base(), path)`` (random weights, no training).
     """
-    from mcm.base_pretraining import BasePretrainModule, export_base
+    from mcm.training.base_pretraining import BasePretrainModule, export_base
 
     torch.manual_seed(seed)
     module = BasePretrainModule(sample_size=TINY_PIXEL_SIZE, block_out_channels=(16, 32), layers_per_block=1,

@@ -1,0 +1,226 @@
+"""``mcm fit|validate|test|predict -c experiments/X.yaml``: LightningCLI in omegaconf mode.
+
+Models and data modules are chosen by ``class_path`` in the YAML (``mcm.MCMModule``,
+``mcm.training.base_pretraining.BasePretrainModule``, ``datamodules.ShardDataModule`` ...); the
+resolved config is saved next to every run, and into the wandb run when wandb logs it.
+Interpolations such as ``modalities: ${data.init_args.modalities}`` are resolved after the
+command line is applied (jsonargparse's ``omegaconf+`` mode), so
+``--data.init_args.modalities.segmentation.num_classes 6`` reaches the model too.
+
+Two safety nets around LightningCLI:
+
+* **Class allow-list.**  A ``class_path`` imports a module and calls a class with arguments
+  from the config, so a config from elsewhere could run anything (``subprocess.Popen``).
+  Before anything is parsed or imported, the YAML files and ``--...`` arguments are scanned
+  and a class outside :data:`ALLOWED_CLASS_PREFIXES` is refused with a message naming it;
+  jsonargparse's own import-path policy then enforces the same list for whatever the scan
+  cannot see (nested files, interpolations).  Trusted packages are added with
+  ``MCM_ALLOW_CLASS_PREFIXES=my_pkg,other_pkg.callbacks``; ``--allow-any-class`` lifts the check.
+* **Atomic checkpoints** (:class:`mcm.training.checkpoint_io.AtomicCheckpointIO`), installed unless the
+  config names another ``CheckpointIO`` in ``trainer.plugins``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from mcm.training.checkpoint_io import AtomicCheckpointIO
+
+#: modules a config may import classes from (dot-terminated: "mcm." does not admit "mcmx")
+ALLOWED_CLASS_PREFIXES = ("lightning.", "torch.", "diffusers.", "transformers.", "mcm.", "modalities.",
+                          "datamodules.")
+ALLOW_ENV = "MCM_ALLOW_CLASS_PREFIXES"
+ALLOW_FLAG = "--allow-any-class"
+#: config keys whose plain string value jsonargparse may resolve to a class (``model: pkg.Class``)
+_CLASS_KEYS = {"class_path", "model", "data", "optimizer", "lr_scheduler", "callbacks", "logger", "plugins",
+               "strategy", "profiler", "accelerator", "help"}
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class ClassNotAllowedError(ValueError):
+    """A config names a class outside the allow-list."""
+
+
+def allowed_prefixes() -> tuple[str, ...]:
+    """The built-in allow-list plus the comma-separated prefixes of ``$MCM_ALLOW_CLASS_PREFIXES``."""
+    extra = []
+    for p in os.environ.get(ALLOW_ENV, "").split(","):
+        p = p.strip().rstrip(".")
+        if not p:
+            continue
+        if not all(part.isidentifier() for part in p.split(".")):
+            raise ClassNotAllowedError(f"{ALLOW_ENV}: expected comma-separated module prefixes such as "
+                                       f"'my_pkg,other_pkg.callbacks', got entry {p!r}")
+        extra.append(p + ".")
+    return ALLOWED_CLASS_PREFIXES + tuple(extra)
+
+
+def _is_dotted_path(s: str) -> bool:
+    return "." in s and all(part.isidentifier() for part in s.split("."))
+
+
+def _config_file(s: str, base_dir: Path | None) -> Path | None:
+    if not s.endswith(_CONFIG_SUFFIXES):
+        return None
+    for p in (Path(s), (base_dir / s) if base_dir else None):
+        if p is not None and p.is_file():
+            return p
+    return None
+
+
+class _Scan:
+    """Collects ``(class path, where)`` pairs from configs and arguments, following nested config files."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+        self._files: set[Path] = set()
+
+    def file(self, path: Path, where: str) -> None:
+        path = path.resolve()
+        if path in self._files:
+            return
+        self._files.add(path)
+        try:
+            node = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return  # unreadable or not YAML: LightningCLI reports it, and imports nothing from it
+        self.node(node, str(path), class_key=False, base_dir=path.parent)
+
+    def value(self, s: str, where: str, class_key: bool, base_dir: Path | None) -> None:
+        cfg = _config_file(s, base_dir)
+        if cfg is not None:
+            self.file(cfg, where)
+        elif s.lstrip().startswith(("{", "[")):  # inline YAML/JSON, e.g. --model '{"class_path": ...}'
+            try:
+                self.node(yaml.safe_load(s), where, class_key, base_dir)
+            except yaml.YAMLError:
+                pass
+        elif class_key and _is_dotted_path(s):
+            self.found.append((s, where))
+
+    def node(self, node: Any, where: str, class_key: bool, base_dir: Path | None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = str(k).rstrip("+")
+                self.node(v, f"{where}:{key}" if ":" not in where else f"{where}.{key}", key in _CLASS_KEYS, base_dir)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                self.node(v, f"{where}[{i}]", class_key, base_dir)
+        elif isinstance(node, str):
+            self.value(node, where, class_key, base_dir)
+
+    def argv(self, argv: list[str]) -> None:
+        for i, tok in enumerate(argv):
+            if not tok.startswith("-"):
+                continue
+            if "=" in tok:
+                key, val = tok.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                key, val = tok, argv[i + 1]
+            else:
+                continue
+            key = key.lstrip("-").rstrip("+")
+            if key in ("c", "config"):
+                self.file(Path(val), f"--config {val}")
+            else:
+                self.value(val, f"argument --{key}", key.split(".")[-1] in _CLASS_KEYS, None)
+
+
+def check_config_classes(argv: list[str], prefixes: tuple[str, ...] | None = None) -> None:
+    """Refuse (``ClassNotAllowedError``) any class path in the configs or arguments outside the allow-list.
+
+    Nothing is imported: the YAML files are read with ``yaml.safe_load``.
+    """
+    prefixes = allowed_prefixes() if prefixes is None else prefixes
+    scan = _Scan()
+    scan.argv(list(argv))
+    for path, where in scan.found:
+        if not any((path + ".").startswith(p) for p in prefixes):
+            top = path.split(".")[0]
+            raise ClassNotAllowedError(
+                f"class_path '{path}' ({where}) is not in the allow-list of importable packages "
+                f"({', '.join(p.rstrip('.') for p in prefixes)}); importing it could run arbitrary code. If you trust "
+                f"it, allow its package with {ALLOW_ENV}={top} (comma-separated prefixes) or pass {ALLOW_FLAG}")
+
+
+@contextlib.contextmanager
+def _import_policy(prefixes: tuple[str, ...] | None) -> Iterator[None]:
+    """jsonargparse refuses to import any value-given path outside ``prefixes`` (restored afterwards)."""
+    try:
+        from jsonargparse import _common, set_parsing_settings
+
+        keys = ("import_path_verdicts", "import_paths_enforced")
+        saved = {k: _common.parsing_settings[k] for k in keys}
+    except (ImportError, AttributeError, KeyError):  # a jsonargparse without import-path policies
+        yield
+        return
+    try:
+        if prefixes is not None:
+            set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=[p.rstrip(".") for p in prefixes])
+        yield
+    finally:
+        _common.parsing_settings.update(saved)
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Also keeps the resolved config with the wandb run (Lightning calls this on rank zero only).
+
+    ``<run>/files/lightning_config.yaml`` is per run (``<log_dir>/config.yaml`` is shared by runs
+    with the same ``save_dir``), and the trainer settings join the model/data hyperparameters in
+    the run's config.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                text = self.parser.dump(self.config, skip_none=False)
+                Path(lg.experiment.dir, "lightning_config.yaml").write_text(text)
+                cfg = yaml.safe_load(text)
+                lg.log_hyperparams({k: cfg[k] for k in ("trainer", "seed_everything", "ckpt_path") if k in cfg})
+
+
+class MCMCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``."""
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = str(config.get("strategy", "")).lower()
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not any(
+                s in strategy for s in ("fsdp", "deepspeed")):  # those write sharded checkpoints their own way
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning_cli(argv: list[str]) -> MCMCLI:
+    """Run LightningCLI on ``argv`` after the class allow-list check (``--allow-any-class`` lifts it)."""
+    argv = list(argv)
+    allow_any = ALLOW_FLAG in argv
+    argv = [a for a in argv if a != ALLOW_FLAG]
+    prefixes = None
+    if not allow_any:
+        try:
+            prefixes = allowed_prefixes()
+            check_config_classes(argv, prefixes)
+        except ClassNotAllowedError as e:
+            raise SystemExit(f"mcm: error: {e}") from None
+    # omegaconf+ resolves interpolations on the final config (command line included); relative
+    # paths keep the YAMLs' ``${data.init_args.modalities}`` (written for the subcommand's root) valid
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    with _import_policy(prefixes):
+        return MCMCLI(
+            L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            args=argv, seed_everything_default=0,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_callback=SaveConfigToRun, save_config_kwargs={"overwrite": True},
+        )

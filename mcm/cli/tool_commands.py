@@ -1,0 +1,47 @@
+"""Non-Lightning subcommands: ``mcm data shapes|pack|inspect``, ``mcm export``, ``mcm evaluate``, ``mcm demo``."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("mcm")
+
+
+def _data_shapes(a: argparse.Namespace) -> int:
+    import time
+
+    from datamodules.shapes import write_shapes_shards
+
+    t = time.time()
+    written = write_shapes_shards(a.out, a.train, a.val, size=a.size, seed=a.seed, shard_size=a.shard_size,
+                                  workers=a.workers)
+    log.info("shapes: %d train shards, %d val shards in %s (%.1f s)", len(written["train"]), len(written["val"]),
+             a.out, time.time() - t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcm", description="Control frozen diffusion models with spatial modalities. "
+                                "Training runs: mcm fit|validate|test|predict -c experiments/X.yaml")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make, pack and inspect webdataset shards").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("shapes", help="generate the embedded shapes dataset as shards")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--train", type=int, required=True, help="number of training images")
+    s.add_argument("--val", type=int, required=True, help="number of validation images")
+    s.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=_data_shapes)
+
+    from mcm.cli import tool_registry
+
+    tool_registry.add_commands(sub, data)
+    return p
+
+
+def run_tool_command(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,104 @@
+"""The base's *training* forward process ``q(x_t | x_0)`` and what the adapter learns to predict.
+
+Built as diffusers' train scripts do (``train_controlnet.py``, ``train_text_to_image.py``):
+``DDPMScheduler.from_config(base scheduler config)`` keeps the base's betas, schedule,
+``prediction_type`` and zero-SNR rescaling, whatever inference scheduler the directory ships.
+Euler's ``add_noise`` would give ``x0 + sigma * eps`` (not variance preserving) and PNDM has
+no ``get_velocity``; the forward process of training never depends on them (design.md §2).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WEIGHTINGS = ("none", "min_snr")
+
+
+def training_scheduler(scheduler_config: Mapping[str, Any]) -> DDPMScheduler:
+    """``DDPMScheduler`` with the base's noise schedule and prediction type (any scheduler's config)."""
+    return DDPMScheduler.from_config(dict(scheduler_config))
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict, per the (training) scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":  # v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, eq. 4)
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, v_prediction or sample")
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 9) for epsilon, v or x0 targets."""
+    snr = compute_snr(scheduler, t)
+    w = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return w / (snr + 1)
+    if kind == "epsilon":
+        return w / snr
+    return w  # x0 target: the weight is min(snr, gamma) itself
+
+
+class ForwardProcess:
+    """Variance-preserving training noise for epsilon / v / sample bases.
+
+    Args:
+        scheduler_config: the base's scheduler config (any diffusers scheduler).
+        weighting: per-sample loss weighting, ``"none"`` or ``"min_snr"``.
+        snr_gamma: gamma of min-SNR weighting.
+    """
+
+    def __init__(self, scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        self.scheduler = training_scheduler(scheduler_config)
+        self.weighting, self.snr_gamma = weighting, snr_gamma
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def to(self, device: torch.device | str) -> "ForwardProcess":
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        return self
+
+    def sample_timesteps(self, batch_size: int, device: torch.device | str,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform integer timesteps ``(B,)`` in ``[0, T)``, as diffusers' train scripts draw them."""
+        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
+                          device=generator.device if generator is not None else device)
+        return t.to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4)."""
+        self.to(x0.device)
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.to(x0.device)
+        return diffusion_target(self.scheduler, x0, noise, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` per-sample weights, or ``None`` for the plain mean."""
+        if self.weighting == "none":
+            return None
+        self.to(t.device)
+        return min_snr_weights(self.scheduler, t, self.snr_gamma).float()
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Weighted MSE: the mean over pixels per sample, times its weight, mean over the batch."""
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        w = self.loss_weights(t)
+        return (per_sample * w).mean() if w is not None else per_sample.mean()

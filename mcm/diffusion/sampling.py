@@ -1,0 +1,107 @@
+"""The reverse process as plain functions (k-diffusion habit): a denoiser in, samples out.
+
+``sample`` drives any diffusers scheduler exactly as diffusers' own pipelines do
+(``StableDiffusionPipeline.__call__``): ``set_timesteps``, noise times ``init_noise_sigma``,
+then per timestep ``scale_model_input`` -> denoiser -> ``scheduler.step`` with only the
+keyword arguments that scheduler's ``step`` accepts (``eta``, ``generator``;
+``prepare_extra_step_kwargs``).  ``guided`` builds the denoiser for a frozen base with
+classifier-free guidance (both branches in one batched call) around a ``predict`` function
+that may be the base alone or the base controlled by adapters (:mod:`mcm.diffusion.control`).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``predict(x, t, context) -> p`` for a batch (with guidance: the doubled ``[uncond; cond]`` batch)
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+def extra_step_kwargs(scheduler, generator: Generator = None, eta: float = 0.0) -> dict:
+    """``eta`` / ``generator`` for ``scheduler.step`` where its signature takes them (PNDM, UniPC, Heun don't)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def noise_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> float:
+    """``t / T``: where a timestep sits on the noise schedule (1 = pure noise), the same for every scheduler."""
+    return float(t) / num_train_timesteps
+
+
+def initial_noise(shape: tuple[int, ...], generator: Generator, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``randn_tensor`` as diffusers' pipelines draw it (one generator per image draws that image's noise)."""
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+
+
+def generators_for(seeds: list[int] | None, generator: Generator) -> Generator:
+    """Per-image seeds -> one CPU generator per image (each image reproducible whatever its batch)."""
+    if seeds is None:
+        return generator
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_steps: int = 50,
+           generator: Generator = None, eta: float = 0.0,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+           progress: Callable | None = None) -> torch.Tensor:
+    """Run the reverse process from ``latents`` ``(B, C, h, w)`` (unit Gaussian noise); returns ``x_0``.
+
+    ``callback(i, t, x)`` runs after each step and may return a replacement for ``x``
+    (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
+    """
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    x = latents * scheduler.init_noise_sigma
+    step_kwargs = extra_step_kwargs(scheduler, generator, eta)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
+        p = denoise(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(p, t, x, **step_kwargs, return_dict=False)[0]
+        if callback is not None:
+            replaced = callback(i, t, x)
+            x = x if replaced is None else replaced
+    return x
+
+
+def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: torch.Tensor | None,
+           guidance_scale: float = 1.0) -> Denoiser:
+    """A denoiser with classifier-free guidance (Ho & Salimans 2022): ``p = p_u + w (p_c - p_u)``.
+
+    Guidance is on when ``guidance_scale > 1`` and there is an unconditional context, as in
+    diffusers; then both branches go through ``predict`` as one batched call ``[uncond; cond]``,
+    so adapters modulate both branches in one call too (design.md §2).
+    """
+    use_cfg = guidance_scale > 1.0 and uncond_context is not None
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not use_cfg:
+            return predict(x, t, context)
+        p_u, p_c = predict(torch.cat([x, x]), t, torch.cat([uncond_context, context])).chunk(2)
+        return p_u + guidance_scale * (p_c - p_u)
+
+    return denoise
+
+
+def sample_base(base, prompts: list[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
+                scheduler=None) -> torch.Tensor:
+    """Samples of a frozen base alone for ``prompts`` (DDIM by default), ``(B,3,H,W)`` in [0, 1]."""
+    from diffusers import DDIMScheduler
+
+    scheduler = scheduler or DDIMScheduler.from_config(base.scheduler.config)
+    size = base.sample_size
+    gens = generators_for([seed * 100003 + i for i in range(len(prompts))], None)
+    noise = initial_noise((len(prompts), base.latent_channels, *size), gens, base.device)
+    cond, uncond = base.encode_text(prompts), base.encode_text([""] * len(prompts))
+    x0 = sample(guided(base.predict, cond, uncond, guidance_scale), noise, scheduler, steps, gens)
+    return (base.decode(x0) + 1) / 2

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, judges, ``mcm evaluate`` and the reports in docs/ (never imports training)."""

@@ -1,0 +1,153 @@
+"""ControlNet as an adapter of the frozen base (Zhang & Agrawala, arXiv 2302.05543; design.md §4).
+
+``ControlNetAdapter`` wraps diffusers' ``ControlNetModel.from_unet(base.unet)`` — a trainable
+copy of the base UNet's encoder and middle block whose zero-convolution outputs are added
+to the frozen UNet's skip connections — plus the modality plugins that turn raw maps into
+its conditioning image: the concatenated ``plugin.to_channels(raw)`` maps at image
+resolution, zeros where a modality is absent.  The conditioning embedding downsamples by the
+base's factor (none for a pixel base, x8 for Stable Diffusion).
+
+It offers what sampling and the pipeline need from a module (``modality_names``, ``plugins``,
+``encode_conditions``) plus ``controlled_prediction``, which the composition hook of
+:mod:`mcm.diffusion.control` calls instead of the MCM's modulation.
+
+Exported as a plain diffusers ``ControlNetModel`` directory (``config.json`` + safetensors,
+loadable by ``ControlNetModel.from_pretrained``) plus ``mcm_controlnet.json`` (the plugins)
+and ``mcm_base.json`` (base source and hash).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from diffusers import ControlNetModel
+from torch import nn
+
+import modalities as modality_registry
+
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+
+ADAPTER_FILE = "mcm_controlnet.json"
+#: diffusers' default (x8, as in the paper's 512 -> 64 encoder); a prefix of it for smaller factors
+DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+
+
+def embedding_channels_for(downsample: int) -> tuple[int, ...]:
+    """Conditioning-embedding widths with ``log2(downsample)`` stride-2 convs: ``(16,)`` for 1, the default for 8."""
+    k = int(math.log2(downsample)) if downsample >= 1 else -1
+    if downsample < 1 or 2 ** k != downsample or k >= len(DEFAULT_EMBEDDING_CHANNELS):
+        raise ValueError(f"downsample: expected 1, 2, 4 or 8 (the base's VAE factor), got {downsample}")
+    return DEFAULT_EMBEDDING_CHANNELS[: k + 1]
+
+
+class ControlNetAdapter(Adapter):
+    """A diffusers ``ControlNetModel`` + the modality plugins that make its conditioning image.
+
+    Args:
+        controlnet: the ``ControlNetModel`` (``from_base`` builds it from a base's UNet).
+        modalities: plugin name -> options (same as the MCM's and the data module's).
+        downsample: the base's model-space downsampling (1 pixel, 8 Stable Diffusion).
+        default_strength: the conditioning scale used when sampling with ``strength=None``.
+    """
+
+    def __init__(self, controlnet: ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 1,
+                 default_strength: float = 1.0):
+        super().__init__()
+        self.default_strength = float(default_strength)
+        if not modalities:
+            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        self.controlnet = controlnet
+        # sorted: the channel layout of the conditioning image must not depend on the YAML's order
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        self.modality_names = list(self.plugins)
+        self.downsample = downsample
+        channels = sum(p.channels for p in self.plugins.values())
+        if controlnet.config.conditioning_channels != channels:
+            raise ValueError(f"controlnet: conditioning_channels={controlnet.config.conditioning_channels} but the "
+                             f"modalities {self.modality_names} give {channels} channels")
+
+    @classmethod
+    def from_base(cls, base, modalities: dict[str, dict[str, Any]],
+                  conditioning_embedding_out_channels: tuple[int, ...] | None = None) -> "ControlNetAdapter":
+        """``ControlNetModel.from_unet(base.unet)``: encoder + middle block copied from the frozen base."""
+        from diffusers import UNet2DConditionModel
+
+        if not isinstance(base.unet, UNet2DConditionModel):
+            raise ValueError(f"base '{base.source}': ControlNet needs a UNet2DConditionModel base (diffusers' "
+                             f"ControlNetModel copies its encoder), got {type(base.unet).__name__}; use an MCM instead")
+        if not base.is_text_conditional:
+            raise ValueError(f"base '{base.source}': ControlNet needs a text-conditional base (text_encoder/)")
+        if not modalities:
+            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        widths = tuple(conditioning_embedding_out_channels or embedding_channels_for(base.downsample))
+        if 2 ** (len(widths) - 1) != base.downsample:
+            raise ValueError(f"conditioning_embedding_out_channels={widths}: {len(widths) - 1} stride-2 convs "
+                             f"downsample x{2 ** (len(widths) - 1)}, but the base '{base.source}' needs "
+                             f"x{base.downsample}; pass {int(math.log2(base.downsample)) + 1} widths "
+                             f"(or None for the default)")
+        controlnet = ControlNetModel.from_unet(
+            base.unet, conditioning_embedding_out_channels=widths,
+            conditioning_channels=sum(p.channels for p in plugins.values())).float()
+        return cls(controlnet, modalities, base.downsample)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What rebuilds the plugins around a saved ``ControlNetModel`` (``mcm_controlnet.json``)."""
+        return {"adapter": "controlnet", "modalities": {n: p.config() for n, p in self.plugins.items()},
+                "downsample": self.downsample, "default_strength": self.default_strength}
+
+    # ---- conditions -> conditioning image ------------------------------------------------------------
+    def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
+                          size: tuple[int, int], batch_size: int) -> torch.Tensor:
+        """Raw maps -> ``(B, sum(channels), H, W)`` at image resolution (``size`` is model space).
+
+        ``present``: ``(B, M)`` in {0, 1} (columns = ``modality_names``) for modality dropout;
+        ``None`` = present iff given.  Absent modalities are zeros.
+        """
+        device, dtype = self.controlnet.conv_in.weight.device, self.controlnet.conv_in.weight.dtype
+        H, W = size[0] * self.downsample, size[1] * self.downsample
+        return conditioning_image(self, conditions, present, (H, W), batch_size, device, dtype)
+
+    # ---- the control ----------------------------------------------------------------------------------
+    def residuals(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, cond: torch.Tensor,
+                  scale: float = 1.0) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """ControlNet's zero-conv outputs for the base's skip connections and middle block, times ``scale``."""
+        dt = self.controlnet.dtype
+        down, mid = self.controlnet(x_t.to(dt), t, encoder_hidden_states=text_emb.to(dt), controlnet_cond=cond.to(dt),
+                                    conditioning_scale=scale, return_dict=False)
+        return down, mid
+
+    def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                              state: torch.Tensor, strength: float | torch.Tensor = 1.0,
+                              base_prediction: BasePrediction | None = None) -> torch.Tensor:
+        """The base's prediction with this ControlNet's residuals added (``strength`` = conditioning scale)."""
+        if context is None:
+            context = base.encode_text(None, x_t.shape[0])
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        down, mid = self.residuals(x_t, t, context, repeat_batch(state, x_t.shape[0]), strength)
+        return base.predict_with_residuals(x_t, t, context, down, mid)
+
+    # ---- export ---------------------------------------------------------------------------------------
+    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
+        out = Path(out)
+        self.controlnet.save_pretrained(out, safe_serialization=safe_serialization)
+        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ControlNetAdapter":
+        path = Path(path)
+        if not (path / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported ControlNet adapter")
+        cfg = json.loads((path / ADAPTER_FILE).read_text())
+        controlnet = ControlNetModel.from_pretrained(path, use_safetensors=True)
+        return cls(controlnet, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0))
+
+
+def is_controlnet_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_FILE).is_file()

@@ -1,0 +1,132 @@
+"""The Multimodal Conditioning Module ``M(x_t, p, c, m, t) -> (gamma, beta)`` (Ham et al. 2023, §3).
+
+``p`` is the frozen base's prediction, ``c`` the modality features from each plugin's
+encoder (resized to ``x_t``'s spatial size), ``m`` one presence channel per modality.
+The backbone is a small diffusers ``UNet2DModel`` over ``[x_t, p, c, m]``; its output layer
+is zero-initialised so that at step 0 ``p_hat = p * (1 + gamma) + beta == p`` exactly.
+Saved like any diffusers model: ``config.json`` + safetensors.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+import modalities as modality_registry
+from modalities import ModalityError
+
+from mcm.models.adapter import Adapter, BasePrediction, repeat_batch
+
+
+def modulate(p: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``p_hat = p + s * (p * gamma + beta)``; at ``s = 1`` this is the paper's ``p * (1 + gamma) + beta``."""
+    if isinstance(strength, (int, float)) and strength == 1.0:
+        return p * (1 + gamma) + beta
+    return p + strength * (p * gamma + beta)
+
+
+class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
+    """MCM: a small UNet that outputs per-pixel scale ``gamma`` and shift ``beta`` for ``p``.
+
+    Args:
+        latent_channels: channels of ``x_t`` and ``p`` (3 for a pixel base, 4 for SD latents).
+        modalities: plugin name -> options, e.g. ``{"segmentation": {"num_classes": 6}, "sketch": {}}``.
+        downsample: model-space downsampling of the base (1 pixel, 8 for SD); the modality
+            encoders downsample raw maps by it.
+        block_out_channels: UNet widths per level (paper: 32 x (1, 1, 2, 4)).
+        layers_per_block: resnet blocks per level (paper: 2).
+        attention_levels: levels (0 = full resolution) with self-attention (paper: 16x16).
+        norm_num_groups: group norm groups (must divide every width).
+        attention_head_dim: channels per attention head.
+        default_strength: the modulation strength sampling uses when called with ``strength=None``
+            (measured after training and recorded by ``mcm export --strength``; never folded into weights).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 4, modalities: dict[str, dict[str, Any]] | None = None,
+                 downsample: int = 1, block_out_channels: tuple[int, ...] = (32, 32, 64, 128),
+                 layers_per_block: int = 2, attention_levels: tuple[int, ...] = (2,), norm_num_groups: int = 8,
+                 attention_head_dim: int = 8, default_strength: float = 1.0):
+        super().__init__()
+        self.default_strength = float(default_strength)
+        if not modalities:
+            raise ValueError("MCM needs at least one modality, e.g. modalities={'segmentation': {'num_classes': 6}}")
+        # sorted: config.json is written with sorted keys, and the channel layout of the UNet
+        # input must not depend on the order a YAML or dict happened to list the modalities in
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        self.modality_names = list(self.plugins)
+        self.encoders = nn.ModuleDict({n: p.build_encoder(downsample) for n, p in self.plugins.items()})
+        feat = sum(p.feature_channels for p in self.plugins.values())
+        in_channels = 2 * latent_channels + feat + len(self.plugins)
+        n = len(block_out_channels)
+        down = tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(n))
+        up = tuple("AttnUpBlock2D" if (n - 1 - i) in attention_levels else "UpBlock2D" for i in range(n))
+        self.unet = UNet2DModel(in_channels=in_channels, out_channels=2 * latent_channels,
+                                block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                                down_block_types=down, up_block_types=up, norm_num_groups=norm_num_groups,
+                                attention_head_dim=attention_head_dim)
+        # zero output: gamma = beta = 0, so the module starts as an exact no-op (ControlNet's zero-conv idea)
+        nn.init.zeros_(self.unet.conv_out.weight)
+        nn.init.zeros_(self.unet.conv_out.bias)
+
+    # ---- conditions -> features (independent of t: computed once per sampling run) -----------------
+    def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
+                          size: tuple[int, int], batch_size: int) -> torch.Tensor:
+        """Raw maps -> ``(B, sum(feature_channels) + M, h, w)``: features times presence, then presence maps.
+
+        ``present``: ``(B, M)`` in {0, 1}, column order = ``self.modality_names``; ``None`` means
+        "present iff given".  Missing modalities get zero features and presence 0.
+        """
+        unknown = sorted(set(conditions) - set(self.modality_names))
+        if unknown:
+            raise ModalityError(f"this MCM was trained on {self.modality_names}; it has no modality {unknown}")
+        device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
+        if present is None:
+            present = torch.tensor([[float(n in conditions) for n in self.modality_names]], device=device)
+            present = present.expand(batch_size, -1)
+        present = present.to(device=device, dtype=dtype)
+        feats = []
+        for j, (name, plugin) in enumerate(self.plugins.items()):
+            m = present[:, j, None, None, None]  # (B, 1, 1, 1)
+            if name in conditions:
+                f = self.encoders[name](plugin.to_channels(conditions[name]).to(device=device, dtype=dtype))
+                if tuple(f.shape[-2:]) != tuple(size):
+                    f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                feats.append(f * m)
+            else:
+                feats.append(torch.zeros(batch_size, plugin.feature_channels, *size, device=device, dtype=dtype))
+        masks = present[:, :, None, None].expand(-1, -1, *size)  # (B, M, h, w)
+        return torch.cat(feats + [masks], dim=1)
+
+    # ---- the modulation ------------------------------------------------------------------------
+    def modulation(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, features: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma, beta)``, each the shape of ``p``, from ``[x_t, p, features]``."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        h = torch.cat([x_t.to(features.dtype), p.to(features.dtype), features], dim=1)
+        out = self.unet(h, t).sample
+        gamma, beta = out.float().chunk(2, dim=1)
+        return gamma, beta
+
+    def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                              state: torch.Tensor, strength: float | torch.Tensor, base_prediction: BasePrediction
+                              ) -> torch.Tensor:
+        """The adapter protocol (``mcm.models.adapter``): ``p + s (p gamma + beta)`` on the base's ``p``."""
+        p = base_prediction()
+        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]))
+        return modulate(p, gamma, beta, strength)
+
+    def forward(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor],
+                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encode_conditions(conditions, present, tuple(x_t.shape[-2:]), x_t.shape[0])
+        return self.modulation(x_t, p, t, features)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

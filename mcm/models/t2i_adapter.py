@@ -1,0 +1,106 @@
+"""T2I-Adapter as an adapter of the frozen base (Mou et al., arXiv 2302.08453): a third baseline.
+
+``T2IAdapterControl`` wraps diffusers' ``T2IAdapter`` (``full_adapter``): a small encoder of
+the conditioning image (the concatenated ``plugin.to_channels`` maps, as for ControlNet) whose
+multi-scale features are added inside the frozen UNet's down blocks
+(``down_intrablock_additional_residuals``, as ``StableDiffusionAdapterPipeline`` does).  Its
+features do not depend on ``x_t`` or ``t``, so ``encode_conditions`` runs the encoder once per
+sampling run; ``controlled_prediction`` runs the base with them, times ``strength``.
+
+Exported as a plain diffusers ``T2IAdapter`` directory plus ``mcm_t2i_adapter.json`` (the plugins).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from diffusers import T2IAdapter, UNet2DConditionModel
+
+import modalities as modality_registry
+
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+
+ADAPTER_FILE = "mcm_t2i_adapter.json"
+
+
+class T2IAdapterControl(Adapter):
+    """A diffusers ``T2IAdapter`` + the modality plugins that make its conditioning image.
+
+    Args:
+        adapter: the ``T2IAdapter`` (``from_base`` builds one matching a base's UNet).
+        modalities: plugin name -> options (same as the MCM's and the data module's).
+        downsample: the base's model-space downsampling (1 pixel, 8 Stable Diffusion).
+        default_strength: the feature scale used when sampling with ``strength=None``.
+    """
+
+    def __init__(self, adapter: T2IAdapter, modalities: dict[str, dict[str, Any]], downsample: int = 1,
+                 default_strength: float = 1.0):
+        super().__init__()
+        if not modalities:
+            raise ValueError("modalities: T2I-Adapter needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        self.adapter = adapter
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        self.modality_names = list(self.plugins)
+        self.downsample = downsample
+        self.default_strength = float(default_strength)
+        channels = sum(p.channels for p in self.plugins.values())
+        if adapter.config.in_channels != channels:
+            raise ValueError(f"adapter: in_channels={adapter.config.in_channels} but the modalities "
+                             f"{self.modality_names} give {channels} channels")
+
+    @classmethod
+    def from_base(cls, base, modalities: dict[str, dict[str, Any]], num_res_blocks: int = 2
+                  ) -> "T2IAdapterControl":
+        """A ``full_adapter`` with one feature level per UNet down block, at that block's width."""
+        if not isinstance(base.unet, UNet2DConditionModel):
+            raise ValueError(f"base '{base.source}': T2I-Adapter needs a UNet2DConditionModel base (its features "
+                             f"enter the UNet's down blocks), got {type(base.unet).__name__}; use an MCM instead")
+        if not modalities:
+            raise ValueError("modalities: T2I-Adapter needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        plugins = modality_registry.build_all(modalities)
+        adapter = T2IAdapter(in_channels=sum(p.channels for p in plugins.values()),
+                             channels=list(base.unet.config.block_out_channels), num_res_blocks=num_res_blocks,
+                             downscale_factor=base.downsample, adapter_type="full_adapter")
+        return cls(adapter, modalities, base.downsample)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"adapter": "t2i_adapter", "modalities": {n: p.config() for n, p in self.plugins.items()},
+                "downsample": self.downsample, "default_strength": self.default_strength}
+
+    # ---- the adapter protocol ------------------------------------------------------------------------
+    def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
+                          size: tuple[int, int], batch_size: int) -> list[torch.Tensor]:
+        """Raw maps -> the adapter's features, one ``(B, C_l, h_l, w_l)`` per UNet down block."""
+        w = next(self.adapter.parameters())
+        H, W = size[0] * self.downsample, size[1] * self.downsample
+        image = conditioning_image(self, conditions, present, (H, W), batch_size, w.device, w.dtype)
+        return list(self.adapter(image))
+
+    def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                              state: list[torch.Tensor], strength: float | torch.Tensor = 1.0,
+                              base_prediction: BasePrediction | None = None) -> torch.Tensor:
+        features = [f * strength for f in repeat_batch(state, x_t.shape[0])]
+        return base.predict_with_residuals(x_t, t, context, down_intrablock_residuals=features)
+
+    # ---- export ---------------------------------------------------------------------------------------
+    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
+        out = Path(out)
+        self.adapter.save_pretrained(out, safe_serialization=safe_serialization)
+        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "T2IAdapterControl":
+        path = Path(path)
+        if not (path / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported T2I-Adapter")
+        cfg = json.loads((path / ADAPTER_FILE).read_text())
+        adapter = T2IAdapter.from_pretrained(path, use_safetensors=True)
+        return cls(adapter, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0))
+
+
+def is_t2i_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_FILE).is_file()

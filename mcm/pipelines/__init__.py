@@ -1,0 +1,9 @@
+"""Inference: ``MCMPipeline`` (a ``diffusers.DiffusionPipeline``), exported adapters on disk, sample grids.
+
+Never imports Lightning (``tests/test_architecture.py`` checks it).
+"""
+from mcm.pipelines.adapter_stack import AdapterStack
+from mcm.pipelines.module_io import BASE_INFO_FILE, BUILTIN_MODULES, load_module, save_module
+from mcm.pipelines.pipeline import MCMPipeline
+
+__all__ = ["AdapterStack", "BASE_INFO_FILE", "BUILTIN_MODULES", "MCMPipeline", "load_module", "save_module"]

@@ -1,0 +1,328 @@
+"""``MCMPipeline``: a frozen base plus adapters (MCM, ControlNet, T2I-Adapter), as a diffusers pipeline.
+
+    from mcm import MCMPipeline
+    pipe = MCMPipeline.from_pretrained("shapes32")            # embedded base + shipped module, offline
+    images = pipe(conditions={"segmentation": labels}, num_inference_steps=50)   # (B,3,H,W) in [0,1]
+
+A ``diffusers.DiffusionPipeline``: components registered with ``register_modules`` (the base's
+``unet``, ``scheduler``, ``vae``, ``text_encoder``, ``tokenizer``, and ``adapters``), so
+``save_pretrained`` / ``from_pretrained`` of the whole directory, ``to(device, dtype)``,
+``progress_bar``, ``callback_on_step_end``, ``enable_model_cpu_offload`` and ``output_type``
+through ``VaeImageProcessor`` behave as in diffusers.  Like a diffusers pipeline it owns no
+math: the loop lives in :mod:`mcm.diffusion.sampling` and :mod:`mcm.diffusion.control`.
+With no conditions (or zero-initialised adapters) it gives the family's diffusers pipeline's
+images, seed for seed (``tests/test_scheduler_oracle.py``).
+"""
+import difflib
+import json
+import numbers
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel,
+                       UNet2DModel)
+from diffusers.image_processor import VaeImageProcessor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import modalities as modality_registry
+from modalities import ModalityError
+
+from mcm.diffusion.control import Control, controlled_sample
+from mcm.diffusion.sampling import generators_for
+from mcm.models.frozen_base import FrozenBase, check_base
+from mcm.pipelines.adapter_stack import AdapterStack
+from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
+
+OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+PIPELINE_INDEX = "model_index.json"
+
+
+class MCMPipeline(DiffusionPipeline):
+    """Frozen base + adapters + scheduler.  See ``__call__`` for the arguments."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "adapters"]
+    # the adapters are ~1% of the base and called outside forward(): they stay on the execution device
+    _exclude_from_cpu_offload = ["adapters"]
+
+    def __init__(self, unet: Union[UNet2DConditionModel, UNet2DModel], scheduler: SchedulerMixin,
+                 vae: Optional[AutoencoderKL] = None, text_encoder: Optional[PreTrainedModel] = None,
+                 tokenizer: Optional[PreTrainedTokenizerBase] = None, adapters: Optional[AdapterStack] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, adapters=adapters)
+        ds = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=ds)
+        self._frozen_base: FrozenBase | None = None
+
+    # ---- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: FrozenBase, modules: Sequence = (), weights: Sequence[float] | None = None,
+                  scheduler=None, infos: Sequence[dict] | None = None) -> "MCMPipeline":
+        """A pipeline around a loaded ``FrozenBase`` and adapter objects (DDIM unless ``scheduler``)."""
+        stack = AdapterStack(list(modules), weights, infos) if len(modules) else None
+        if stack is None and weights:
+            raise ValueError(f"weights: got {len(weights)} weights for 0 modules")
+        pipe = cls(base.unet, scheduler or DDIMScheduler.from_config(base.scheduler.config), base.vae,
+                   base.text_encoder, base.tokenizer, stack)
+        pipe._frozen_base = base
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, base: str | Path | FrozenBase | None = None,
+                        modules: Sequence[str | Path] | None = None, weights: Sequence[float] | None = None,
+                        force_base: bool = False, device: str | torch.device | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "MCMPipeline":
+        """Load a base and its adapter(s), offline.
+
+        * ``from_pretrained("shapes32")``: the embedded base and its shipped multimodal MCM;
+        * ``from_pretrained("path/to/exported_mcm")``: an ``mcm export`` directory; its base is
+          read from ``mcm_base.json`` unless ``base`` is given;
+        * ``from_pretrained(base, modules=[mcm_a, mcm_b], weights=[1, 1])``: compose several
+          adapters on ``base`` (design.md §3); ``modules=[]`` gives the base alone;
+        * ``from_pretrained(dir)`` of a directory written by ``MCMPipeline.save_pretrained``.
+        """
+        path = Path(str(name_or_path))
+        if modules is None and base is None and _is_saved_pipeline(path):
+            pipe = super().from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+            pipe.base.source = str(path)
+            if pipe.adapters is not None:
+                for info in pipe.adapters.infos:
+                    check_base(info, pipe.base, force_base, f"the adapter saved in '{path}'")
+            return pipe.to(device) if device is not None else pipe
+        if modules is None:
+            paths = [name_or_path]
+            if base is None:
+                base = "shapes32" if str(name_or_path) in BUILTIN_MODULES else base_of(name_or_path)
+        else:
+            paths = list(modules)
+            base = base if base is not None else name_or_path
+        if not isinstance(base, FrozenBase):
+            base = FrozenBase.from_pretrained(base, torch_dtype=torch_dtype)
+        loaded = [load_module(p, base, force_base) for p in paths]
+        pipe = cls.from_base(base, [m for m, _ in loaded], weights, infos=[i for _, i in loaded])
+        return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, modules: Sequence = (), weights: Sequence[float] | None = None,
+                  force_base: bool = False, scheduler=None) -> "MCMPipeline":
+        """Wrap an existing diffusers pipeline's components (not copied) with adapters (objects or paths)."""
+        comps = pipeline.components
+        missing = [k for k in ("unet", "scheduler") if comps.get(k) is None]
+        if missing:
+            raise ValueError(f"pipeline: {type(pipeline).__name__} has no {missing}; expected a pipeline with a "
+                             f"unet and a scheduler (StableDiffusionPipeline, DDPMPipeline, ...)")
+        base = FrozenBase(comps["unet"], comps["scheduler"], comps.get("vae"), comps.get("text_encoder"),
+                          comps.get("tokenizer"), source=getattr(pipeline, "name_or_path", None)
+                          or type(pipeline).__name__)
+        loaded = [load_module(m, base, force_base) if isinstance(m, (str, Path)) else (m, {}) for m in modules]
+        return cls.from_base(base, [m for m, _ in loaded], weights, scheduler or comps["scheduler"],
+                             [i for _, i in loaded])
+
+    @property
+    def base(self) -> FrozenBase:
+        """The frozen base over this pipeline's components (the scheduler is the pipeline's current one)."""
+        fb = self._frozen_base
+        if fb is None or fb.unet is not self.unet or fb.vae is not self.vae or fb.text_encoder is not self.text_encoder:
+            fb = self._frozen_base = FrozenBase(self.unet, self.scheduler, self.vae, self.text_encoder,
+                                                self.tokenizer, source=self.name_or_path)
+        fb.scheduler = self.scheduler
+        return fb
+
+    @property
+    def adapter_list(self) -> list:
+        return list(self.adapters) if self.adapters is not None else []
+
+    @property
+    def modules(self) -> list:
+        """The adapters, in composition order."""
+        return self.adapter_list
+
+    @property
+    def weights(self) -> list[float]:
+        """The composition weights ``w_i``, one per adapter."""
+        return list(self.adapters.weights) if self.adapters is not None else []
+
+    @weights.setter
+    def weights(self, values: Sequence[float]) -> None:
+        values = [float(v) for v in values]
+        if len(values) != len(self.adapter_list):
+            raise ValueError(f"weights: got {len(values)} weights for {len(self.adapter_list)} modules")
+        if self.adapters is not None:
+            self.adapters.weights = values
+
+    # ---- 1. inputs ----------------------------------------------------------------------------------
+    def check_inputs(self, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+                     ) -> list[dict[str, torch.Tensor]]:
+        """One dict of validated, batched raw maps per module (a single dict is shared by all)."""
+        if conditions is None:
+            conditions = {}
+        if not isinstance(conditions, (Mapping, list, tuple)):
+            raise ValueError(f"conditions: expected a dict of modality name -> map (or one dict per module), "
+                             f"got {type(conditions).__name__}")
+        per_module = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions] * len(self.adapter_list)
+        if self.adapter_list and len(per_module) != len(self.adapter_list):
+            raise ValueError(f"conditions: got {len(per_module)} dicts for {len(self.adapter_list)} modules")
+        if not self.adapter_list and conditions:
+            names = sorted({str(n) for c in (per_module or [conditions]) if isinstance(c, Mapping) for n in c})
+            raise ModalityError(f"modality {names}: this pipeline has no MCM, so it cannot use conditions")
+        out = []
+        for module, conds in zip(self.adapter_list, per_module):
+            if not isinstance(conds, Mapping):
+                raise ValueError(f"conditions: expected a dict of modality name -> map, got {type(conds).__name__}")
+            unknown = sorted(str(n) for n in set(conds) - set(module.modality_names))
+            if unknown:
+                raise ModalityError(_unusable_modalities(unknown, module.modality_names))
+            out.append({n: module.plugins[n].to_tensor(x) for n, x in conds.items()})
+        return out
+
+    def _batch_and_size(self, conds: list[dict[str, torch.Tensor]], num_images: int | None
+                        ) -> tuple[int, tuple[int, int]]:
+        maps = [(n, x) for c in conds for n, x in c.items()]
+        model_size = self.base.sample_size
+        if num_images is not None and (not isinstance(num_images, numbers.Integral) or isinstance(num_images, bool)
+                                       or num_images < 1):
+            raise ValueError(f"num_images: expected a positive integer, got {num_images!r}")
+        if not maps:
+            return (num_images or 1), model_size
+        batch = {x.shape[0] for _, x in maps}
+        if len(batch) > 1:
+            raise ValueError(f"conditions: batch sizes differ: { {n: x.shape[0] for n, x in maps} }")
+        sizes = {tuple(x.shape[-2:]) for _, x in maps}
+        if len(sizes) > 1:  # the maps' size is the output size: one size for all of them
+            raise ValueError(f"conditions: spatial sizes differ: { {n: tuple(x.shape[-2:]) for n, x in maps} }; "
+                             f"expected every map at the output size (resize them to one size first)")
+        B, (H, W) = batch.pop(), sizes.pop()
+        ds = self.base.downsample
+        if H % (8 * ds) or W % (8 * ds):
+            names = ", ".join(sorted({f"'{n}'" for n, _ in maps}))
+            shapes = {n: tuple(x.shape) for n, x in maps}
+            raise ModalityError(
+                f"modality {names}: expected height and width that are multiples of {8 * ds} (the output size; this "
+                f"base was trained at {model_size[0] * ds}x{model_size[1] * ds}), got {H}x{W} maps {shapes}")
+        if num_images is not None and num_images != B:
+            raise ValueError(f"num_images={num_images} but the conditions hold {B} maps")
+        return B, (H // ds, W // ds)
+
+    # ---- 2-7. prompts, controls, noise, denoising loop, decode ------------------------------------
+    @torch.no_grad()
+    def __call__(self, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                 prompt: str | list[str] | None = None, num_images: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.0,
+                 strength: float | Sequence[float | None] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
+                 class_labels: Sequence[int] | None = None, regions: Sequence | None = None,
+                 negative_prompt: str | list[str] | None = None,
+                 modulation_window: tuple[float, float] = (0.0, 1.0), seeds: list[int] | None = None,
+                 eta: float = 0.0, latents: torch.Tensor | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+        """Sample images.
+
+        Args:
+            conditions: modality name -> map (tensor, numpy or PIL; label maps ``(H,W)`` or
+                ``(B,H,W)`` ints), or one such dict per adapter when composing; ``{}`` = base alone.
+            prompt: text for text-conditional bases (one, or one per image).
+            num_images: batch size when no condition and no prompt list is given (default 1).
+            guidance_scale: classifier-free guidance weight (on when > 1, as in diffusers).
+            strength: modulation strength ``s`` in ``p + s (p gamma + beta)`` (ControlNet: its
+                conditioning scale); ``None`` = each adapter's recorded ``default_strength``; one
+                value for all adapters, or one per adapter.
+            modulation_window: ``(low, high)`` noise fractions ``t / T`` (1 = pure noise) where the
+                adapters act; ``(0.6, 1.0)`` = only the noisiest 40% of the schedule.
+            seeds: one seed per image (overrides ``generator``; each image reproducible on its own).
+            output_type: ``"pt"`` (float tensor in [0, 1]), ``"np"`` (float HWC), ``"pil"`` or ``"latent"``.
+            callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict`` after each step, as in diffusers.
+        """
+        # 1. check inputs
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        if class_labels is not None:
+            raise ValueError(f"class_labels: the base '{self.base.source}' is not class-conditional "
+                             f"(it takes {'prompts' if self.base.is_text_conditional else 'no conditioning'})")
+        if regions is not None:
+            raise ValueError("regions: regional composition is not available in this version; omit regions")
+        conds = self.check_inputs(conditions)
+        prompt_batch = len(prompt) if isinstance(prompt, (list, tuple)) and not any(conds) else None
+        B, size = self._batch_and_size(conds, num_images if num_images is not None else prompt_batch)
+        lo, hi = _window(modulation_window)
+        strengths = _strengths(strength, len(self.adapter_list))
+        # 2. prompts
+        prompts = None
+        if self.base.is_text_conditional:
+            prompts = [prompt] * B if isinstance(prompt, str) or prompt is None else list(prompt)
+            prompts = ["" if p is None else p for p in prompts]
+            if len(prompts) != B:
+                raise ValueError(f"prompt: got {len(prompts)} prompts for {B} images")
+        elif prompt:
+            raise ValueError(f"prompt={prompt!r} given but the base '{self.base.source}' is not text-conditional")
+        # 3. controls: each adapter with its conditions (resized to the output size), weight and strength
+        device = self._execution_device
+        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
+        controls = [Control(m, {n: m.plugins[n].resize(x, (H, W)).to(device) for n, x in c.items()}, w, s)
+                    for m, c, w, s in zip(self.adapter_list, conds, self.weights, strengths)]
+        # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
+        generator = generators_for(seeds, generator)
+        callback = None
+        if callback_on_step_end is not None:
+            def callback(i, t, x):
+                out = callback_on_step_end(self, i, t, {"latents": x})
+                return (out or {}).get("latents")
+        x0 = controlled_sample(self.base, controls, B, size, prompts, negative_prompt, num_inference_steps,
+                               guidance_scale, (lo, hi), generator, self.scheduler, eta, latents, callback,
+                               self.progress_bar)
+        # 7. decode and convert
+        if output_type == "latent":
+            return x0
+        image = self.base.decode(x0, clamp=False)
+        out = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return out
+
+def _unusable_modalities(names: list[str], trained: list[str]) -> str:
+    """Why each of ``names`` cannot be used with a module trained on ``trained``: not installed, or not trained on."""
+    installed = modality_registry.list_modalities()
+    why = []
+    for n in names:
+        if n in installed:
+            why.append(f"modality '{n}': this module was trained on {trained} only, not on '{n}'")
+            continue
+        close = difflib.get_close_matches(n, trained + installed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        why.append(f"modality '{n}' is unknown: expected one of {trained} (installed: {installed}){hint}")
+    return "; ".join(why)
+
+
+
+
+def _is_saved_pipeline(path: Path) -> bool:
+    index = path / PIPELINE_INDEX
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == MCMPipeline.__name__
+
+
+def _window(window: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"modulation_window: expected (low, high) noise fractions, got {window!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"modulation_window: expected 0 <= low <= high <= 1 (fractions t/T, 1 = pure noise), "
+                         f"got {window!r}")
+    return lo, hi
+
+
+def _strengths(strength, n: int) -> list:
+    """``None`` / one value / one per adapter -> one per adapter (``None`` = the adapter's default)."""
+    if strength is None or isinstance(strength, (numbers.Real, torch.Tensor)):
+        values = [strength] * n
+    else:
+        values = list(strength)
+        if len(values) != n:
+            raise ValueError(f"strength: got {len(values)} values for {n} adapters; give one, or one per adapter")
+    for v in values:
+        if isinstance(v, bool) or (v is not None and not isinstance(v, (numbers.Real, torch.Tensor))):
+            raise ValueError(f"strength: expected a number (or None for each adapter's default), got {v!r}")
+        if isinstance(v, numbers.Real) and not v == v:
+            raise ValueError(f"strength: expected a finite number, got {v!r}")
+    return [float(v) if isinstance(v, numbers.Real) else v for v in values]

@@ -1,0 +1,280 @@
+"""``AdapterModule``: what every adapter's LightningModule shares (design.md §10).
+
+It holds the frozen base outside the module tree (not a submodule), so the base's parameters
+are never in ``.parameters()``: never in the optimizer, DDP's reducer or a checkpoint (which
+records the base's source and hash instead).  It does the training step through the adapter
+protocol of :mod:`mcm.models.adapter`, the same for MCM, ControlNet and T2I-Adapter:
+
+1. images -> model space, captions -> text embeddings (with caption dropout), no gradients;
+2. the base's *training* forward process (:class:`mcm.diffusion.forward_process.ForwardProcess`);
+3. conditions -> adapter state with modality dropout;
+4. the adapter's controlled prediction (MCM: modulates the no-grad base prediction;
+   ControlNet / T2I-Adapter: residuals through the frozen UNet);
+5. (weighted) MSE against the target of the base's ``prediction_type``.
+
+Plus optimizer and warm-up (diffusers' ``get_constant_schedule_with_warmup``), EMA, checkpoint
+hooks and sample grids.  A subclass builds its adapter (``build_adapter``) and names how its
+config goes into checkpoints; nothing else.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+from mcm.diffusion.forward_process import ForwardProcess
+from mcm.models.adapter import Adapter
+from mcm.models.frozen_base import FrozenBase, check_base
+from mcm.pipelines.grids import comparison_grid
+from mcm.training.batch_checks import check_training_batch
+from mcm.training.image_logging import log_image_grid
+
+log = logging.getLogger(__name__)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors) where torch has that kernel for the parameters' device.
+
+    The default per-tensor loop cost 18.6 ms per step for the paper's MCM (340 tensors) on CPU
+    against 3.4 ms fused, about 3% of a bf16 SD forward (bench/train_step.py); same update.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # e.g. torch < 2.4 on CPU
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def plain(x: Any) -> Any:
+    """Configs as plain dicts/lists/scalars, so ``torch.load(weights_only=True)`` reads the checkpoint."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+class AdapterModule(L.LightningModule):
+    """Base LightningModule of an adapter trained against a frozen base.
+
+    Subclasses call ``super().__init__()``, ``self.save_hyperparameters()``, then
+    ``self.setup_adapter()`` and implement ``build_adapter``.  Shared arguments (all subclasses):
+
+    Args:
+        base: built-in base name (``shapes32``) or a diffusers-layout directory.
+        modalities: plugin name -> options (the experiment YAMLs link the data module's).
+        lr / weight_decay / warmup_steps: AdamW, constant learning rate after a linear warm-up.
+        modality_dropout: per-sample probability of dropping each modality (zeros + presence 0).
+        drop_all_prob: per-sample probability of dropping all modalities.
+        caption_dropout: probability of conditioning the base on ``""`` instead of the caption.
+        ema_decay: keep an EMA of the adapter (``None`` = off); used for grids and export.
+        loss_weighting / snr_gamma: ``"none"`` or ``"min_snr"`` (Hang et al. 2023) and its gamma.
+        num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings.
+        force_base: load checkpoints made for another base anyway.
+        base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32.
+        channels_last / compile: speed options for the frozen UNet and the adapter (in place).
+    """
+
+    #: attribute holding the trainable adapter (its state_dict prefix in checkpoints)
+    adapter_attribute = "adapter"
+    #: checkpoint key of the adapter's config
+    config_key = "adapter_config"
+    #: name of the adapter's parameter count in ``param_counts`` and the logs
+    param_key = "adapter"
+
+    # ---- construction ------------------------------------------------------------------------------
+    def setup_adapter(self) -> None:
+        h = self.hparams
+        dtype = getattr(torch, h.base_dtype) if h.base_dtype else None
+        object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
+        self.forward_process = ForwardProcess(self.base.scheduler.config, h.loss_weighting, h.snr_gamma)
+        setattr(self, self.adapter_attribute, self.build_adapter())
+        self._speed_up(h.channels_last, h.compile)
+        self.ema = EMAModel(self.trainable.parameters(), decay=h.ema_decay) if h.ema_decay else None
+        self._val_batch: dict | None = None
+        n_ad, n_base = self.trainable.num_trainable_parameters(), self.base.num_parameters()
+        self.param_counts = {self.param_key: n_ad, "base": n_base, "ratio": n_ad / n_base}
+        log.info("%s %.2fM trainable parameters, base %.2fM frozen: ratio %.2f%%", type(self.trainable).__name__,
+                 n_ad / 1e6, n_base / 1e6, 100 * n_ad / n_base)
+
+    def build_adapter(self) -> Adapter:
+        raise NotImplementedError
+
+    @property
+    def trainable(self) -> Adapter:
+        """The trained adapter (``self.mcm`` / ``self.trainable`` in the subclasses)."""
+        return getattr(self, self.adapter_attribute)
+
+    @property
+    def plugins(self):
+        return self.trainable.plugins
+
+    @property
+    def modality_names(self) -> list[str]:
+        return self.trainable.modality_names
+
+    def _speed_up(self, channels_last: bool, compile: bool | str) -> None:
+        """``channels_last`` layout and ``torch.compile`` (``True`` or a backend name) for the frozen UNet and the
+        adapter; ``nn.Module.compile()`` works in place, so names, ``state_dict``, hash and exports are unchanged."""
+        if channels_last:
+            self.base.unet.to(memory_format=torch.channels_last)
+            self.trainable.to(memory_format=torch.channels_last)
+        if compile:
+            kwargs = {"backend": compile} if isinstance(compile, str) else {}
+            self.base.unet.compile(**kwargs)
+            self.trainable.compile(**kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        # the base is not a submodule (so never trained/checkpointed) but must follow .to(device)
+        super()._apply(fn, recurse)
+        self.base._apply(fn, recurse)
+        return self
+
+    # ---- the training step ------------------------------------------------------------------------
+    def presence(self, batch_size: int, train: bool) -> torch.Tensor:
+        """``(B, M)`` keep-mask: each modality dropped w.p. ``modality_dropout``, all w.p. ``drop_all_prob``."""
+        M = len(self.modality_names)
+        if not train:
+            return torch.ones(batch_size, M, device=self.device)
+        keep = (torch.rand(batch_size, M, device=self.device) >= self.hparams.modality_dropout).float()
+        keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
+        return keep * keep_any
+
+    def _text(self, captions: list[str] | None, batch_size: int, train: bool,
+              text_emb: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Text embeddings ``(B, L, D)`` with caption dropout; ``text_emb`` = precomputed ones of the captions."""
+        if not self.base.is_text_conditional:
+            return None
+        captions = list(captions) if captions is not None else [""] * batch_size
+        drop = (torch.rand(batch_size) < self.hparams.caption_dropout).tolist() if train else [False] * batch_size
+        if text_emb is None:
+            return self.base.encode_text(["" if d else c for c, d in zip(captions, drop)])
+        if any(drop):  # dropped rows get the (cached) embedding of ""
+            dropped = torch.tensor(drop, device=text_emb.device)[:, None, None]
+            text_emb = torch.where(dropped, self.base.encode_text(None, 1).to(text_emb), text_emb)
+        return text_emb
+
+    def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
+        train = stage == "train"
+        check_training_batch(self.plugins, batch, 8 * self.base.downsample)  # 0. clear errors, not UNet shape errors
+        images = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        B = images.shape[0]
+        # 1. model space and text, once per batch, without gradients; precomputed "latent" /
+        #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
+        x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
+        text = self._text(batch.get("caption"), B, train, batch.get("text_emb"))
+        # 2. the base's training forward process (variance preserving, whatever its inference scheduler)
+        noise = torch.randn_like(x0)
+        t = self.forward_process.sample_timesteps(B, x0.device)
+        x_t = self.forward_process.add_noise(x0, noise, t)
+        # 3. conditions -> adapter state, with modality dropout
+        conditions = {n: batch[n] for n in self.modality_names}
+        state = self.trainable.encode_conditions(conditions, self.presence(B, train), tuple(x0.shape[-2:]), B)
+        # 4. the controlled prediction; the base's own p is computed (without a graph) only if needed
+        cache: list[torch.Tensor] = []
+
+        def base_prediction() -> torch.Tensor:
+            if not cache:
+                cache.append(self.base.predict(x_t, t, text))
+            return cache[0]
+
+        pred = self.trainable.controlled_prediction(self.base, x_t, t, text, state, 1.0, base_prediction)
+        # 5. (weighted) MSE against the target of the base's prediction type
+        target = self.forward_process.target(x0, noise, t)
+        loss = self.forward_process.loss(pred, target, t)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=not train, batch_size=B,
+                 sync_dist=not train)
+        if not train:  # the no-op reference: how far the base alone is from the target
+            self.log(f"{stage}/base_loss", F.mse_loss(base_prediction(), target), on_epoch=True, batch_size=B,
+                     sync_dist=True)
+        if "skipped" in batch:
+            self.log(f"data/{stage}_skipped_samples", batch["skipped"].float().sum(), reduce_fx="sum",
+                     on_step=False, on_epoch=True, batch_size=B, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0:
+            self._val_batch = batch
+        return self._common_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Samples for held-out conditions: base alone and base + adapter with the same seeds.
+
+        ``mcm predict -c X.yaml --ckpt_path CKPT`` writes them with :class:`mcm.training.prediction_writer.SampleWriter`.
+        """
+        h = self.hparams
+        grid = comparison_grid(self.base, self.exported_module(), batch, n=batch["image"].shape[0],
+                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale,
+                               seed=batch_idx * 100003, strength=h.val_strength)
+        return {"grid": grid, "key": list(batch["key"]), "modalities": [n for n in self.modality_names if n in batch]}
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = adamw(self.trainable.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=self.hparams.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        counts = {f"params/{k}": float(v) for k, v in self.param_counts.items()}
+        for lg in self.loggers:
+            lg.log_hyperparams({"params": self.param_counts, "base_source": self.base.source})
+            lg.log_metrics(counts, step=0)
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end, so a step-N checkpoint holds the step-N EMA
+        if self.ema is not None:
+            self.ema.step(self.trainable.parameters())
+
+    # ---- checkpoints: the adapter and a reference to the base, never the base -----------------------
+    def checkpoint_config(self) -> dict:
+        """What rebuilds the adapter from a checkpoint (``mcm export``)."""
+        raise NotImplementedError
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose adapter does not fit this configuration (subclasses add checks)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mcm_base"] = {"source": self.base.source, "hash": self.base.content_hash()}
+        checkpoint[self.config_key] = plain(self.checkpoint_config())
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_base(checkpoint.get("mcm_base"), self.base, self.hparams.force_base, "this checkpoint")
+        self.check_checkpoint(checkpoint)
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def exported_module(self) -> Adapter:
+        """The adapter with EMA weights if EMA is on (a copy), else the live one."""
+        if self.ema is None:
+            return self.trainable
+        m = copy.deepcopy(self.trainable)
+        self.ema.copy_to(m.parameters())
+        return m
+
+    # ---- validation grid: conditions | base | adapter, same seeds ---------------------------------------
+    def on_validation_epoch_end(self) -> None:
+        if self._val_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        h = self.hparams
+        grid = comparison_grid(self.base, self.exported_module(), self._val_batch, n=h.num_val_samples,
+                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale, seed=0,
+                               strength=h.val_strength)
+        log_image_grid(self, grid, "val/samples", f"step{self.global_step:06d}", nrow=h.num_val_samples)
+        self._val_batch = None

@@ -1,0 +1,146 @@
+"""``mcm export CKPT OUT``: the trained adapter alone (config + safetensors, a few MB), never the base.
+
+Works for every adapter LightningModule (MCM, ControlNet, T2I-Adapter): the checkpoint's config
+key says which adapter to rebuild.  ``--strength S`` records ``default_strength = S`` in the
+export's config (what ``strength=None`` samples at); the weights are the trained ones, never
+rescaled (design.md §2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import ControlNetModel, T2IAdapter
+
+from mcm.models.adapter import Adapter
+from mcm.models.controlnet import ControlNetAdapter
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.models.t2i_adapter import T2IAdapterControl
+from mcm.pipelines.module_io import save_module
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint, loaded without unpickling arbitrary objects (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
+        raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers; refusing to "
+                         f"unpickle it (torch.load weights_only=True): {why}") from None
+
+
+def _no_private(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _mcm(cfg: dict) -> MultimodalConditioningModule:
+    return MultimodalConditioningModule.from_config(_no_private(cfg))
+
+
+def _controlnet(cfg: dict) -> ControlNetAdapter:
+    a = cfg["adapter"]
+    return ControlNetAdapter(ControlNetModel.from_config(_no_private(cfg["controlnet"])), a["modalities"],
+                             a.get("downsample", 1), a.get("default_strength", 1.0))
+
+
+def _t2i(cfg: dict) -> T2IAdapterControl:
+    a = cfg["adapter"]
+    return T2IAdapterControl(T2IAdapter.from_config(_no_private(cfg["t2i_adapter"])), a["modalities"],
+                             a.get("downsample", 1), a.get("default_strength", 1.0))
+
+
+#: checkpoint config key -> (state_dict prefix, builder, name)
+ADAPTER_KINDS: dict[str, tuple[str, Callable[[dict], Adapter], str]] = {
+    "mcm_config": ("mcm.", _mcm, "mcm"),
+    "controlnet_config": ("adapter.", _controlnet, "controlnet"),
+    "t2i_adapter_config": ("adapter.", _t2i, "t2i_adapter"),
+}
+
+
+def copy_ema(module: torch.nn.Module, ema_state: dict) -> None:
+    """Copy an ``EMAModel.state_dict()``'s shadow parameters into ``module``'s parameters (same order)."""
+    shadow, params = ema_state["shadow_params"], list(module.parameters())
+    if len(shadow) != len(params):
+        raise ValueError(f"EMA holds {len(shadow)} tensors but the {type(module).__name__} has {len(params)} "
+                         f"parameters")
+    with torch.no_grad():
+        for p, s in zip(params, shadow):
+            if p.shape != s.shape:
+                raise ValueError(f"EMA tensor of shape {tuple(s.shape)} does not fit a parameter of shape "
+                                 f"{tuple(p.shape)}")
+            p.copy_(s)
+
+
+def adapter_from_checkpoint(ckpt: dict, use_ema: bool = True) -> tuple[Adapter, str]:
+    """Rebuild the adapter of an adapter-module checkpoint (EMA weights if present and ``use_ema``)."""
+    key = next((k for k in ADAPTER_KINDS if k in ckpt), None)
+    if key is None:
+        raise ValueError(f"this checkpoint was not written by an adapter LightningModule (none of "
+                         f"{sorted(ADAPTER_KINDS)}); nothing to export")
+    prefix, build, kind = ADAPTER_KINDS[key]
+    module = build(ckpt[key])
+    state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    module.load_state_dict(state, strict=True)
+    if use_ema and "ema" in ckpt:
+        copy_ema(module, ckpt["ema"])
+    return module.eval(), kind
+
+
+def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalConditioningModule:
+    """The MCM of an ``MCMModule`` checkpoint."""
+    if "mcm_config" not in ckpt:
+        raise ValueError("this checkpoint was not written by mcm.MCMModule (no 'mcm_config'); nothing to export")
+    return adapter_from_checkpoint(ckpt, use_ema)[0]
+
+
+def set_default_strength(module: Adapter, strength: float) -> Adapter:
+    """Record ``strength`` as the export's ``default_strength`` (its config), weights untouched."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength <= 0:
+        raise ValueError(f"--strength: expected a positive number, got {strength!r}")
+    module.default_strength = float(strength)
+    if hasattr(module, "register_to_config"):  # the MCM: config.json holds it
+        module.register_to_config(default_strength=float(strength))
+    return module
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True,
+                      strength: float | None = None) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    module, kind = adapter_from_checkpoint(ckpt, use_ema)
+    info = dict(ckpt.get("mcm_base", {}))
+    info["global_step"] = ckpt.get("global_step")
+    info["adapter"] = kind
+    if strength is not None:
+        set_default_strength(module, strength)
+    out = save_module(module, out, info)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    log.info("exported %s (%d parameters, %.1f MB, default strength %g, base %s) to %s", kind,
+             module.num_trainable_parameters(), size / 1e6, module.default_strength, info.get("source"), out)
+    return out
+
+
+def _run(a: argparse.Namespace) -> int:
+    export_checkpoint(a.ckpt, a.out, use_ema=not a.no_ema, strength=a.strength)
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("export", help="export an MCM / ControlNet / T2I-Adapter checkpoint as config + safetensors")
+    p.add_argument("ckpt", help="Lightning checkpoint of an MCMModule, ControlNetModule or T2IAdapterModule run")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    p.add_argument("--strength", type=float, default=None,
+                   help="record this as the export's default_strength (what strength=None samples at); the "
+                        "weights are not changed")
+    p.set_defaults(func=_run)

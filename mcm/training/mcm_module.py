@@ -1,0 +1,51 @@
+"""``MCMModule``: trains an MCM against a frozen base (Ham et al. 2023, §3.2).
+
+The shared step, optimizer, EMA, checkpoint hooks and grids are :class:`AdapterModule`'s;
+this file builds the MCM and says how it is checkpointed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.training.adapter_module import AdapterModule
+from mcm.training.batch_checks import check_checkpoint_modalities
+
+
+class MCMModule(AdapterModule):
+    """LightningModule holding a frozen base and a trainable MCM.
+
+    Args (besides :class:`AdapterModule`'s):
+        block_out_channels / layers_per_block / attention_levels / norm_num_groups: MCM UNet
+            (the paper's: (32, 32, 64, 128), 2, (2,), 8).
+    """
+
+    adapter_attribute = "mcm"
+    config_key = "mcm_config"
+    param_key = "mcm"
+
+    def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
+                 block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                 attention_levels: tuple[int, ...] = (1,), norm_num_groups: int = 8, lr: float = 3e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
+                 drop_all_prob: float = 0.1, caption_dropout: float = 0.3, ema_decay: float | None = None,
+                 loss_weighting: str = "none", snr_gamma: float = 5.0,
+                 num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
+                 val_strength: float | None = None, force_base: bool = False, base_dtype: str | None = None,
+                 channels_last: bool = False, compile: bool | str = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.setup_adapter()
+
+    def build_adapter(self) -> MultimodalConditioningModule:
+        h = self.hparams
+        return MultimodalConditioningModule(
+            latent_channels=self.base.latent_channels, modalities=h.modalities, downsample=self.base.downsample,
+            block_out_channels=tuple(h.block_out_channels), layers_per_block=h.layers_per_block,
+            attention_levels=tuple(h.attention_levels), norm_num_groups=h.norm_num_groups)
+
+    def checkpoint_config(self) -> dict:
+        return dict(self.mcm.config)
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_modalities(checkpoint.get(self.config_key), self.plugins)
