@@ -28,7 +28,7 @@ one() {
     curve)  # alignment and FID vs number of training images (2,000 = the per-modality segmentation MCM)
       mcm evaluate --curve 250=docs/eval/curve_250/metrics.json 500=docs/eval/curve_500/metrics.json \
         1000=docs/eval/curve_1000/metrics.json 2000=docs/eval/mcm_segmentation/metrics.json --out docs/eval/curve ;;
-    table) python -m mcm.comparison_report docs/comparison.yaml --out docs/eval/comparison.md ;;
+    table) python -m mcm.evaluation.comparison_report docs/comparison.yaml --out docs/eval/comparison.md ;;
     *) echo "unknown evaluation $1" >&2; exit 2 ;;
   esac
 }
