@@ -18,9 +18,6 @@ _LAZY = {
     "T2IAdapterModule": "mcm.training.t2i_adapter_module",
     "FrozenBase": "mcm.models.frozen_base",
     "MultimodalConditioningModule": "mcm.models.modulator",
-    # diffusers resolves a saved pipeline's ["mcm", "AdapterStack"] component by looking up its
-    # loadable base classes in the component's library: `mcm.ModelMixin` must be diffusers' own
-    "ModelMixin": "diffusers",
 }
 
 

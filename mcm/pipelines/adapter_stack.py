@@ -4,7 +4,8 @@
 ``MultiControlNetModel`` holds several ControlNets; this holds any mix of adapters (MCM,
 ControlNet, T2I-Adapter) with their composition weights and the base each was trained on.
 Saved as ``adapters/00``, ``adapters/01``, ... (each an ``mcm export`` directory) plus
-``adapters/stack.json``; ``model_index.json`` names it ``["mcm", "AdapterStack"]``.
+``adapters/stack.json``; ``model_index.json`` names it ``["mcm.pipelines.adapter_stack", "AdapterStack"]``
+(diffusers imports that module and finds ``ModelMixin`` in it to choose ``from_pretrained``).
 """
 from __future__ import annotations
 
