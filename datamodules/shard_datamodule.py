@@ -12,8 +12,8 @@ import tarfile
 from typing import Any
 
 import lightning as L
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
 
 import modalities as modality_registry
 
@@ -25,12 +25,19 @@ _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
 
 
 def expand_shards(spec: str | list[str] | None, what: str) -> list[str]:
-    """Brace patterns / lists -> URLs; local paths must exist (a clear error names the missing ones)."""
+    """Brace patterns / lists -> URLs; local paths must exist (a clear error names the missing ones).
+
+    Each string is expanded as webdataset expands a URL (``::`` joins, ``${VAR}`` from ``WDS_VAR``, braces).
+    """
     if spec is None:
         return []
     specs = [spec] if isinstance(spec, str) else list(spec)
-    urls = [u for s in specs for part in s.split("::") for u in braceexpand(part)]
+    try:
+        urls = [u for s in specs for u in expand_urls(s)]
+    except AssertionError as e:  # webdataset asserts that ${VAR} has a WDS_VAR in the environment
+        raise ValueError(f"{what}: cannot expand the shard list {spec!r}: {e}") from None
     # local globs (data/shapes/train-*.tar) expand too; a glob matching nothing stays and is reported missing
+    # (expand_urls does braces only; it never globs)
     urls = [m for u in urls for m in (sorted(glob.glob(u)) or [u] if "*" in u and not u.startswith(_REMOTE) else [u])]
     if not urls:
         raise ValueError(f"{what}: the shard list {spec!r} is empty; expected a path, brace pattern or URL")

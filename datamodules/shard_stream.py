@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision import tv_tensors
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator, url_opener
 
@@ -144,11 +144,9 @@ class ShardStream(IterableDataset):
 
 
 def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
-    """Stack tensors, keep strings as lists; ``skipped`` = bad samples dropped since the last batch."""
-    out: dict[str, Any] = {}
-    for k in items[0]:
-        vals = [it[k] for it in items]
-        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    """Stack tensors, keep strings as lists (torch's ``default_collate``); ``skipped`` = bad samples
+    dropped since the last batch."""
+    out = default_collate(items)
     out["skipped"] = torch.tensor(skipped)
     return out
 

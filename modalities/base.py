@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.io import ImageReadMode, decode_image
 
 
 class ModalityError(ValueError):
@@ -50,16 +51,31 @@ class ConvEncoder(nn.Module):
         return self.net(x)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def png_bytes_to_array(data: bytes, what: str) -> np.ndarray:
-    """Decode PNG/JPEG bytes with PIL (never pickle); keeps 16-bit depth as uint16."""
+    """Decode PNG/JPEG bytes to ``(H, W)`` or ``(H, W, C)`` (never pickle); 16-bit PNGs stay uint16.
+
+    torchvision decodes, so the dtype says the bit depth: a 16-bit map is uint16 whatever its values.
+    PNGs under 8 bits go through PIL: torchvision leaves small palettes' indices packed and scales
+    1-bit greyscale to 0/255, where label maps need the raw indices (PIL gives them, and 1-bit as bool).
+    """
+    # IHDR: signature (8), length (4), b"IHDR" (4), width (4), height (4), bit depth (1), colour type (1)
+    is_png = data[:8] == _PNG_SIGNATURE and len(data) >= 26
+    bit_depth = data[24] if is_png else 8
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return np.asarray(im, dtype=np.int32).astype(np.uint16)
-            return np.asarray(im)
-    except Exception as e:  # PIL raises a zoo of types for corrupt files
+        if bit_depth < 8:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                return np.asarray(im)
+        t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except Exception as e:  # libpng / libjpeg / PIL errors come as RuntimeError, OSError, ValueError ...
         raise ModalityError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+    # torch.uint16 has few ops (and torchvision < 0.21 returned 16-bit PNGs as int32): go through int32
+    arr = t.to(torch.int32).numpy().astype(np.uint16) if bit_depth == 16 else t.numpy()
+    arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    return np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
 class Modality:
@@ -130,6 +146,9 @@ class Modality:
             )
         if x.is_complex():
             self._fail("a real-valued map", f"dtype {x.dtype}")
+        # integer maps are scaled by their dtype's range, never by their values: a 16-bit map
+        # that happens to stay <= 255 is still 16-bit (wider ints: 8-bit values, as before)
+        top = 65535.0 if x.dtype == torch.uint16 else 255.0
         if x.dtype == torch.uint16:  # 16-bit PNGs; torch has few uint16 ops
             x = x.int()
         if x.dtype == torch.bool and not self.is_label_map:
@@ -143,14 +162,14 @@ class Modality:
             elif x.ndim == 3:
                 x = x[None]
             if not x.is_floating_point():
-                # 8/16-bit images: scale to [0, 1] by the dtype's range
-                top = 65535.0 if x.dtype in (torch.int32, torch.uint16) and x.numel() and x.max() > 255 else 255.0
                 x = x.float() / top
         self.validate(x)
         return x.long() if self.is_label_map else x.float()
 
     def _pil_to_array(self, im: Image.Image) -> np.ndarray:
         arr = np.array(im)  # a writable copy (torch warns on read-only arrays)
+        if im.mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)  # 16-bit PNGs may open as PIL mode I (32-bit), depending on the Pillow version
         if self.is_label_map and arr.ndim == 3:  # label maps are single-channel; grey stored as RGB(A) is fine
             if not (arr[..., :3] == arr[..., :1]).all():
                 self._fail("a single-channel label image (PIL mode L, P or I)", f"a PIL image of mode {im.mode}")
