@@ -96,7 +96,8 @@ class Sketch(Modality):
         if "sketch.png" not in sample:
             return None
         arr = png_bytes_to_array(sample["sketch.png"], f"modality '{self.name}', key 'sketch.png'")
-        top = 65535.0 if arr.dtype == np.uint16 else 255.0
+        # the dtype decides the scale: 1-bit PNGs decode as bool (strokes 1), 16-bit as uint16
+        top = {np.dtype(bool): 1.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 255.0)
         x = arr.astype(np.float32) / top
         if x.ndim == 3:  # RGB(A) -> grey
             x = x[..., :3].mean(-1)

@@ -111,3 +111,20 @@ def test_expand_shards_braces_globs_joins_and_env(tmp_path, monkeypatch):
         expand_shards("${SHARD_DIR}/s-000.tar", "train_shards")
     with pytest.raises(FileNotFoundError, match=r"val_shards: 1 of 4 shards do not exist: .*s-003\.tar"):
         expand_shards(str(tmp_path / "s-{000..003}.tar"), "val_shards")
+
+
+def test_one_bit_sketch_png_decodes_strokes_as_one():
+    """Regression: a 1-bit sketch PNG (decoded as bool) was divided by 255, strokes 1/255."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import modalities
+
+    strokes = np.zeros((8, 8), bool)
+    strokes[2, :] = True
+    buf = io.BytesIO()
+    Image.fromarray(strokes).convert("1").save(buf, format="PNG")
+    x = modalities.get("sketch").decode({"sketch.png": buf.getvalue()})
+    assert x.shape == (1, 8, 8) and x.max() == 1.0 and x.sum() == 8
