@@ -83,12 +83,16 @@ def ddpm_difference(uncond_dir: Path, scheduler_cls) -> float:
 def main() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         sd_dir, uncond_dir = make_tiny_sd(Path(tmp) / "sd"), make_tiny_unconditional(Path(tmp) / "uncond")
-        rows = ["| scheduler | SD, guidance 1 | SD, guidance 7.5 | DDPMPipeline (pixel) |", "|---|---|---|---|"]
+        rows = ["| scheduler | SD, guidance 1 | SD, guidance 7.5 | DDPMPipeline (pixel) | control: other seed |",
+                "|---|---|---|---|---|"]
         for name, cls in SCHEDULERS.items():
             ref, ours = sd_pair(sd_dir, cls)
             diffs = [f"{sd_difference(ref, ours, g):.1e}" for g in GUIDANCE]
             pixel = f"{ddpm_difference(uncond_dir, cls):.1e}" if cls in (DDPMScheduler, DDIMScheduler) else "n/a"
-            rows.append(f"| {name} | {diffs[0]} | {diffs[1]} | {pixel} |")
+            other = ours(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5,
+                         generator=torch.Generator().manual_seed(SEED + 1))
+            same = ours(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, generator=_gen())
+            rows.append(f"| {name} | {diffs[0]} | {diffs[1]} | {pixel} | {float((other - same).abs().max()):.2f} |")
     return "\n".join(rows)
 
 
