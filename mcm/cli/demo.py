@@ -35,7 +35,7 @@ def shapes_conditions(n: int, seed: int = 1234, size: int = 32) -> tuple[dict[st
 
 def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, seed: int = 0,
              model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None,
-             strength: float = 1.0) -> Path:
+             strength: float | None = None) -> Path:
     """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset."""
     from mcm import MCMPipeline
 
@@ -73,6 +73,6 @@ def add_command(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--model", default="shapes32", help="'shapes32' or an exported MCM directory")
     p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")
-    p.add_argument("--strength", type=float, default=1.0,
-                   help="modulation strength (the shipped module has its measured best folded in: keep 1)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="modulation strength (default: the module's recorded default_strength)")
     p.set_defaults(func=_run)

@@ -201,7 +201,8 @@ def add_command(sub) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds, one row each (default 0)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--strength", type=float, default=1.0, help="modulation strength (ControlNet: conditioning scale)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="modulation strength (ControlNet: conditioning scale); default: each module's default_strength")
     p.add_argument("--compare", action="store_true", help="also the base alone and each module alone, same seeds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+
+#: modules with an ``add_command(subparsers)``; ``datamodules.*`` ones attach under ``mcm data``
+COMMAND_MODULES = ("datamodules.pack", "mcm.training.export", "mcm.cli.demo", "mcm.evaluation.evaluate",
+                   "mcm.cli.sample_command")
 
 
 def add_commands(sub: argparse._SubParsersAction, data: argparse._SubParsersAction) -> None:
-    for modname in ("datamodules.pack", "mcm.training.export", "mcm.cli.demo", "mcm.evaluation.evaluate", "mcm.cli.sample_command"):
-        try:
-            mod = __import__(modname, fromlist=["add_command"])
-        except ModuleNotFoundError as e:
-            if e.name == modname:  # not written yet
-                continue
-            raise
-        mod.add_command(data if modname.startswith("datamodules") else sub)
+    # every module is part of the package: a missing one is a broken install, never a silently absent command
+    for modname in COMMAND_MODULES:
+        importlib.import_module(modname).add_command(data if modname.startswith("datamodules") else sub)

@@ -156,6 +156,12 @@ def make_settings(pipe, a: argparse.Namespace, available: Sequence[str]) -> list
                          f"(they provide {list(available)})")
     subsets = [[m] for m in mods] + ([mods] if len(mods) > 1 else []) if a.per_modality else [mods]
     strengths = a.strength if pipe.modules else [0.0]  # the base alone has nothing to modulate
+    if strengths is None:  # each module's recorded default_strength: one number, to label the setting
+        defaults = sorted({m.default_strength for m in pipe.modules})
+        if len(defaults) > 1:
+            raise ValueError(f"--strength: the --mcm modules record different default strengths {defaults}; "
+                             f"give --strength explicitly")
+        strengths = defaults
     return [{"modalities": list(s), "strength": float(st)} for s in subsets for st in strengths]
 
 
@@ -345,7 +351,8 @@ def add_command(sub) -> None:
     p.add_argument("--data", default=None, help="held-out shards: path, glob or brace pattern")
     p.add_argument("--n", type=int, default=64, help="held-out conditions (default 64)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds per condition (default 0 1)")
-    p.add_argument("--strength", nargs="+", type=float, default=[1.0], help="modulation strengths to sweep")
+    p.add_argument("--strength", nargs="+", type=float, default=None,
+                   help="modulation strengths to sweep (default: the modules' recorded default_strength)")
     p.add_argument("--modalities", nargs="+", default=None,
                    help="the subset to condition on (default: every modality of the modules; "
                    "base alone: all available)")
