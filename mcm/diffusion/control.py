@@ -7,7 +7,8 @@ the composition of independently trained adapters (MCDM, Nair et al.):
     p_c = p_u + sum_i w_i (p_i - p_u)
 
 with ``p_u`` the base's prediction, computed once per step and shared by every adapter that
-modulates it.  The predictor sees the batch the base sees (with guidance the doubled
+modulates it; with region masks ``p_c = p_u + sum_i w_i R_i (p_i - p_u)``.  Strengths may vary over
+space and the schedule (:mod:`mcm.diffusion.strength`).  The predictor sees the batch the base sees (with guidance the doubled
 ``[uncond; cond]`` batch), so one adapter call serves both guidance branches.  The sampler and
 this file only call the adapter protocol (:mod:`mcm.models.adapter`); they never test a type.
 """
@@ -19,21 +20,31 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from mcm.diffusion.sampling import Generator, Predictor, guided, initial_noise, noise_fraction, sample
+from mcm.diffusion.strength import Strength, strength_at
 from mcm.models.adapter import Adapter
 
 
 @dataclass
 class Control:
-    """One adapter with its own conditions (raw maps at image size), composition weight and strength."""
+    """One adapter with its own conditions (raw maps at image size), composition weight, strength and region."""
 
     adapter: Adapter
     conditions: Mapping[str, torch.Tensor]
     weight: float = 1.0
-    strength: float | torch.Tensor | None = None  # None: the adapter's default_strength
+    strength: float | Strength | None = None  # None: the adapter's default_strength
+    region: torch.Tensor | None = None  # (1 or B, 1, h, w) in [0, 1], model space; None: everywhere
 
-    @property
-    def effective_strength(self) -> float | torch.Tensor:
-        return self.adapter.default_strength if self.strength is None else self.strength
+    def strength_at(self, fraction: float, batch_size: int, device: torch.device) -> float | torch.Tensor:
+        s = strength_at(self.adapter.default_strength if self.strength is None else self.strength, fraction,
+                        batch_size)
+        return s.to(device) if isinstance(s, torch.Tensor) else s
+
+    def region_for(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        if self.region is None:
+            return None
+        r = self.region if self.region.shape[0] == batch_size else self.region.repeat(
+            batch_size // self.region.shape[0], 1, 1, 1)
+        return r.to(device)
 
 
 def in_window(fraction: float, window: tuple[float, float]) -> bool:
@@ -65,16 +76,21 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
                 cache.append(base.predict(x, t, context))
             return cache[0]
 
-        if not live or not in_window(noise_fraction(t, T), window):
+        fraction = noise_fraction(t, T)
+        if not live or not in_window(fraction, window):
             return base_prediction()
-        if len(live) == 1 and live[0][0].weight == 1.0:  # one adapter alone: its prediction, no extra base call
-            c, s = live[0]
-            return c.adapter.controlled_prediction(base, x, t, context, s, c.effective_strength, base_prediction)
+        B, dev = x.shape[0], x.device
+        if len(live) == 1 and live[0][0].weight == 1.0 and live[0][0].region is None:
+            c, s = live[0]  # one adapter alone: its prediction, no extra base call
+            return c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev),
+                                                   base_prediction)
         p_u = base_prediction()
         out = p_u
         for c, s in live:
-            p_i = c.adapter.controlled_prediction(base, x, t, context, s, c.effective_strength, base_prediction)
-            out = out + c.weight * (p_i - p_u)
+            p_i = c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev),
+                                                  base_prediction)
+            r = c.region_for(B, dev)
+            out = out + c.weight * (p_i - p_u) * (1.0 if r is None else r)
         return out
 
     return predict

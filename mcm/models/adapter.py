@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modalities import ModalityError
@@ -85,3 +86,14 @@ def conditioning_image(adapter: Adapter, conditions: Mapping[str, torch.Tensor],
             c = c * present[:, j, None, None, None].to(device=device, dtype=dtype)  # (B, 1, 1, 1)
         maps.append(c)
     return torch.cat(maps, dim=1)
+
+
+def scale_residual(residual: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
+    """A ControlNet / T2I-Adapter residual times the strength; a strength map ``(B, 1, h, w)`` is resized
+    (bilinear) to the residual's level, so the baselines get the same spatial control as the MCM."""
+    if not isinstance(strength, torch.Tensor):
+        return residual * strength
+    s = strength.to(device=residual.device, dtype=residual.dtype)
+    if tuple(s.shape[-2:]) != tuple(residual.shape[-2:]):
+        s = F.interpolate(s, size=tuple(residual.shape[-2:]), mode="bilinear", align_corners=False)
+    return residual * s

@@ -28,7 +28,7 @@ from torch import nn
 
 import modalities as modality_registry
 
-from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_residual
 
 ADAPTER_FILE = "mcm_controlnet.json"
 #: diffusers' default (x8, as in the paper's 512 -> 64 encoder); a prefix of it for smaller factors
@@ -129,8 +129,9 @@ class ControlNetAdapter(Adapter):
             context = base.encode_text(None, x_t.shape[0])
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        down, mid = self.residuals(x_t, t, context, repeat_batch(state, x_t.shape[0]), strength)
-        return base.predict_with_residuals(x_t, t, context, down, mid)
+        down, mid = self.residuals(x_t, t, context, repeat_batch(state, x_t.shape[0]))
+        down = tuple(scale_residual(r, strength) for r in down)  # what diffusers' conditioning_scale does,
+        return base.predict_with_residuals(x_t, t, context, down, scale_residual(mid, strength))  # or per pixel
 
     # ---- export ---------------------------------------------------------------------------------------
     def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:

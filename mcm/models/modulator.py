@@ -23,9 +23,11 @@ from mcm.models.adapter import Adapter, BasePrediction, repeat_batch
 
 
 def modulate(p: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """``p_hat = p + s * (p * gamma + beta)``; at ``s = 1`` this is the paper's ``p * (1 + gamma) + beta``."""
-    if isinstance(strength, (int, float)) and strength == 1.0:
-        return p * (1 + gamma) + beta
+    """``p_hat = p + s * (p * gamma + beta)``; at ``s = 1`` this is the paper's ``p * (1 + gamma) + beta``.
+
+    One formula for every ``s`` (a float or a map broadcastable to ``p``), so a map of ones gives exactly
+    the float 1 and a map of zeros exactly ``p``.
+    """
     return p + strength * (p * gamma + beta)
 
 

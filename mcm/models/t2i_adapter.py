@@ -20,7 +20,7 @@ from diffusers import T2IAdapter, UNet2DConditionModel
 
 import modalities as modality_registry
 
-from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_residual
 
 ADAPTER_FILE = "mcm_t2i_adapter.json"
 
@@ -82,7 +82,7 @@ class T2IAdapterControl(Adapter):
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                               state: list[torch.Tensor], strength: float | torch.Tensor = 1.0,
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
-        features = [f * strength for f in repeat_batch(state, x_t.shape[0])]
+        features = [scale_residual(f, strength) for f in repeat_batch(state, x_t.shape[0])]
         return base.predict_with_residuals(x_t, t, context, down_intrablock_residuals=features)
 
     # ---- export ---------------------------------------------------------------------------------------

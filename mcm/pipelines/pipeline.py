@@ -19,6 +19,7 @@ import numbers
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel,
                        UNet2DModel)
@@ -30,6 +31,7 @@ from modalities import ModalityError
 
 from mcm.diffusion.control import Control, controlled_sample
 from mcm.diffusion.sampling import generators_for
+from mcm.diffusion.strength import parse_strength, spatial_map
 from mcm.models.frozen_base import FrozenBase, check_base
 from mcm.pipelines.adapter_stack import AdapterStack
 from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
@@ -226,9 +228,14 @@ class MCMPipeline(DiffusionPipeline):
             prompt: text for text-conditional bases (one, or one per image).
             num_images: batch size when no condition and no prompt list is given (default 1).
             guidance_scale: classifier-free guidance weight (on when > 1, as in diffusers).
-            strength: modulation strength ``s`` in ``p + s (p gamma + beta)`` (ControlNet: its
-                conditioning scale); ``None`` = each adapter's recorded ``default_strength``; one
-                value for all adapters, or one per adapter.
+            strength: modulation strength ``s`` in ``p + s (p gamma + beta)`` (ControlNet / T2I-Adapter: the
+                scale of their residuals); ``None`` = each adapter's recorded ``default_strength``.  A float,
+                a map ``(H, W)`` / ``(B, H, W)`` at the output size (resized to model space; the baselines'
+                residuals are scaled per level), a schedule (a list with one value per inference step,
+                noisiest first, or a callable of the noise fraction ``t / T``), or ``(map, schedule)``;
+                one for all adapters, or a list with one per adapter.
+            regions: one soft mask in [0, 1] per adapter (``(H, W)`` / ``(B, H, W)``, ``None`` = everywhere):
+                ``p_c = p_u + sum_i w_i R_i (p_i - p_u)``.
             modulation_window: ``(low, high)`` noise fractions ``t / T`` (1 = pure noise) where the
                 adapters act; ``(0.6, 1.0)`` = only the noisiest 40% of the schedule.
             seeds: one seed per image (overrides ``generator``; each image reproducible on its own).
@@ -241,13 +248,17 @@ class MCMPipeline(DiffusionPipeline):
         if class_labels is not None:
             raise ValueError(f"class_labels: the base '{self.base.source}' is not class-conditional "
                              f"(it takes {'prompts' if self.base.is_text_conditional else 'no conditioning'})")
-        if regions is not None:
-            raise ValueError("regions: regional composition is not available in this version; omit regions")
         conds = self.check_inputs(conditions)
         prompt_batch = len(prompt) if isinstance(prompt, (list, tuple)) and not any(conds) else None
         B, size = self._batch_and_size(conds, num_images if num_images is not None else prompt_batch)
         lo, hi = _window(modulation_window)
-        strengths = _strengths(strength, len(self.adapter_list))
+        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
+        n = len(self.adapter_list)
+        strengths = [parse_strength(v, f"strength[{i}]" if n > 1 and _per_adapter(strength) else "strength", B,
+                                    (H, W), size, num_inference_steps)
+                     for i, v in enumerate(_per_adapter_values(strength, n, "strength"))]
+        masks = [None if r is None else spatial_map(r, f"regions[{i}]", B, (H, W), size, 0.0, 1.0)
+                 for i, r in enumerate(_regions(regions, n))]
         # 2. prompts
         prompts = None
         if self.base.is_text_conditional:
@@ -259,9 +270,8 @@ class MCMPipeline(DiffusionPipeline):
             raise ValueError(f"prompt={prompt!r} given but the base '{self.base.source}' is not text-conditional")
         # 3. controls: each adapter with its conditions (resized to the output size), weight and strength
         device = self._execution_device
-        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
-        controls = [Control(m, {n: m.plugins[n].resize(x, (H, W)).to(device) for n, x in c.items()}, w, s)
-                    for m, c, w, s in zip(self.adapter_list, conds, self.weights, strengths)]
+        controls = [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
+                    for m, c, w, s, r in zip(self.adapter_list, conds, self.weights, strengths, masks)]
         # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
         generator = generators_for(seeds, generator)
         callback = None
@@ -312,17 +322,29 @@ def _window(window: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _strengths(strength, n: int) -> list:
-    """``None`` / one value / one per adapter -> one per adapter (``None`` = the adapter's default)."""
-    if strength is None or isinstance(strength, (numbers.Real, torch.Tensor)):
-        values = [strength] * n
-    else:
-        values = list(strength)
-        if len(values) != n:
-            raise ValueError(f"strength: got {len(values)} values for {n} adapters; give one, or one per adapter")
-    for v in values:
-        if isinstance(v, bool) or (v is not None and not isinstance(v, (numbers.Real, torch.Tensor))):
-            raise ValueError(f"strength: expected a number (or None for each adapter's default), got {v!r}")
-        if isinstance(v, numbers.Real) and not v == v:
-            raise ValueError(f"strength: expected a finite number, got {v!r}")
-    return [float(v) if isinstance(v, numbers.Real) else v for v in values]
+def _per_adapter(value) -> bool:
+    """Is ``value`` one entry per adapter (a list of numbers/maps/None), rather than one schedule or map?"""
+    return isinstance(value, list) and any(v is None or isinstance(v, (torch.Tensor, np.ndarray, tuple, list))
+                                           or callable(v) for v in value)
+
+
+def _per_adapter_values(value, n: int, name: str) -> list:
+    """One strength for all adapters, or a list with one per adapter (``None`` = that adapter's default).
+
+    With several adapters a list of as many numbers gives one number each; any other list of numbers is a
+    per-step schedule for all of them; to give each adapter its own schedule, pass a list of lists.
+    """
+    if isinstance(value, list) and (_per_adapter(value) or (n > 1 and len(value) == n)):
+        if len(value) != n:
+            raise ValueError(f"{name}: got {len(value)} values for {n} adapters; give one, or one per adapter")
+        return list(value)
+    return [value] * n
+
+
+def _regions(regions, n: int) -> list:
+    if regions is None:
+        return [None] * n
+    if not isinstance(regions, (list, tuple)) or len(regions) != n:
+        got = len(regions) if isinstance(regions, (list, tuple)) else type(regions).__name__
+        raise ValueError(f"regions: expected a list of {n} masks (one per adapter; None = everywhere), got {got}")
+    return list(regions)
