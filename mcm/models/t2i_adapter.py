@@ -7,6 +7,11 @@ multi-scale features are added inside the frozen UNet's down blocks
 features do not depend on ``x_t`` or ``t``, so ``encode_conditions`` runs the encoder once per
 sampling run; ``controlled_prediction`` runs the base with them, times ``strength``.
 
+Where a base's down blocks do not halve the resolution the way Stable Diffusion's do (the ``shapes32``
+base's first blocks are plain ``DownBlock2D``, whose residual the UNet adds *after* downsampling), each
+feature level is resized (bilinear) to the resolution at which the UNet adds it; for SD layouts nothing
+is resized.
+
 Exported as a plain diffusers ``T2IAdapter`` directory plus ``mcm_t2i_adapter.json`` (the plugins).
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from diffusers import T2IAdapter, UNet2DConditionModel
 
 import modalities as modality_registry
@@ -23,6 +29,13 @@ import modalities as modality_registry
 from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_residual
 
 ADAPTER_FILE = "mcm_t2i_adapter.json"
+
+
+def intrablock_factors(down_block_types: list[str]) -> list[int]:
+    """Per down block, the model-space downsampling at which ``UNet2DConditionModel`` adds a T2I residual:
+    inside cross-attention blocks before their downsampler, after the others (and their downsampler)."""
+    n = len(down_block_types)
+    return [2 ** i if ("CrossAttn" in bt or i == n - 1) else 2 ** (i + 1) for i, bt in enumerate(down_block_types)]
 
 
 class T2IAdapterControl(Adapter):
@@ -33,11 +46,14 @@ class T2IAdapterControl(Adapter):
         modalities: plugin name -> options (same as the MCM's and the data module's).
         downsample: the base's model-space downsampling (1 pixel, 8 Stable Diffusion).
         default_strength: the feature scale used when sampling with ``strength=None``.
+        level_factors: per feature level, the model-space downsampling the UNet adds it at (``None``:
+            as the adapter makes them).
     """
 
     def __init__(self, adapter: T2IAdapter, modalities: dict[str, dict[str, Any]], downsample: int = 1,
-                 default_strength: float = 1.0):
+                 default_strength: float = 1.0, level_factors: list[int] | None = None):
         super().__init__()
+        self.level_factors = list(level_factors) if level_factors is not None else None
         if not modalities:
             raise ValueError("modalities: T2I-Adapter needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
         self.adapter = adapter
@@ -60,15 +76,17 @@ class T2IAdapterControl(Adapter):
         if not modalities:
             raise ValueError("modalities: T2I-Adapter needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
         plugins = modality_registry.build_all(modalities)
+        factors = intrablock_factors(list(base.unet.config.down_block_types))
         adapter = T2IAdapter(in_channels=sum(p.channels for p in plugins.values()),
                              channels=list(base.unet.config.block_out_channels), num_res_blocks=num_res_blocks,
-                             downscale_factor=base.downsample, adapter_type="full_adapter")
-        return cls(adapter, modalities, base.downsample)
+                             downscale_factor=base.downsample * factors[0], adapter_type="full_adapter")
+        return cls(adapter, modalities, base.downsample, level_factors=factors)
 
     @property
     def config(self) -> dict[str, Any]:
         return {"adapter": "t2i_adapter", "modalities": {n: p.config() for n, p in self.plugins.items()},
-                "downsample": self.downsample, "default_strength": self.default_strength}
+                "downsample": self.downsample, "default_strength": self.default_strength,
+                "level_factors": self.level_factors}
 
     # ---- the adapter protocol ------------------------------------------------------------------------
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
@@ -77,7 +95,12 @@ class T2IAdapterControl(Adapter):
         w = next(self.adapter.parameters())
         H, W = size[0] * self.downsample, size[1] * self.downsample
         image = conditioning_image(self, conditions, present, (H, W), batch_size, w.device, w.dtype)
-        return list(self.adapter(image))
+        features = list(self.adapter(image))
+        if self.level_factors is None:
+            return features
+        sizes = [(size[0] // f, size[1] // f) for f in self.level_factors]
+        return [f if tuple(f.shape[-2:]) == s else F.interpolate(f, size=s, mode="bilinear", align_corners=False)
+                for f, s in zip(features, sizes)]
 
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                               state: list[torch.Tensor], strength: float | torch.Tensor = 1.0,
@@ -99,7 +122,8 @@ class T2IAdapterControl(Adapter):
             raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported T2I-Adapter")
         cfg = json.loads((path / ADAPTER_FILE).read_text())
         adapter = T2IAdapter.from_pretrained(path, use_safetensors=True)
-        return cls(adapter, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0))
+        return cls(adapter, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0),
+                   cfg.get("level_factors"))
 
 
 def is_t2i_adapter_dir(path: str | Path) -> bool:

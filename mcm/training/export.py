@@ -56,7 +56,7 @@ def _controlnet(cfg: dict) -> ControlNetAdapter:
 def _t2i(cfg: dict) -> T2IAdapterControl:
     a = cfg["adapter"]
     return T2IAdapterControl(T2IAdapter.from_config(_no_private(cfg["t2i_adapter"])), a["modalities"],
-                             a.get("downsample", 1), a.get("default_strength", 1.0))
+                             a.get("downsample", 1), a.get("default_strength", 1.0), a.get("level_factors"))
 
 
 #: checkpoint config key -> (state_dict prefix, builder, name)
