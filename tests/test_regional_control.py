@@ -159,3 +159,33 @@ def test_bad_maps_schedules_and_regions_name_the_argument(setup, kwargs, match):
 def test_schedule_list_is_read_on_the_noise_level():
     s = parse_strength([4.0, 3.0, 2.0, 1.0], "strength", 1, (8, 8), (8, 8), 4)
     assert [s.at(f, 1) for f in (0.999, 0.76, 0.74, 0.5, 0.26, 0.24, 0.0)] == [4.0, 4.0, 3.0, 2.0, 2.0, 1.0, 1.0]
+
+
+def test_mcm_sample_regions_strength_map_and_schedule(tmp_path):
+    """``mcm sample --regions a.png b.png`` with the two shipped compose modules; bad counts are refused."""
+    from PIL import Image
+
+    from mcm.cli.tool_commands import run_tool_command
+
+    seg = np.zeros((32, 32), np.uint8)
+    seg[8:24, 4:14] = 2
+    sketch = np.zeros((32, 32), np.uint8)
+    sketch[10:22, 22] = 255
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    for name, arr in (("seg", seg), ("sk", sketch), ("left", left), ("right", 255 - left)):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+    common = ["sample", "--mcm", "shapes32_compose_segmentation", "shapes32_compose_sketch", "--steps", "3",
+              "--cond", f"0:segmentation={tmp_path / 'seg.png'}", f"1:sketch={tmp_path / 'sk.png'}"]
+    outs = {}
+    for tag, extra in (("plain", []), ("regions", ["--regions", str(tmp_path / "left.png"), str(tmp_path / "right.png")]),
+                       ("map", ["--strength-map", str(tmp_path / "left.png"), "--strength-schedule", "1,1,0"])):
+        out = tmp_path / f"{tag}.png"
+        assert run_tool_command([*common, *extra, "--out", str(out)]) == 0
+        outs[tag] = np.asarray(Image.open(out), dtype=np.float32)
+    assert outs["plain"].shape == outs["regions"].shape
+    assert np.abs(outs["plain"] - outs["regions"]).max() > 10 and np.abs(outs["plain"] - outs["map"]).max() > 10
+    with pytest.raises(ValueError, match="--regions: got 1 masks for 2"):
+        run_tool_command([*common, "--regions", str(tmp_path / "left.png"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="--strength-schedule"):
+        run_tool_command([*common, "--strength-schedule", "1,a", "--out", str(tmp_path / "x.png")])

@@ -14,6 +14,11 @@ the modality gets it.  Noise seeds follow ``mcm evaluate``: condition ``i`` unde
 starts from ``s * 100000 + i``.  Grid rows: the input maps (and the real images with
 ``--data``), then per seed the base alone and each module alone (``--compare``), then the
 composed samples.
+
+Regional and scheduled control: ``--regions a.png b.png`` (one greyscale mask per ``--mcm``, white =
+the module acts, ``-`` = everywhere), ``--strength-map map.png`` (greyscale, white = full strength),
+``--strength-schedule 1,1,0.5,...`` (one value per step, noisiest first) and ``--window LOW HIGH``
+(noise fractions t/T where the modules act, 1 = pure noise).
 """
 from __future__ import annotations
 
@@ -94,6 +99,43 @@ def conditions_from_data(pipe, a: argparse.Namespace) -> tuple[list[dict[str, to
     return [{n: data[n] for n in m.modality_names if n in specs} for m in pipe.modules], data
 
 
+def read_mask(path: str, flag: str) -> torch.Tensor:
+    """A greyscale PNG -> ``(H, W)`` float in [0, 1] (white = 1); RGB is averaged."""
+    arr = _read_image(path, flag).astype(np.float32)
+    arr = arr.mean(-1) if arr.ndim == 3 else arr
+    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    return torch.from_numpy(arr / top)
+
+
+def strength_arg(a: argparse.Namespace):
+    """``--strength`` / ``--strength-map`` / ``--strength-schedule`` -> what ``MCMPipeline`` takes."""
+    smap = read_mask(a.strength_map, "--strength-map") if a.strength_map else None
+    sched = None
+    if a.strength_schedule:
+        try:
+            sched = [float(v) for v in a.strength_schedule.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--strength-schedule {a.strength_schedule!r}: expected comma-separated numbers, "
+                             f"one per step (e.g. 1,1,0.5,0)") from None
+    scale = 1.0 if a.strength is None else a.strength
+    if smap is not None and sched is not None:
+        return (smap * scale, sched)
+    if smap is not None:
+        return smap * scale
+    if sched is not None:
+        return [v * scale for v in sched]
+    return a.strength
+
+
+def regions_arg(a: argparse.Namespace, n_modules: int) -> list | None:
+    if not a.regions:
+        return None
+    if len(a.regions) != n_modules:
+        raise ValueError(f"--regions: got {len(a.regions)} masks for {n_modules} --mcm modules; give one per "
+                         f"module ('-' = everywhere)")
+    return [None if r == "-" else read_mask(r, "--regions") for r in a.regions]
+
+
 # ---- 2. sampling ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] | None, n: int,
@@ -102,21 +144,25 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
     from mcm.evaluation.evaluate import SEED_STRIDE
     from mcm.pipelines.pipeline import MCMPipeline
 
+    regions = regions_arg(a, len(pipe.modules))
     variants = []
     if a.compare:
-        variants.append((MCMPipeline.from_base(pipe.base, [], scheduler=pipe.scheduler), []))
-        if len(pipe.modules) > 1 or pipe.weights != [1.0]:
-            variants += [(MCMPipeline.from_base(pipe.base, [m], weights=[w], scheduler=pipe.scheduler), [c])
-                         for m, c, w in zip(pipe.modules, conds, pipe.weights)]  # each alone, at its weight
-    variants.append((pipe, conds))
+        variants.append((MCMPipeline.from_base(pipe.base, [], scheduler=pipe.scheduler), [], None))
+        if len(pipe.modules) > 1 or pipe.weights != [1.0]:  # each alone, at its weight (and in its region)
+            variants += [(MCMPipeline.from_base(pipe.base, [m], weights=[w], scheduler=pipe.scheduler), [c],
+                          None if regions is None else [regions[i]])
+                         for i, (m, c, w) in enumerate(zip(pipe.modules, conds, pipe.weights))]
+    variants.append((pipe, conds, regions))
+    strength = strength_arg(a)
     rows = []
     for s in a.seeds:
         seeds = [s * SEED_STRIDE + i for i in range(n)]
-        for p, c in variants:
+        for p, c, r in variants:
             given = any(c)
             rows.append(p(conditions=c if given else {}, prompt=prompts, num_images=None if given else n,
-                          num_inference_steps=a.steps, guidance_scale=a.guidance_scale, strength=a.strength,
-                          seeds=seeds, output_type="pt").float().cpu())
+                          num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                          strength=strength if given else None, regions=r if given else None,
+                          modulation_window=tuple(a.window), seeds=seeds, output_type="pt").float().cpu())
     return rows
 
 
@@ -203,6 +249,14 @@ def add_command(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--strength", type=float, default=None,
                    help="modulation strength (ControlNet: conditioning scale); default: each module's default_strength")
+    p.add_argument("--strength-map", default=None, metavar="PNG",
+                   help="greyscale strength map at the output size (white = --strength, black = 0)")
+    p.add_argument("--strength-schedule", default=None, metavar="S1,S2,...",
+                   help="strength per step, noisiest first (times --strength)")
+    p.add_argument("--window", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="noise fractions t/T where the modules act (1 = pure noise; default 0 1)")
+    p.add_argument("--regions", nargs="+", default=None, metavar="PNG",
+                   help="one greyscale mask per --mcm (white = the module acts there; '-' = everywhere)")
     p.add_argument("--compare", action="store_true", help="also the base alone and each module alone, same seeds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
