@@ -4,7 +4,7 @@ The bench models (design.md §2, §4):
 
 - ``shapes32``: the shipped pixel base if ``mcm/weights/shapes32/base`` exists, else a random
   base with the same architecture (``BasePretrainModule``'s defaults); MCM as in
-  ``experiments/shapes32_*.yaml``; ControlNet without conditioning downsampling.
+  ``experiments/shapes32/*.yaml``; ControlNet without conditioning downsampling.
 - ``sd15``: Stable Diffusion 1.5's architecture with random weights (UNet
   ``UNet2DConditionModel()`` = SD 1.5's config, its CLIP text encoder and x8 VAE); the paper's
   MCM (32 x (1, 1, 2, 4), 2 res blocks, attention at level 2); ControlNet with SD's x8

@@ -9,8 +9,8 @@ mcm data shapes --out data/shapes --train 2000 --val 200
 
 # 1. the shipped multimodal MCM (README main job, resumed; ~90 min) and its strength sweep;
 #    the export folds the chosen strength in (see its model card)
-mcm fit -c experiments/shapes32_multimodal.yaml
-mcm fit -c experiments/shapes32_multimodal.yaml --ckpt_path last --trainer.max_steps 4000 --trainer.max_time null
+mcm fit -c experiments/shapes32/multimodal.yaml
+mcm fit -c experiments/shapes32/multimodal.yaml --ckpt_path last --trainer.max_steps 4000 --trainer.max_time null
 mcm export runs/shapes32_multimodal/checkpoints/last.ckpt runs/shapes32_multimodal/export          # as trained
 docs/make_comparison.sh strength_sweep
 mcm export runs/shapes32_multimodal/checkpoints/last.ckpt mcm/weights/shapes32/mcm_multimodal --strength 1.5

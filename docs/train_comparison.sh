@@ -11,18 +11,18 @@ STEPS=${STEPS:-600}
 fit() {  # fit NAME EXPERIMENT [extra overrides...]
   local name=$1 exp=$2; shift 2
   if [[ -f runs/$name/export/config.json ]]; then echo "skip $name (exported)"; return; fi
-  mcm fit -c "experiments/$exp.yaml" --trainer.max_steps "$STEPS" --trainer.max_time null \
+  mcm fit -c "experiments/shapes32/$exp.yaml" --trainer.max_steps "$STEPS" --trainer.max_time null \
     --trainer.default_root_dir "runs/$name" "$@" > "runs/$name.log" 2>&1
   mcm export "runs/$name/checkpoints/last.ckpt" "runs/$name/export"
 }
 
 job() {
   case $1 in
-    compose_segmentation|compose_sketch) fit "shapes32_$1" "shapes32_$1" ;;
-    mcm_segmentation|mcm_sketch|mcm_depth|mcm_partial_mask) fit "shapes32_${1#mcm_}" "shapes32_${1#mcm_}" ;;
-    controlnet_*) fit "shapes32_$1" "shapes32_$1" ;;
+    compose_segmentation|compose_sketch) fit "shapes32_$1" "$1" ;;
+    mcm_segmentation|mcm_sketch|mcm_depth|mcm_partial_mask) fit "shapes32_${1#mcm_}" "${1#mcm_}" ;;
+    controlnet_*) fit "shapes32_$1" "$1" ;;
     curve_*)  # the limited-data curve: segmentation MCM on the first N of the 2,000 images
-      fit "shapes32_segmentation_n${1#curve_}" shapes32_segmentation \
+      fit "shapes32_segmentation_n${1#curve_}" segmentation \
         --data.init_args.limit_train_samples "${1#curve_}" ;;
     *) echo "unknown job $1" >&2; exit 2 ;;
   esac

@@ -1,6 +1,6 @@
 """Pretraining the embedded base: loss helpers, and a tiny ``mcm fit`` that stops, resumes and exports.
 
-The run goes through the shipped ``experiments/base_shapes32.yaml`` with a second, tiny
+The run goes through the shipped ``experiments/shapes32/pretrain_base.yaml`` with a second, tiny
 config on top (as a user would override it), inside ``tmp_path`` so nothing reaches ``runs/``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mcm.diffusion.forward_process import diffusion_target, min_snr_weights
 from mcm.models.frozen_base import FrozenBase
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = REPO / "experiments" / "base_shapes32.yaml"
+EXPERIMENT = REPO / "experiments" / "shapes32" / "pretrain_base.yaml"
 
 
 # ---- loss helpers -------------------------------------------------------------------------------

@@ -541,7 +541,7 @@ def test_config_classes_outside_the_allow_list_are_refused(tmp_path, monkeypatch
         with pytest.raises(ClassNotAllowedError, match=f"class_path '{bad}'"):
             check_config_classes(["fit", *argv])
     # allowed: the built-in prefixes, prefixes from the environment, short names LightningCLI resolves itself
-    check_config_classes(["fit", "-c", str(REPO / "experiments" / "shapes32_multimodal.yaml"),
+    check_config_classes(["fit", "-c", str(REPO / "experiments" / "shapes32" / "multimodal.yaml"),
                           "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.logger",
                           "CSVLogger", "--trainer.strategy", "ddp"])
     monkeypatch.setenv("MCM_ALLOW_CLASS_PREFIXES", "evil_pkg, other.sub")

@@ -34,8 +34,8 @@ from mcm.evaluation.wandb_offline import read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-MULTIMODAL = REPO / "experiments" / "shapes32_multimodal.yaml"
-SD_TEMPLATE = REPO / "experiments" / "sd15_template.yaml"
+MULTIMODAL = REPO / "experiments" / "shapes32" / "multimodal.yaml"
+SD_TEMPLATE = REPO / "experiments" / "templates" / "sd15.yaml"
 RUN = Path("runs/shapes32_multimodal")  # the experiment's save_dir / checkpoint / predict paths, under cwd
 N_MODALITIES = 4  # segmentation, sketch, depth, partial_mask
 PAD = 2  # grids.grid_image padding
@@ -81,7 +81,7 @@ def mcm(argv: list[str]) -> None:
 
 
 def overlay(path: Path, shards: Path, size: int = 16, **trainer) -> Path:
-    """The tiny settings over ``shapes32_multimodal.yaml``: 16x16 shards, a 2-level MCM, 3 steps."""
+    """The tiny settings over ``experiments/shapes32/multimodal.yaml``: 16x16 shards, a 2-level MCM, 3 steps."""
     cfg = {
         "trainer": {"max_steps": 3, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
                     "max_time": None, **trainer},

@@ -172,7 +172,7 @@ depth: those are what MCM adds. EMA weights, safetensors. Loaded offline with
 
 ```bash
 mcm data shapes --out data/shapes50k --train 50000 --val 1000 --seed 0
-mcm fit -c experiments/base_shapes32.yaml          # resumable: re-run the same command
+mcm fit -c experiments/shapes32/pretrain_base.yaml          # resumable: re-run the same command
 python -m mcm.evaluation.base_card --base mcm/weights/shapes32/base --out mcm/weights/shapes32/base \\
     --train-log runs/base_shapes32/train_summary.json --n {m['n']} --steps {m['steps']}
 ```
