@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 from bench import common as C  # noqa: E402
 from mcm.diffusion.control import Control, controlled_predictor  # noqa: E402
+from mcm.diffusion.strength import Strength  # noqa: E402
 from mcm.models.modulator import MultimodalConditioningModule  # noqa: E402
 from mcm.diffusion.sampling import guided  # noqa: E402
 
@@ -82,11 +83,19 @@ def measure(name: str, args) -> dict:
     with torch.no_grad():
         controls1 = [Control(seg, {"segmentation": batch["segmentation"]})]
         controls2 = controls1 + [Control(depth, {"depth": batch["depth"]})]
+        left = torch.zeros(1, 1, *size, device=args.device)
+        left[..., : size[1] // 2] = 1.0
+        controls_map = [Control(seg, {"segmentation": batch["segmentation"]}, 1.0, Strength(map=left))]
+        controls_regions = [Control(seg, {"segmentation": batch["segmentation"]}, 1.0, None, left),
+                            Control(depth, {"depth": batch["depth"]}, 1.0, None, 1 - left)]
         denoisers = {
             "base": guided(m.base.predict, text, uncond, gs),
             "mcm": guided(controlled_predictor(m.base, controls1, size), text, uncond, gs),
             "controlnet": controlnet_denoiser(m, cn, cond, text, uncond, gs),
             "compose2": guided(controlled_predictor(m.base, controls2, size), text, uncond, gs),
+            # regional and scheduled control: a spatial strength map; two modules, each in its own region
+            "mcm_map": guided(controlled_predictor(m.base, controls_map, size), text, uncond, gs),
+            "compose2_regions": guided(controlled_predictor(m.base, controls_regions, size), text, uncond, gs),
             # once per sampling run, not per step: the conditions -> MCM features
             "encode_features": lambda x, t: controlled_predictor(m.base, controls1, size),
         }
@@ -103,6 +112,9 @@ def measure(name: str, args) -> dict:
         "mcm_sampling_overhead": tm["mcm"] / tm["base"] - 1,
         "controlnet_sampling_overhead": tm["controlnet"] / tm["base"] - 1,
         "compose2_sampling_overhead": tm["compose2"] / tm["base"] - 1,
+        # the regional-control target: <= 5 % per step over plain MCM sampling / plain composition
+        "strength_map_over_mcm": tm["mcm_map"] / tm["mcm"] - 1,
+        "regions_over_compose2": tm["compose2_regions"] / tm["compose2"] - 1,
         "feature_encode_over_base_step": tm["encode_features"] / tm["base"],
     }
 
@@ -116,9 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: measure(name, args) for name in args.models.split(",")}
     names = list(results)
     print(f"{'per denoising step':34s}" + "".join(f"{n:>14s}" for n in names))
-    for k in ("base", "mcm", "controlnet", "compose2", "encode_features"):
+    for k in ("base", "mcm", "controlnet", "compose2", "mcm_map", "compose2_regions", "encode_features"):
         print(f"{'time ' + k + ' [s]':34s}" + "".join(f"{results[n]['time_per_step_s'][k]:14.4f}" for n in names))
-    for k in ("mcm_sampling_overhead", "controlnet_sampling_overhead", "compose2_sampling_overhead"):
+    for k in ("mcm_sampling_overhead", "controlnet_sampling_overhead", "compose2_sampling_overhead",
+              "strength_map_over_mcm", "regions_over_compose2"):
         print(f"{k:34s}" + "".join(f"{100 * results[n][k]:13.1f}%" for n in names))
     for n in names:
         print(f"{n}: {results[n]['base_source']}; CFG {results[n]['guidance_scale']}, batch {results[n]['batch']}, "

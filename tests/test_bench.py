@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")  #
 TRAIN_KEYS = {"mcm_step_over_base_forward", "controlnet_step_over_mcm_step", "finetune_step_over_base_forward",
               "mcm_peak_mem_over_base_inference", "mcm_params_over_base", "allreduce_bytes_mcm",
               "allreduce_bytes_controlnet"}
-SAMPLE_KEYS = {"mcm_sampling_overhead", "controlnet_sampling_overhead", "compose2_sampling_overhead"}
+SAMPLE_KEYS = {"mcm_sampling_overhead", "controlnet_sampling_overhead", "compose2_sampling_overhead",
+               "strength_map_over_mcm", "regions_over_compose2"}
 
 
 def _finite_numbers(d: dict, keys: set[str]) -> None:
