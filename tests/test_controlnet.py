@@ -169,9 +169,9 @@ def test_guidance_runs_the_controlnet_once_per_step_on_both_branches(module):
     pipe = MCMPipeline.from_base(module.base, [module.adapter])
     calls, orig = [], module.adapter.residuals
 
-    def spy(x, t, emb, cond, scale=1.0):
+    def spy(x, t, emb, cond, scale=1.0, base=None):
         calls.append((x.shape[0], emb.shape[0], cond.shape[0]))
-        return orig(x, t, emb, cond, scale)
+        return orig(x, t, emb, cond, scale, base)
 
     module.adapter.residuals = spy
     seg = torch.randint(0, 6, (2, 16, 16)) if module.base.downsample == 1 else torch.randint(0, 6, (2, 64, 64))

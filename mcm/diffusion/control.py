@@ -99,6 +99,7 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
 @torch.no_grad()
 def controlled_sample(base, controls: Sequence[Control], batch_size: int, size: tuple[int, int] | None = None,
                       prompts: list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                      class_labels=None,
                       num_inference_steps: int = 50, guidance_scale: float = 1.0,
                       window: tuple[float, float] = (0.0, 1.0), generator: Generator = None, scheduler=None,
                       eta: float = 0.0, latents: torch.Tensor | None = None,
@@ -112,15 +113,12 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, size: 
 
     scheduler = scheduler or DDIMScheduler.from_config(base.scheduler.config)
     size = tuple(size or base.sample_size)
-    context = uncond = None
-    if base.is_text_conditional:
-        context = base.encode_text(prompts if prompts is not None else [""] * batch_size)
-        if guidance_scale > 1.0:
-            neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
-            uncond = base.encode_text(neg)
+    image_size = (size[0] * base.downsample, size[1] * base.downsample)
+    context = base.encode_context(prompts, class_labels, batch_size, image_size)
+    uncond = base.uncond_context(batch_size, negative_prompt, image_size) if guidance_scale > 1.0 else None
     if latents is None:
-        latents = initial_noise((batch_size, base.latent_channels, *size), generator, base.device,
-                                context.dtype if context is not None else torch.float32)
+        dtype = context.dtype if isinstance(context, torch.Tensor) and context.is_floating_point() else torch.float32
+        latents = initial_noise((batch_size, base.latent_channels, *size), generator, base.device, dtype)
     predict = controlled_predictor(base, controls, size, window, scheduler.config.num_train_timesteps)
     return sample(guided(predict, context, uncond, guidance_scale), latents, scheduler, num_inference_steps,
                   generator, eta, callback, progress)

@@ -102,3 +102,75 @@ class ForwardProcess:
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         w = self.loss_weights(t)
         return (per_sample * w).mean() if w is not None else per_sample.mean()
+
+
+class FlowMatchingProcess:
+    """Rectified-flow training for flow bases (SD3; Esser et al. 2024, §3): ``x_t = (1 - sigma) x0 + sigma noise``,
+    target the velocity ``noise - x0``, ``t = 1000 sigma``.
+
+    Timesteps are drawn as diffusers' ``train_dreambooth_sd3.py`` draws them: ``u`` from
+    ``compute_density_for_timestep_sampling`` (``logit_normal`` by default; ``uniform``, ``mode``), then
+    the training scheduler's shifted timestep at index ``u * T``; loss weights from
+    ``compute_loss_weighting_for_sd3`` (``none``, ``sigma_sqrt``, ``cosmap``).
+
+    Args:
+        scheduler_config: the base's ``FlowMatchEulerDiscreteScheduler`` config (its ``shift`` is kept).
+        weighting: loss weighting scheme.
+        timestep_sampling / logit_mean / logit_std / mode_scale: the density ``u`` is drawn from.
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0,
+                 timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if timestep_sampling not in ("logit_normal", "uniform", "mode"):
+            raise ValueError(f"timestep_sampling: expected logit_normal, uniform or mode, got {timestep_sampling!r}")
+        if weighting not in ("none", "sigma_sqrt", "cosmap"):
+            raise ValueError(f"weighting: expected none, sigma_sqrt or cosmap for a flow base, got {weighting!r}")
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+        self.weighting, self.timestep_sampling = weighting, timestep_sampling
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def to(self, device: torch.device | str) -> "FlowMatchingProcess":
+        return self
+
+    def sample_timesteps(self, batch_size: int, device: torch.device | str,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.timestep_sampling, batch_size, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, generator=generator)
+        idx = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        return self.scheduler.timesteps[idx].to(device)
+
+    def sigmas(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return (t.float() / self.num_train_timesteps).view(-1, *[1] * (ndim - 1))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigmas(t, x0.ndim).to(x0)
+        return (1.0 - s) * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        w = compute_loss_weighting_for_sd3(self.weighting if self.weighting != "none" else "logit_normal",
+                                           self.sigmas(t, pred.ndim).to(pred.device))
+        return (w.float() * (pred.float() - target.float()).pow(2)).flatten(1).mean(1).mean()
+
+
+def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0):
+    """The training forward process of a base, from its scheduler config: flow matching for
+    ``FlowMatch*`` schedulers (SD3), else the variance-preserving DDPM process."""
+    if str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch"):
+        return FlowMatchingProcess(scheduler_config, weighting)
+    return ForwardProcess(scheduler_config, weighting, snr_gamma)

@@ -62,16 +62,25 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
     (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    x = latents * scheduler.init_noise_sigma
+    # flow-matching schedulers (SD3) have neither: their pipelines neither scale the noise nor the input
+    x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", None)
     step_kwargs = extra_step_kwargs(scheduler, generator, eta)
     timesteps = scheduler.timesteps
     for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
-        p = denoise(scheduler.scale_model_input(x, t), t)
+        p = denoise(scale_input(x, t) if scale_input is not None else x, t)
         x = scheduler.step(p, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
             replaced = callback(i, t, x)
             x = x if replaced is None else replaced
     return x
+
+
+def cat_contexts(a, b):
+    """``[a; b]`` on the batch axis for a context that is a tensor or a dict of tensors (SDXL, SD3)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
 
 
 def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: torch.Tensor | None,
@@ -87,7 +96,7 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not use_cfg:
             return predict(x, t, context)
-        p_u, p_c = predict(torch.cat([x, x]), t, torch.cat([uncond_context, context])).chunk(2)
+        p_u, p_c = predict(torch.cat([x, x]), t, cat_contexts(uncond_context, context)).chunk(2)
         return p_u + guidance_scale * (p_c - p_u)
 
     return denoise
@@ -102,6 +111,6 @@ def sample_base(base, prompts: list[str], steps: int = 50, guidance_scale: float
     size = base.sample_size
     gens = generators_for([seed * 100003 + i for i in range(len(prompts))], None)
     noise = initial_noise((len(prompts), base.latent_channels, *size), gens, base.device)
-    cond, uncond = base.encode_text(prompts), base.encode_text([""] * len(prompts))
+    cond, uncond = base.encode_context(prompts, batch_size=len(prompts)), base.uncond_context(len(prompts))
     x0 = sample(guided(base.predict, cond, uncond, guidance_scale), noise, scheduler, steps, gens)
     return (base.decode(x0) + 1) / 2

@@ -76,8 +76,11 @@ class ControlNetAdapter(Adapter):
         from diffusers import UNet2DConditionModel
 
         if not isinstance(base.unet, UNet2DConditionModel):
-            raise ValueError(f"base '{base.source}': ControlNet needs a UNet2DConditionModel base (diffusers' "
-                             f"ControlNetModel copies its encoder), got {type(base.unet).__name__}; use an MCM instead")
+            other = {"sd3": "diffusers has SD3ControlNetModel.from_transformer for SD3, not wired into this "
+                            "framework yet", "dit": "diffusers has no ControlNet for DiT"}.get(base.family, "")
+            raise ValueError(f"base '{base.source}' ({base.family} family, {type(base.unet).__name__}): the ControlNet "
+                             f"baseline copies a UNet2DConditionModel's encoder (ControlNetModel.from_unet: SD 1.x/2.x, "
+                             f"SDXL){'; ' + other if other else ''}; use an MCM, which controls any denoiser")
         if not base.is_text_conditional:
             raise ValueError(f"base '{base.source}': ControlNet needs a text-conditional base (text_encoder/)")
         if not modalities:
@@ -113,12 +116,21 @@ class ControlNetAdapter(Adapter):
         return conditioning_image(self, conditions, present, (H, W), batch_size, device, dtype)
 
     # ---- the control ----------------------------------------------------------------------------------
-    def residuals(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, cond: torch.Tensor,
-                  scale: float = 1.0) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """ControlNet's zero-conv outputs for the base's skip connections and middle block, times ``scale``."""
+    def residuals(self, x_t: torch.Tensor, t: torch.Tensor, context, cond: torch.Tensor, scale: float = 1.0,
+                  base=None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """ControlNet's zero-conv outputs for the base's skip connections and middle block, times ``scale``.
+
+        ``context``: the base's (text embeddings; SDXL's dict, whose ``added_cond_kwargs`` the ControlNet
+        takes too); ``base`` turns it into the denoiser's keyword arguments.
+        """
         dt = self.controlnet.dtype
-        down, mid = self.controlnet(x_t.to(dt), t, encoder_hidden_states=text_emb.to(dt), controlnet_cond=cond.to(dt),
-                                    conditioning_scale=scale, return_dict=False)
+        if base is not None:
+            kwargs = {k: ({n: v.to(dt) for n, v in a.items()} if isinstance(a, dict) else a.to(dt))
+                      for k, a in base.model_kwargs(context).items()}
+        else:
+            kwargs = {"encoder_hidden_states": context.to(dt)}
+        down, mid = self.controlnet(x_t.to(dt), t, controlnet_cond=cond.to(dt), conditioning_scale=scale,
+                                    return_dict=False, **kwargs)
         return down, mid
 
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
@@ -126,10 +138,10 @@ class ControlNetAdapter(Adapter):
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
         """The base's prediction with this ControlNet's residuals added (``strength`` = conditioning scale)."""
         if context is None:
-            context = base.encode_text(None, x_t.shape[0])
+            context = base.encode_context(None, batch_size=x_t.shape[0])
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        down, mid = self.residuals(x_t, t, context, repeat_batch(state, x_t.shape[0]))
+        down, mid = self.residuals(x_t, t, context, repeat_batch(state, x_t.shape[0]), base=base)
         down = tuple(scale_residual(r, strength) for r in down)  # what diffusers' conditioning_scale does,
         return base.predict_with_residuals(x_t, t, context, down, scale_residual(mid, strength))  # or per pixel
 

@@ -1,9 +1,12 @@
-"""``FrozenBase``: a pretrained diffusers model that MCM and ControlNet control but never train.
+"""``FrozenBase``: a pretrained diffusers model that adapters control but never train.
 
-Loads a diffusers-layout directory (``unet/``, ``scheduler/``, optional ``vae/``,
-``text_encoder/`` + ``tokenizer/``), pixel or latent, text-conditional or not; Stable
-Diffusion 1.x/2.x directories load unchanged.  The built-in name ``shapes32`` resolves to
-the base shipped inside this package.  Nothing is ever fetched from a hub.
+One interface per base family (design.md §11): ``encode_context`` (prompts or class labels) and
+``uncond_context`` (the guidance branch), ``predict(x_t, t, context)`` in the family's prediction
+type, ``encode_images`` / ``decode``, and facts (sizes, channels, hash).  This class is the SD 1.x /
+2.x family (latent, CLIP text) and the pixel UNets (``shapes32``, unconditional ``UNet2DModel``);
+``base_sdxl.py``, ``base_dit.py`` and ``base_sd3.py`` subclass it.  ``FrozenBase.from_pretrained(dir)``
+reads the directory and picks the family.  The built-in name ``shapes32`` resolves to the base
+shipped inside this package.  Nothing is ever fetched from a hub.
 """
 from __future__ import annotations
 
@@ -13,14 +16,13 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-import diffusers
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component, detect_family,  # noqa: F401
+                                     load_optional, resolve_base_path)
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-BUILTIN_BASES = {"shapes32": WEIGHTS_DIR / "shapes32" / "base"}
+log = logging.getLogger(__name__)
 
 
 class FrozenBaseError(RuntimeError):
@@ -42,52 +44,6 @@ def check_base(expected: dict | None, base: "FrozenBase", force: bool, what: str
             f"force_base=True to use it anyway")
 
 
-def resolve_base_path(name_or_path: str | Path) -> Path:
-    """A built-in name (``shapes32``) or a local diffusers directory -> an existing directory."""
-    if str(name_or_path) in BUILTIN_BASES:
-        path = BUILTIN_BASES[str(name_or_path)]
-        if not (path / "unet").is_dir():
-            raise FileNotFoundError(f"the built-in base '{name_or_path}' is not shipped in this install ({path})")
-        return path
-    path = Path(name_or_path).expanduser()
-    if not (path / "unet" / "config.json").is_file() or not (path / "scheduler").is_dir():
-        raise FileNotFoundError(
-            f"base '{name_or_path}': expected a diffusers-layout directory with unet/ and scheduler/ "
-            f"(optional vae/, text_encoder/, tokenizer/), or one of the built-in names {sorted(BUILTIN_BASES)}")
-    return path
-
-
-def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | None):
-    """Load ``path/sub`` with the class its config names (``_class_name``), from ``library``."""
-    cfg_file = next((path / sub / f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
-                     if (path / sub / f).is_file()), None)
-    if cfg_file is None:
-        raise FileNotFoundError(f"{path / sub}: no config.json / scheduler_config.json / tokenizer_config.json")
-    cfg = json.loads(cfg_file.read_text())
-    if library == "diffusers":
-        cls = getattr(diffusers, cfg.get("_class_name", ""), None)
-        if cls is None:
-            raise ValueError(f"{cfg_file}: unknown diffusers class {cfg.get('_class_name')!r}")
-        kw = {"torch_dtype": dtype} if dtype is not None and sub != "scheduler" else {}
-        return cls.from_pretrained(path / sub, **kw)
-    import transformers
-
-    if sub == "tokenizer":
-        return transformers.AutoTokenizer.from_pretrained(path / sub)
-    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
-    cls = getattr(transformers, arch)
-    return cls.from_pretrained(path / sub, **({"dtype": dtype} if dtype is not None else {}))
-
-
-def _cast(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating weights to ``dtype`` in place, except submodules the library keeps in fp32
-    (``_keep_in_fp32_modules``, what ``from_pretrained(torch_dtype=...)`` would respect)."""
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_floating_point() and not keep & set(name.split(".")):
-            t.data = t.data.to(dtype)
-
-
 class FrozenBase(nn.Module):
     """The frozen diffusion model ``f(x_t, t, y)``: eval mode, no gradients, never optimised.
 
@@ -96,12 +52,21 @@ class FrozenBase(nn.Module):
     optimizer or DDP by accident; ``frozen_parameters()`` lists them for inspection.
     """
 
+    family = "sd"
+    #: extra components a family has beyond unet, scheduler, vae, text_encoder, tokenizer
+    extra_component_names: tuple[str, ...] = ()
+
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None,
-                 text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None):
+                 text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None, **extra):
         super().__init__()
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder  # unet: the denoiser (UNet or transformer)
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.source = source
+        unknown = sorted(set(extra) - set(self.extra_component_names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected components {unknown}")
+        for name in self.extra_component_names:
+            setattr(self, name, extra.get(name))
         for p in self.frozen_parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -111,30 +76,47 @@ class FrozenBase(nn.Module):
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, torch_dtype: torch.dtype | None = None) -> "FrozenBase":
-        """Load ``name_or_path``; ``torch_dtype`` casts the weights after loading.
+        """Load ``name_or_path`` as the family its directory says; ``torch_dtype`` casts the weights after loading.
 
         The content hash is taken before the cast, so checkpoints made with the base in bf16/fp16
         match the same base loaded in fp32 (and vice versa).
         """
         path = resolve_base_path(name_or_path)
-        unet = _load_component(path, "unet", "diffusers", None)
-        scheduler = _load_component(path, "scheduler", "diffusers", None)
-        vae = _load_component(path, "vae", "diffusers", None) if (path / "vae").is_dir() else None
-        text_encoder = tokenizer = None
-        if (path / "text_encoder").is_dir():
-            if not (path / "tokenizer").is_dir():
-                raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
-            text_encoder = _load_component(path, "text_encoder", "transformers", None)
-            tokenizer = _load_component(path, "tokenizer", "transformers", None)
-        log.info("loaded base %s (%s, %s, %.1fM params)", name_or_path, type(unet).__name__,
-                 "latent" if vae is not None else "pixel", sum(p.numel() for p in unet.parameters()) / 1e6)
-        base = cls(unet, scheduler, vae, text_encoder, tokenizer, source=str(name_or_path))
+        klass = family_class(detect_family(path))
+        parts = klass.load_components(path)
+        base = klass(**parts, source=str(name_or_path))
+        log.info("loaded base %s (%s family, %s, %s, %.1fM params)", name_or_path, klass.family,
+                 type(base.unet).__name__, "latent" if base.vae is not None else "pixel",
+                 sum(p.numel() for p in base.unet.parameters()) / 1e6)
         if torch_dtype is not None:
             base.content_hash()  # of the weights as loaded, independent of the dtype they run in
-            for m in (unet, vae, text_encoder):
-                if m is not None:
-                    _cast(m, torch_dtype)
+            for m in base.children():
+                _cast(m, torch_dtype)
         return base
+
+    @classmethod
+    def load_components(cls, path: Path) -> dict:
+        """The family's components from a directory (``FrozenBase(**components)``)."""
+        parts = {"unet": _load_component(path, "unet", "diffusers", None),
+                 "scheduler": _load_component(path, "scheduler", "diffusers", None),
+                 "vae": load_optional(path, "vae", "diffusers")}
+        if (path / "text_encoder").is_dir() and not (path / "tokenizer").is_dir():
+            raise FileNotFoundError(f"{path}: text_encoder/ without tokenizer/")
+        parts["text_encoder"] = load_optional(path, "text_encoder", "transformers")
+        parts["tokenizer"] = load_optional(path, "tokenizer", "transformers")
+        return parts
+
+    @classmethod
+    def from_components(cls, source: str | None = None, **components) -> "FrozenBase":
+        """The family's base over already-loaded components (a pipeline's), picked from their types."""
+        den = components.get("unet") if components.get("unet") is not None else components.get("transformer")
+        name = type(den).__name__
+        family = {"DiTTransformer2DModel": "dit", "SD3Transformer2DModel": "sd3"}.get(name)
+        if family is None:
+            family = "sdxl" if getattr(den.config, "addition_embed_type", None) == "text_time" else "sd"
+        klass = family_class(family)
+        keep = {"scheduler", "vae", "text_encoder", "tokenizer", *klass.extra_component_names}
+        return klass(den, source=source, **{k: v for k, v in components.items() if k in keep})
 
     # ---- refusing to train ------------------------------------------------------------------
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -189,6 +171,10 @@ class FrozenBase(nn.Module):
         return self.text_encoder is not None
 
     @property
+    def is_class_conditional(self) -> bool:
+        return False
+
+    @property
     def device(self) -> torch.device:
         return next(self.frozen_parameters()).device
 
@@ -217,7 +203,7 @@ class FrozenBase(nn.Module):
         if self.vae is None:
             return images
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) * self.vae.config.scaling_factor).float()
+        return ((dist.sample(generator) - self.latent_shift) * self.vae.config.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
@@ -225,8 +211,50 @@ class FrozenBase(nn.Module):
         if self.vae is None:
             out = x.float()
         else:
-            out = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+            z = x.to(self.vae.dtype) / self.vae.config.scaling_factor + self.latent_shift
+            out = self.vae.decode(z).sample.float()
         return out.clamp(-1, 1) if clamp else out
+
+    @property
+    def latent_shift(self) -> float:
+        """The VAE's ``shift_factor`` (SD3: latents are ``(z - shift) * scale``); 0 elsewhere."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0) if self.vae is not None else 0.0
+
+    # ---- context: what the denoiser is conditioned on, and its unconditional branch ----------------
+    @torch.no_grad()
+    def encode_context(self, prompts: list[str] | None = None, class_labels=None, batch_size: int = 1,
+                       image_size: tuple[int, int] | None = None):
+        """The conditioning of ``batch_size`` images: text embeddings here (``None`` for unconditional bases)."""
+        if class_labels is not None:
+            raise ValueError(f"class_labels: the base '{self.source}' is not class-conditional "
+                             f"({'it takes prompts' if self.is_text_conditional else 'it takes no conditioning'})")
+        return self.encode_text(prompts if prompts is not None else [""] * batch_size) \
+            if self.is_text_conditional else None
+
+    @torch.no_grad()
+    def uncond_context(self, batch_size: int, negative_prompt: str | list[str] | None = None,
+                       image_size: tuple[int, int] | None = None):
+        """The unconditional branch of classifier-free guidance (``None``: the base has no guidance)."""
+        if not self.is_text_conditional:
+            return None
+        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
+        return self.encode_text(neg)
+
+    def drop_context(self, context, drop: torch.Tensor):
+        """``context`` with the rows where ``drop`` (bool ``(B,)``) is set replaced by the unconditional branch
+        (caption / class dropout of training)."""
+        if context is None or not bool(drop.any()):
+            return context
+        uncond = self.uncond_context(len(drop))
+        return torch.where(drop.to(context.device)[:, None, None], uncond.to(context), context)
+
+    def model_kwargs(self, context) -> dict:
+        """The denoiser's keyword arguments for ``context``."""
+        if not self.is_text_conditional:
+            return {}
+        if context is None:
+            raise ValueError(f"context: the base '{self.source}' is text-conditional; encode a prompt (\"\" for none)")
+        return {"encoder_hidden_states": context.to(self.unet.dtype)}
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str] | None, batch_size: int | None = None) -> torch.Tensor | None:
@@ -246,9 +274,9 @@ class FrozenBase(nn.Module):
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
 
     @torch.no_grad()
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, context=None) -> torch.Tensor:
         """The base's prediction ``p`` (its scheduler's ``prediction_type``), ``(B, C, h, w)`` float32."""
-        return self._predict(x_t, t, text_emb)
+        return self._predict(x_t, t, context)
 
     def predict_with_residuals(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None,
                                down_residuals: tuple[torch.Tensor, ...] | None = None,
@@ -270,20 +298,37 @@ class FrozenBase(nn.Module):
             kwargs["down_intrablock_additional_residuals"] = [r.to(dt) for r in down_intrablock_residuals]
         return self._predict(x_t, t, text_emb, **kwargs)
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None, **unet_kwargs
-                 ) -> torch.Tensor:
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, context, **extra) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        x = x_t.to(self.unet.dtype)
-        if self.is_text_conditional:
-            if text_emb is None:
-                text_emb = self.encode_text(None, x_t.shape[0])
-            out = self.unet(x, t, encoder_hidden_states=text_emb.to(self.unet.dtype), **unet_kwargs).sample
-        else:
-            out = self.unet(x, t, **unet_kwargs).sample
-        if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models: keep the mean prediction
+        if context is None and self.is_text_conditional:
+            context = self.encode_text(None, x_t.shape[0])
+        out = self._denoise(x_t.to(self.unet.dtype), t, self.model_kwargs(context), extra)
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned-variance models (DiT, IF): keep the mean prediction
             out = out[:, : x_t.shape[1]]
         return out.float()
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
+        return self.unet(x, t, **kwargs, **extra).sample
+
+
+def family_class(family: str) -> type[FrozenBase]:
+    """The ``FrozenBase`` subclass of a family name (``sd``, ``sdxl``, ``dit``, ``sd3``)."""
+    if family == "sd":
+        return FrozenBase
+    if family == "sdxl":
+        from mcm.models.base_sdxl import SDXLBase
+
+        return SDXLBase
+    if family == "dit":
+        from mcm.models.base_dit import DiTBase
+
+        return DiTBase
+    if family == "sd3":
+        from mcm.models.base_sd3 import SD3Base
+
+        return SD3Base
+    raise ValueError(f"family: expected one of sd, sdxl, dit, sd3, got {family!r}")
 
 
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:

@@ -21,12 +21,13 @@ def comparison_grid(base, adapter, batch: dict, n: int = 8, steps: int = 25, gui
     n = min(n, batch["image"].shape[0])
     conds = {k: batch[k][:n].to(base.device) for k in adapter.modality_names if k in batch}
     prompts = list(batch["caption"][:n]) if base.is_text_conditional and "caption" in batch else None
+    labels = batch["class_label"][:n] if base.is_class_conditional and "class_label" in batch else None
     seeds = [seed + i for i in range(n)]
     was_training = adapter.training
     adapter.eval()
 
     def run(controls):
-        x0 = controlled_sample(base, controls, n, None, prompts, None, steps, guidance_scale,
+        x0 = controlled_sample(base, controls, n, None, prompts, None, labels, steps, guidance_scale,
                                generator=generators_for(seeds, None))
         return (base.decode(x0) + 1) / 2
 

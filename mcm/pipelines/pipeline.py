@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel,
-                       UNet2DModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel, SchedulerMixin,
+                       SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,23 +37,37 @@ from mcm.pipelines.adapter_stack import AdapterStack
 from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+_EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+def _default_scheduler(base: FrozenBase):
+    """DDIM (design.md §2) for the epsilon / v families; flow-matching bases keep their own scheduler."""
+    if base.prediction_type == "flow":
+        return base.scheduler
+    return DDIMScheduler.from_config(base.scheduler.config)
 PIPELINE_INDEX = "model_index.json"
 
 
 class MCMPipeline(DiffusionPipeline):
     """Frozen base + adapters + scheduler.  See ``__call__`` for the arguments."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "adapters"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3", "adapters"]
     # the adapters are ~1% of the base and called outside forward(): they stay on the execution device
     _exclude_from_cpu_offload = ["adapters"]
 
-    def __init__(self, unet: Union[UNet2DConditionModel, UNet2DModel], scheduler: SchedulerMixin,
-                 vae: Optional[AutoencoderKL] = None, text_encoder: Optional[PreTrainedModel] = None,
-                 tokenizer: Optional[PreTrainedTokenizerBase] = None, adapters: Optional[AdapterStack] = None):
+    def __init__(self, unet: Union[UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, SD3Transformer2DModel],
+                 scheduler: SchedulerMixin, vae: Optional[AutoencoderKL] = None,
+                 text_encoder: Optional[PreTrainedModel] = None, tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                 adapters: Optional[AdapterStack] = None, text_encoder_2: Optional[PreTrainedModel] = None,
+                 tokenizer_2: Optional[PreTrainedTokenizerBase] = None, text_encoder_3: Optional[PreTrainedModel] = None,
+                 tokenizer_3: Optional[PreTrainedTokenizerBase] = None):
         super().__init__()
+        # unet: the denoiser of any family (SD/SDXL UNet, DiT or SD3 transformer), one name for the loop
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, adapters=adapters)
+                              tokenizer=tokenizer, adapters=adapters, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         ds = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=ds)
         self._frozen_base: FrozenBase | None = None
@@ -66,8 +80,9 @@ class MCMPipeline(DiffusionPipeline):
         stack = AdapterStack(list(modules), weights, infos) if len(modules) else None
         if stack is None and weights:
             raise ValueError(f"weights: got {len(weights)} weights for 0 modules")
-        pipe = cls(base.unet, scheduler or DDIMScheduler.from_config(base.scheduler.config), base.vae,
-                   base.text_encoder, base.tokenizer, stack)
+        extra = {k: getattr(base, k) for k in base.extra_component_names if k in _EXTRA_COMPONENTS}
+        pipe = cls(base.unet, scheduler or _default_scheduler(base), base.vae, base.text_encoder, base.tokenizer,
+                   stack, **extra)
         pipe._frozen_base = base
         return pipe
 
@@ -110,14 +125,18 @@ class MCMPipeline(DiffusionPipeline):
     def from_pipe(cls, pipeline: DiffusionPipeline, modules: Sequence = (), weights: Sequence[float] | None = None,
                   force_base: bool = False, scheduler=None) -> "MCMPipeline":
         """Wrap an existing diffusers pipeline's components (not copied) with adapters (objects or paths)."""
-        comps = pipeline.components
+        comps = dict(pipeline.components)
+        if comps.get("unet") is None and comps.get("transformer") is not None:
+            comps["unet"] = comps.pop("transformer")
         missing = [k for k in ("unet", "scheduler") if comps.get(k) is None]
         if missing:
             raise ValueError(f"pipeline: {type(pipeline).__name__} has no {missing}; expected a pipeline with a "
-                             f"unet and a scheduler (StableDiffusionPipeline, DDPMPipeline, ...)")
-        base = FrozenBase(comps["unet"], comps["scheduler"], comps.get("vae"), comps.get("text_encoder"),
-                          comps.get("tokenizer"), source=getattr(pipeline, "name_or_path", None)
-                          or type(pipeline).__name__)
+                             f"unet or transformer and a scheduler (StableDiffusionPipeline, StableDiffusionXLPipeline,"
+                             f" DiTPipeline, StableDiffusion3Pipeline, DDPMPipeline, ...)")
+        if "force_zeros_for_empty_prompt" in pipeline.config:
+            comps["force_zeros_for_empty_prompt"] = pipeline.config.force_zeros_for_empty_prompt
+        base = FrozenBase.from_components(source=getattr(pipeline, "name_or_path", None) or type(pipeline).__name__,
+                                          **comps)
         loaded = [load_module(m, base, force_base) if isinstance(m, (str, Path)) else (m, {}) for m in modules]
         return cls.from_base(base, [m for m, _ in loaded], weights, scheduler or comps["scheduler"],
                              [i for _, i in loaded])
@@ -126,9 +145,13 @@ class MCMPipeline(DiffusionPipeline):
     def base(self) -> FrozenBase:
         """The frozen base over this pipeline's components (the scheduler is the pipeline's current one)."""
         fb = self._frozen_base
-        if fb is None or fb.unet is not self.unet or fb.vae is not self.vae or fb.text_encoder is not self.text_encoder:
-            fb = self._frozen_base = FrozenBase(self.unet, self.scheduler, self.vae, self.text_encoder,
-                                                self.tokenizer, source=self.name_or_path)
+        names = ("unet", "vae", "text_encoder", *_EXTRA_COMPONENTS)
+        if fb is None or any(getattr(fb, n, None) is not getattr(self, n, None) for n in names
+                             if n in ("unet", "vae", "text_encoder") or n in fb.extra_component_names):
+            comps = {n: getattr(self, n, None) for n in ("unet", "vae", "text_encoder", "tokenizer",
+                                                           *_EXTRA_COMPONENTS)}
+            fb = self._frozen_base = FrozenBase.from_components(source=self.name_or_path, scheduler=self.scheduler,
+                                                                **comps)
         fb.scheduler = self.scheduler
         return fb
 
@@ -245,12 +268,19 @@ class MCMPipeline(DiffusionPipeline):
         # 1. check inputs
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        if class_labels is not None:
+        conds = self.check_inputs(conditions)
+        if class_labels is not None and not self.base.is_class_conditional:
             raise ValueError(f"class_labels: the base '{self.base.source}' is not class-conditional "
                              f"(it takes {'prompts' if self.base.is_text_conditional else 'no conditioning'})")
-        conds = self.check_inputs(conditions)
-        prompt_batch = len(prompt) if isinstance(prompt, (list, tuple)) and not any(conds) else None
-        B, size = self._batch_and_size(conds, num_images if num_images is not None else prompt_batch)
+        implied = None  # with no condition: the length of a prompt list or of class_labels
+        if not any(conds):
+            if isinstance(prompt, (list, tuple)):
+                implied = len(prompt)
+            elif class_labels is not None:
+                implied = len(torch.as_tensor(class_labels).reshape(-1))
+        B, size = self._batch_and_size(conds, num_images if num_images is not None else implied)
+        if class_labels is not None and len(torch.as_tensor(class_labels).reshape(-1)) != B:
+            raise ValueError(f"class_labels: got {len(torch.as_tensor(class_labels).reshape(-1))} labels for {B} images")
         lo, hi = _window(modulation_window)
         H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
         n = len(self.adapter_list)
@@ -279,7 +309,7 @@ class MCMPipeline(DiffusionPipeline):
             def callback(i, t, x):
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return (out or {}).get("latents")
-        x0 = controlled_sample(self.base, controls, B, size, prompts, negative_prompt, num_inference_steps,
+        x0 = controlled_sample(self.base, controls, B, size, prompts, negative_prompt, class_labels, num_inference_steps,
                                guidance_scale, (lo, hi), generator, self.scheduler, eta, latents, callback,
                                self.progress_bar)
         # 7. decode and convert

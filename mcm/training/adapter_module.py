@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from mcm.diffusion.forward_process import ForwardProcess
+from mcm.diffusion.forward_process import forward_process_for
 from mcm.models.adapter import Adapter
 from mcm.models.frozen_base import FrozenBase, check_base
 from mcm.pipelines.grids import comparison_grid
@@ -93,7 +93,7 @@ class AdapterModule(L.LightningModule):
         h = self.hparams
         dtype = getattr(torch, h.base_dtype) if h.base_dtype else None
         object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
-        self.forward_process = ForwardProcess(self.base.scheduler.config, h.loss_weighting, h.snr_gamma)
+        self.forward_process = forward_process_for(self.base.scheduler.config, h.loss_weighting, h.snr_gamma)
         setattr(self, self.adapter_attribute, self.build_adapter())
         self._speed_up(h.channels_last, h.compile)
         self.ema = EMAModel(self.trainable.parameters(), decay=h.ema_decay) if h.ema_decay else None
@@ -146,19 +146,26 @@ class AdapterModule(L.LightningModule):
         keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
         return keep * keep_any
 
-    def _text(self, captions: list[str] | None, batch_size: int, train: bool,
-              text_emb: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Text embeddings ``(B, L, D)`` with caption dropout; ``text_emb`` = precomputed ones of the captions."""
-        if not self.base.is_text_conditional:
+    def _context(self, batch: dict, batch_size: int, train: bool):
+        """The base's conditioning for the batch, with caption / class dropout to the unconditional branch:
+        text embeddings (``text_emb``: precomputed ones), SDXL / SD3 dicts, or DiT class labels."""
+        base = self.base
+        drop = (torch.rand(batch_size) < self.hparams.caption_dropout) if train else torch.zeros(batch_size, dtype=bool)
+        if base.is_class_conditional:
+            if "class_label" not in batch:
+                raise ValueError(f"batch['class_label']: the base '{base.source}' is class-conditional; the data must "
+                                 f"give one integer label per image (shard key 'cls' or json 'class_label')")
+            return base.drop_context(base.encode_context(class_labels=batch["class_label"], batch_size=batch_size),
+                                     drop)
+        if not base.is_text_conditional:
             return None
-        captions = list(captions) if captions is not None else [""] * batch_size
-        drop = (torch.rand(batch_size) < self.hparams.caption_dropout).tolist() if train else [False] * batch_size
-        if text_emb is None:
-            return self.base.encode_text(["" if d else c for c, d in zip(captions, drop)])
-        if any(drop):  # dropped rows get the (cached) embedding of ""
-            dropped = torch.tensor(drop, device=text_emb.device)[:, None, None]
-            text_emb = torch.where(dropped, self.base.encode_text(None, 1).to(text_emb), text_emb)
-        return text_emb
+        if "text_emb" in batch:
+            context = batch["text_emb"]
+        else:
+            captions = list(batch["caption"]) if batch.get("caption") is not None else [""] * batch_size
+            context = base.encode_context(captions, batch_size=batch_size,
+                                          image_size=tuple(batch["image"].shape[-2:]))
+        return base.drop_context(context, drop)
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
@@ -168,7 +175,7 @@ class AdapterModule(L.LightningModule):
         # 1. model space and text, once per batch, without gradients; precomputed "latent" /
         #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
         x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
-        text = self._text(batch.get("caption"), B, train, batch.get("text_emb"))
+        text = self._context(batch, B, train)
         # 2. the base's training forward process (variance preserving, whatever its inference scheduler)
         noise = torch.randn_like(x0)
         t = self.forward_process.sample_timesteps(B, x0.device)

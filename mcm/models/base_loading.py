@@ -1,0 +1,86 @@
+"""Reading a base directory: which family it is, and each component with the class its config names.
+
+Nothing is fetched: a path is a local diffusers-layout directory or a built-in name (``shapes32``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+BUILTIN_BASES = {"shapes32": WEIGHTS_DIR / "shapes32" / "base"}
+#: family name -> what identifies it in a directory
+FAMILIES = ("sd", "sdxl", "dit", "sd3")
+
+
+def resolve_base_path(name_or_path: str | Path) -> Path:
+    """A built-in name (``shapes32``) or a local diffusers directory -> an existing directory."""
+    if str(name_or_path) in BUILTIN_BASES:
+        path = BUILTIN_BASES[str(name_or_path)]
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(f"the built-in base '{name_or_path}' is not shipped in this install ({path})")
+        return path
+    path = Path(name_or_path).expanduser()
+    has_denoiser = (path / "unet" / "config.json").is_file() or (path / "transformer" / "config.json").is_file()
+    if not has_denoiser or not (path / "scheduler").is_dir():
+        raise FileNotFoundError(
+            f"base '{name_or_path}': expected a diffusers-layout directory with unet/ or transformer/ and "
+            f"scheduler/ (optional vae/, text_encoder/, tokenizer/, text_encoder_2/, ...), or one of the built-in "
+            f"names {sorted(BUILTIN_BASES)}")
+    return path
+
+
+def detect_family(path: Path) -> str:
+    """``sd`` (SD 1.x/2.x, pixel UNets), ``sdxl``, ``dit`` or ``sd3``, from the denoiser's config class."""
+    if (path / "transformer" / "config.json").is_file():
+        name = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name", "")
+        if name == "DiTTransformer2DModel":
+            return "dit"
+        if name == "SD3Transformer2DModel":
+            return "sd3"
+        raise ValueError(f"base '{path}': transformer/ holds a {name!r}; supported transformers are "
+                         f"DiTTransformer2DModel (DiT) and SD3Transformer2DModel (SD3)")
+    cfg = json.loads((path / "unet" / "config.json").read_text())
+    return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
+
+
+def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | None):
+    """Load ``path/sub`` with the class its config names (``_class_name``), from ``library``."""
+    cfg_file = next((path / sub / f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
+                     if (path / sub / f).is_file()), None)
+    if cfg_file is None:
+        raise FileNotFoundError(f"{path / sub}: no config.json / scheduler_config.json / tokenizer_config.json")
+    cfg = json.loads(cfg_file.read_text())
+    if library == "diffusers":
+        cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+        if cls is None:
+            raise ValueError(f"{cfg_file}: unknown diffusers class {cfg.get('_class_name')!r}")
+        kw = {"torch_dtype": dtype} if dtype is not None and sub != "scheduler" else {}
+        return cls.from_pretrained(path / sub, **kw)
+    import transformers
+
+    if sub.startswith("tokenizer"):
+        return transformers.AutoTokenizer.from_pretrained(path / sub)
+    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+    cls = getattr(transformers, arch)
+    return cls.from_pretrained(path / sub, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating weights to ``dtype`` in place, except submodules the library keeps in fp32
+    (``_keep_in_fp32_modules``, what ``from_pretrained(torch_dtype=...)`` would respect)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not keep & set(name.split(".")):
+            t.data = t.data.to(dtype)
+
+
+
+
+def load_optional(path: Path, sub: str, library: str):
+    """``path/sub`` if it exists (a component an absent-T5 SD3 or a pixel base lacks), else ``None``."""
+    return _load_component(path, sub, library, None) if (path / sub).is_dir() else None

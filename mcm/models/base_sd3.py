@@ -1,0 +1,92 @@
+"""The SD3 family (Esser et al. 2024): ``SD3Transformer2DModel`` with flow matching.
+
+The transformer predicts the velocity ``noise - x0`` of ``x_t = (1 - sigma) x0 + sigma noise``
+(``FlowMatchEulerDiscreteScheduler``); the training forward process is
+:class:`mcm.diffusion.forward_process.FlowMatchingProcess`.  Context as
+``StableDiffusion3Pipeline.encode_prompt``: the two CLIP encoders' penultimate hidden states
+concatenated and zero-padded to the joint width, then T5's tokens (zeros when T5 is absent, as in
+diffusers), and both CLIPs' pooled outputs concatenated.  VAE latents are ``(z - shift) * scale``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mcm.models.base_loading import _load_component, load_optional
+from mcm.models.frozen_base import FrozenBase
+
+T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+class SD3Base(FrozenBase):
+    family = "sd3"
+    extra_component_names = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+    @classmethod
+    def load_components(cls, path: Path) -> dict:
+        parts = {"unet": _load_component(path, "transformer", "diffusers", None),
+                 "scheduler": _load_component(path, "scheduler", "diffusers", None),
+                 "vae": load_optional(path, "vae", "diffusers")}
+        for i in ("", "_2", "_3"):
+            parts[f"text_encoder{i}"] = load_optional(path, f"text_encoder{i}", "transformers")
+            parts[f"tokenizer{i}"] = load_optional(path, f"tokenizer{i}", "transformers")
+        return parts
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return True
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    # ---- context ---------------------------------------------------------------------------------------
+    def _clip(self, tok, enc, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tok(list(prompts), padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        out = enc(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        e1, p1 = self._clip(self.tokenizer, self.text_encoder, prompts)
+        e2, p2 = self._clip(self.tokenizer_2, self.text_encoder_2, prompts)
+        joint = self.unet.config.joint_attention_dim
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(prompts), T5_MAX_LENGTH, joint, device=self.device, dtype=e1.dtype)
+        else:
+            ids = self.tokenizer_3(list(prompts), padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
+            t5 = self.text_encoder_3(ids)[0]
+        clip = torch.cat([e1, e2], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled": torch.cat([p1, p2], dim=-1)}
+
+    @torch.no_grad()
+    def encode_context(self, prompts=None, class_labels=None, batch_size: int = 1, image_size=None):
+        if class_labels is not None:
+            raise ValueError(f"class_labels: the SD3 base '{self.source}' is not class-conditional; it takes prompts")
+        return dict(self.encode_text(prompts if prompts is not None else [""] * batch_size))
+
+    @torch.no_grad()
+    def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
+        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
+        return dict(self.encode_text(neg))
+
+    def drop_context(self, context, drop: torch.Tensor):
+        if context is None or not bool(drop.any()):
+            return context
+        uncond = self.uncond_context(len(drop))
+        return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v)
+                for k, v in context.items()}
+
+    def model_kwargs(self, context) -> dict:
+        if context is None:
+            raise ValueError(f"context: the SD3 base '{self.source}' needs prompt embeddings (\"\" for none)")
+        dt = self.unet.dtype
+        return {"encoder_hidden_states": context["prompt_embeds"].to(dt), "pooled_projections": context["pooled"].to(dt)}
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
+        return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample
