@@ -34,3 +34,24 @@ def tiny_pixel_base_dir(tmp_path_factory):
 def tiny_uncond_dir(tmp_path_factory):
     """A tiny unconditional pixel base (UNet2DModel + DDPMScheduler)."""
     return make_tiny_unconditional(tmp_path_factory.mktemp("tiny_uncond"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from tiny_models import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    from tiny_models import make_tiny_dit
+
+    return make_tiny_dit(tmp_path_factory.mktemp("tiny_dit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    from tiny_models import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))

@@ -130,3 +130,93 @@ def make_tiny_unconditional(path: str | Path, seed: int = 0) -> Path:
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
         path, safe_serialization=True)  # unet/ scheduler/ model_index.json
     return path
+
+
+def _tiny_clip_config(tokenizer, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=TINY_SD_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=TINY_SD_MAX_LENGTH,
+                          projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random SDXL-layout directory: two CLIP encoders (the second with projection), a ``text_time``
+    UNet at 8x8 latents, an x2 VAE (16x16 images), Euler (as SDXL snapshots ship), ``model_index.json``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1)  # 80 = 6 time ids x 8 + the 32-d pooled text
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16)
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_tiny_dit(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random DiT directory: class-conditional ``DiTTransformer2DModel`` (learned sigma, 1000
+    classes + the null class) at 8x8 latents, an x2 VAE (16x16 images), DDIM, ``model_index.json``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8,
+                                        activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                        norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(
+        path, safe_serialization=True)
+    return path
+
+
+def make_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random SD3 directory: ``SD3Transformer2DModel`` at 8x8 latents, two CLIP encoders with
+    projection, no T5 (``text_encoder_3`` absent, as diffusers allows), an x2 VAE with shift and scaling
+    factors (16x16 images), ``FlowMatchEulerDiscreteScheduler`` (shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                        pooled_projection_dim=64, out_channels=4)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    te1 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer))
+    torch.manual_seed(seed + 3)
+    te2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,177 @@
+"""Every base family (issue: base families): with no control, or a zero-initialised MCM, ``MCMPipeline`` gives
+the family's diffusers pipeline's images (SDXL, DiT, SD3) seed for seed; a few MCM training steps on a fixed
+batch lower the loss and leave the base's bytes unchanged; ControlNet is refused with a clear error where
+diffusers' ``ControlNetModel.from_unet`` does not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from mcm.models.frozen_base import FrozenBase
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.pipelines import MCMPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+TOL = 1e-5
+PROMPTS = ["a red circle", "a blue square"]
+SEG = {"segmentation": {"num_classes": 6}}
+
+
+def ours(path, scheduler_cls=None, modules=()):
+    base = FrozenBase.from_pretrained(path)
+    sched = scheduler_cls.from_config(base.scheduler.config) if scheduler_cls else base.scheduler
+    pipe = MCMPipeline.from_base(base, list(modules), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zero_mcm(base) -> MultimodalConditioningModule:
+    torch.manual_seed(0)
+    return MultimodalConditioningModule(latent_channels=base.latent_channels, modalities=SEG,
+                                        downsample=base.downsample, block_out_channels=(16, 32), layers_per_block=1,
+                                        attention_levels=(), norm_num_groups=8).eval()
+
+
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DDIMScheduler])
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_sdxl_equals_stable_diffusion_xl_pipeline(tiny_sdxl_dir, scheduler_cls, guidance_scale):
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = scheduler_cls.from_config(ref.scheduler.config)
+    expected = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+                   output_type="pt").images
+    pipe = ours(tiny_sdxl_dir, scheduler_cls)
+    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+    assert float((got - expected).abs().max()) < TOL
+    with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
+    with_mcm.set_progress_bar_config(disable=True)
+    labels = torch.randint(0, 6, (2, 16, 16), generator=gen())
+    got = with_mcm(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=3,
+                   guidance_scale=guidance_scale, generator=gen())
+    assert float((got - expected).abs().max()) < TOL
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_dit_equals_dit_pipeline(tiny_dit_dir, scheduler_cls, guidance_scale):
+    from diffusers import DiTPipeline
+
+    ref = DiTPipeline.from_pretrained(tiny_dit_dir)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = scheduler_cls.from_config(ref.scheduler.config)
+    labels = [3, 917]
+    expected = ref(class_labels=labels, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+                   output_type="np").images  # (B, H, W, 3)
+    pipe = ours(tiny_dit_dir, scheduler_cls)
+    got = pipe(class_labels=labels, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+               output_type="np")
+    assert abs(got - expected).max() < TOL
+    with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
+    with_mcm.set_progress_bar_config(disable=True)
+    got = with_mcm(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16), generator=gen())},
+                   class_labels=labels, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+                   output_type="np")
+    assert abs(got - expected).max() < TOL
+    other = pipe(class_labels=[5, 6], num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+                 output_type="np")
+    assert abs(other - expected).max() > 1e-3  # the labels condition the samples
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_sd3_equals_stable_diffusion_3_pipeline(tiny_sd3_dir, guidance_scale):
+    from diffusers import StableDiffusion3Pipeline
+
+    ref = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
+                   output_type="pt").images
+    pipe = ours(tiny_sd3_dir)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+    assert float((got - expected).abs().max()) < TOL
+    with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
+    with_mcm.set_progress_bar_config(disable=True)
+    got = with_mcm(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16), generator=gen())}, prompt=PROMPTS,
+                   num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+    assert float((got - expected).abs().max()) < TOL
+
+
+def family_batch(n: int = 4, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+            "segmentation": torch.randint(0, 6, (n, size, size), generator=g),
+            "caption": ["a red circle"] * n, "class_label": torch.tensor([1, 2, 3, 4][:n])}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3"])
+def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
+    from mcm.training.mcm_module import MCMModule
+
+    path = request.getfixturevalue(f"tiny_{family}_dir")
+    torch.manual_seed(0)
+    m = MCMModule(base=str(path), modalities=SEG, block_out_channels=(16, 32), attention_levels=(), lr=3e-3,
+                  warmup_steps=0, modality_dropout=0.0, drop_all_prob=0.0, caption_dropout=0.0)
+    assert m.base.family == family
+    before = m.base.content_hash()
+    opt = m.configure_optimizers()["optimizer"]
+    batch = family_batch()
+    m.train()
+    losses = []
+    for step in range(12):
+        torch.manual_seed(1234)  # fixed batch, noise and timesteps: the loss must fall
+        opt.zero_grad()
+        loss = m.training_step(batch, step)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    assert all(p.grad is None for p in m.base.frozen_parameters())
+    m.base._hash = None
+    assert m.base.content_hash() == before
+
+
+def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
+    from mcm.diffusion.forward_process import FlowMatchingProcess, forward_process_for
+
+    base = FrozenBase.from_pretrained(tiny_sd3_dir)
+    fp = forward_process_for(base.scheduler.config)
+    assert isinstance(fp, FlowMatchingProcess)
+    t = fp.sample_timesteps(4096, "cpu", torch.Generator().manual_seed(0))
+    sigma = t / 1000
+    assert 0 < float(sigma.min()) and float(sigma.max()) < 1
+    shift = base.scheduler.config.shift
+    assert abs(float(sigma.median()) - shift * 0.5 / (1 + (shift - 1) * 0.5)) < 0.02  # logit-normal median 0.5, shifted
+    x0, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    tt = torch.tensor([100.0, 400.0, 700.0, 999.0])
+    s = (tt / 1000).view(-1, 1, 1, 1)
+    assert torch.allclose(fp.add_noise(x0, noise, tt), (1 - s) * x0 + s * noise)
+    assert torch.equal(fp.target(x0, noise, tt), noise - x0)
+    with pytest.raises(ValueError, match="weighting"):
+        forward_process_for(base.scheduler.config, weighting="min_snr")
+
+
+@pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
+                                          ("sd3", "SD3ControlNetModel")])
+def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
+    from mcm.models.controlnet import ControlNetAdapter
+
+    base = FrozenBase.from_pretrained(request.getfixturevalue(f"tiny_{family}_dir"))
+    with pytest.raises(ValueError, match=match):
+        ControlNetAdapter.from_base(base, SEG)
+
+
+def test_class_labels_errors(tiny_dit_dir, tiny_sd_dir):
+    dit = ours(tiny_dit_dir)
+    with pytest.raises(ValueError, match=r"class_labels: expected integers in 0..999"):
+        dit(class_labels=[1001], num_inference_steps=2)
+    with pytest.raises(ValueError, match="class_labels: got 3 labels for 2 images"):
+        dit(class_labels=[1, 2, 3], num_images=2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        ours(tiny_sd_dir)(class_labels=[1], num_inference_steps=2)
