@@ -175,3 +175,25 @@ def test_class_labels_errors(tiny_dit_dir, tiny_sd_dir):
         dit(class_labels=[1, 2, 3], num_images=2, num_inference_steps=2)
     with pytest.raises(ValueError, match="not class-conditional"):
         ours(tiny_sd_dir)(class_labels=[1], num_inference_steps=2)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "dit", "sd3"])
+def test_from_pretrained_with_no_modules_equals_the_family_pipeline_with_its_defaults(family, request):
+    """No scheduler swap: the base directory's own scheduler is the default, as in diffusers."""
+    import diffusers
+
+    path = request.getfixturevalue(f"tiny_{family}_dir")
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "dit": "DiTPipeline",
+           "sd3": "StableDiffusion3Pipeline"}[family]
+    extra = {"sd": dict(safety_checker=None, requires_safety_checker=False),
+             "sd3": dict(text_encoder_3=None, tokenizer_3=None)}.get(family, {})
+    ref = getattr(diffusers, cls).from_pretrained(path, **extra)
+    ref.set_progress_bar_config(disable=True)
+    pipe = MCMPipeline.from_pretrained(path, modules=[])
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler) is type(ref.scheduler)
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="np")
+    cond = {"class_labels": [1, 2]} if family == "dit" else {"prompt": PROMPTS}
+    expected = ref(generator=gen(), **cond, **kw).images
+    got = pipe(generator=gen(), **cond, **kw)
+    assert abs(got - expected).max() < TOL

@@ -41,11 +41,15 @@ _EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokeniz
 
 
 def _default_scheduler(base: FrozenBase):
-    """DDIM (design.md §2) for the epsilon / v families; flow-matching bases keep their own scheduler."""
-    if base.prediction_type == "flow":
-        return base.scheduler
-    return DDIMScheduler.from_config(base.scheduler.config)
-PIPELINE_INDEX = "model_index.json"
+    """The scheduler a pipeline samples with unless told otherwise.
+
+    The base directory's own, as diffusers' pipelines do (SD's PNDM, SDXL's Euler, SD3's flow matching), so
+    ``from_pretrained(dir, modules=[])`` gives the family pipeline's images with no scheduler swap; DDIM
+    (design.md §2) where the directory ships DDPM, a training scheduler (the embedded ``shapes32``).
+    """
+    if type(base.scheduler).__name__ == "DDPMScheduler":
+        return DDIMScheduler.from_config(base.scheduler.config)
+    return base.scheduler
 
 
 class MCMPipeline(DiffusionPipeline):
