@@ -197,3 +197,54 @@ def test_from_pretrained_with_no_modules_equals_the_family_pipeline_with_its_def
     expected = ref(generator=gen(), **cond, **kw).images
     got = pipe(generator=gen(), **cond, **kw)
     assert abs(got - expected).max() < TOL
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_sdxl_controlnet_adapter_equals_stable_diffusion_xl_controlnet_pipeline(tiny_sdxl_dir, guidance_scale):
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from mcm.models.controlnet import ControlNetAdapter
+
+    base = FrozenBase.from_pretrained(tiny_sdxl_dir)
+    torch.manual_seed(0)
+    adapter = ControlNetAdapter.from_base(base, {"segmentation": {"num_classes": 3}})
+    assert adapter.controlnet.config.conditioning_embedding_out_channels == (16, 32)  # x2, the tiny VAE's factor
+    with torch.no_grad():
+        for conv in [*adapter.controlnet.controlnet_down_blocks, adapter.controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    adapter.eval()
+    ref = StableDiffusionXLControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                              text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+                                              tokenizer_2=base.tokenizer_2, unet=base.unet,
+                                              controlnet=adapter.controlnet, scheduler=base.scheduler,
+                                              add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    labels = torch.randint(0, 3, (2, 16, 16), generator=gen())
+    control = F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    expected = ref(prompt=PROMPTS, image=control, num_inference_steps=3, guidance_scale=guidance_scale,
+                   generator=gen(), output_type="pt").images
+    pipe = MCMPipeline.from_base(base, [adapter], scheduler=base.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=3,
+               guidance_scale=guidance_scale, generator=gen())
+    assert float((got - expected).abs().max()) < TOL
+
+
+def test_controlnet_trains_on_sdxl(tiny_sdxl_dir):
+    from mcm.training.controlnet_module import ControlNetModule
+
+    torch.manual_seed(0)
+    m = ControlNetModule(base=str(tiny_sdxl_dir), modalities=SEG, warmup_steps=0, lr=1e-3)
+    before = m.base.content_hash()
+    opt = m.configure_optimizers()["optimizer"]
+    m.train()
+    zero = m.adapter.controlnet.controlnet_mid_block.weight
+    for step in range(2):
+        opt.zero_grad()
+        loss = m.training_step(family_batch(2), step)
+        loss.backward()
+        opt.step()
+    assert torch.count_nonzero(zero) > 0 and torch.isfinite(loss)
+    m.base._hash = None
+    assert m.base.content_hash() == before
