@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from mcm.models.frozen_base import BaseMismatchError, FrozenBase
@@ -29,7 +29,9 @@ def mcm(seed: int, default_strength: float = 1.0) -> MultimodalConditioningModul
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_dir):
-    p = MCMPipeline.from_base(FrozenBase.from_pretrained(tiny_sd_dir), [mcm(1, 1.5), mcm(2)], weights=[1.0, 0.5])
+    base = FrozenBase.from_pretrained(tiny_sd_dir)
+    p = MCMPipeline.from_base(base, [mcm(1, 1.5), mcm(2)], weights=[1.0, 0.5],
+                              scheduler=DDIMScheduler.from_config(base.scheduler.config))
     p.set_progress_bar_config(disable=True)
     return p
 

@@ -38,6 +38,7 @@ from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 _EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+PIPELINE_INDEX = "model_index.json"
 
 
 def _default_scheduler(base: FrozenBase):
