@@ -21,7 +21,8 @@ one() {
     mcm_multimodal) ev mcm_multimodal --mcm runs/shapes32_multimodal/export --per-modality --strength 1 2 ;;
     strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal/export --modalities segmentation \
                       --strength 1 1.5 2 2.5 3 ;;
-    mcm_*|controlnet_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" --strength 1 2 ;;
+    mcm_*|controlnet_*|t2i_adapter_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" --strength 1 2 ;;
+    regional) python -m mcm.evaluation.regional --data "$DATA" --n 64 --seeds 0 1 --out docs/eval/regional ;;
     compose) ev compose_segmentation_sketch --mcm shapes32_compose_segmentation shapes32_compose_sketch \
                --weights 1 1 --strength 1 2 ;;
     curve_*) ev "$1" --mcm "runs/shapes32_segmentation_n${1#curve_}/export" --strength 1 2 ;;
@@ -34,5 +35,6 @@ one() {
 }
 
 ALL=(base mcm_multimodal strength_sweep mcm_segmentation mcm_sketch controlnet_segmentation
-     controlnet_sketch controlnet_depth controlnet_partial_mask compose curve_250 curve_500 curve_1000 curve table)
+     controlnet_sketch controlnet_depth controlnet_partial_mask t2i_adapter_segmentation t2i_adapter_sketch compose
+     curve_250 curve_500 curve_1000 curve regional table)
 for e in "${@:-${ALL[@]}}"; do echo "== $e $(date +%T)"; one "$e"; done

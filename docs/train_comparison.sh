@@ -20,7 +20,7 @@ job() {
   case $1 in
     compose_segmentation|compose_sketch) fit "shapes32_$1" "$1" ;;
     mcm_segmentation|mcm_sketch|mcm_depth|mcm_partial_mask) fit "shapes32_${1#mcm_}" "${1#mcm_}" ;;
-    controlnet_*) fit "shapes32_$1" "$1" ;;
+    controlnet_*|t2i_adapter_*) fit "shapes32_$1" "$1" ;;
     curve_*)  # the limited-data curve: segmentation MCM on the first N of the 2,000 images
       fit "shapes32_segmentation_n${1#curve_}" segmentation \
         --data.init_args.limit_train_samples "${1#curve_}" ;;
@@ -31,6 +31,7 @@ job() {
 # what docs/results.md reports (mcm_depth and mcm_partial_mask also exist as jobs; they were not run:
 # the multimodal MCM evaluated one modality at a time stands in for them there)
 ALL=(compose_segmentation compose_sketch mcm_segmentation controlnet_segmentation curve_250 curve_500
-     curve_1000 mcm_sketch controlnet_sketch controlnet_depth controlnet_partial_mask)
+     curve_1000 mcm_sketch controlnet_sketch controlnet_depth controlnet_partial_mask t2i_adapter_segmentation
+     t2i_adapter_sketch)
 mkdir -p runs
 for j in "${@:-${ALL[@]}}"; do echo "== $j $(date +%T)"; job "$j"; done
