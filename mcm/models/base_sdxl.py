@@ -38,7 +38,7 @@ class SDXLBase(FrozenBase):
 
     @property
     def is_text_conditional(self) -> bool:
-        return self.text_encoder is not None or self.text_encoder_2 is not None
+        return True  # by architecture (added_cond_kwargs); without its text encoders it takes cached embeddings
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -46,6 +46,9 @@ class SDXLBase(FrozenBase):
 
     # ---- context ---------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_encoder_2 is None:
+            raise ValueError(f"base '{self.source}': an SDXL base without text_encoder_2/ cannot encode prompts; "
+                             f"give cached embeddings (batch['text_emb'])")
         embeds, pooled = [], None
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             if enc is None:

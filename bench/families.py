@@ -1,0 +1,228 @@
+"""Cost on the real SDXL and SD3 architectures (random weights, full size): MCM vs the base, ControlNet where
+it exists and fits.
+
+    python bench/families.py --models sdxl,sd3 --latent 32 --json docs/bench/families.json
+
+Per family, through the project's own code path (``FrozenBase`` subclass, ``MCMModule._common_step``,
+``ControlNetAdapter``): **A** one base forward (bf16 base, no grad), **B** one MCM training step (the paper's
+MCM, fp32, AdamW; the base under no_grad) and, for SDXL, **C** one ControlNet training step
+(``ControlNetModel.from_unet``, fp32 with autocast, backward through the frozen UNet) — if its weights,
+gradients and AdamW state fit in this machine's memory; otherwise the memory it would need is given
+from its parameter count.  Latents and text embeddings are cached (random), as ``mcm data encode``
+would give them.  Steps run interleaved (A B C A B); medians.  Peak memory: peak RSS above the
+interpreter in a fresh process per family (``bench/common.PeakMemory``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import common as C  # noqa: E402
+from mcm.models.frozen_base import FrozenBase  # noqa: E402
+
+PAPER_MCM = {"block_out_channels": (32, 32, 64, 128), "layers_per_block": 2, "attention_levels": (2,)}
+SEG = {"segmentation": {"num_classes": 6}}
+TAG = "FAMILY_JSON="
+
+
+def _x8_vae():
+    """A VAE config with SD's x8 factor (latents are cached, so its weights are never used for the steps)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def build(family: str, latent: int, tiny: bool):
+    """(base, context for a batch of 1). SDXL base 1.0 / SD3 medium architectures, built directly in bf16."""
+    torch.set_default_dtype(torch.bfloat16)  # 2-3B parameters: never materialise them in fp32
+    try:
+        return _build(family, latent, tiny)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _build(family: str, latent: int, tiny: bool):
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if family == "sdxl":
+        from mcm.models.base_sdxl import SDXLBase
+
+        w = (32, 64, 128) if tiny else (320, 640, 1280)
+        unet = UNet2DConditionModel(
+            sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=w,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 1) if tiny else (1, 2, 10), attention_head_dim=(2, 4, 8) if tiny
+            else (5, 10, 20), cross_attention_dim=64 if tiny else 2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8 if tiny else 256,
+            projection_class_embeddings_input_dim=(6 * 8 + 32) if tiny else 2816, norm_num_groups=8 if tiny else 32)
+        base = SDXLBase(unet, EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+                        _x8_vae(), source="sdxl-random")
+        ctx = {"prompt_embeds": torch.randn(1, 77, 64 if tiny else 2048, dtype=torch.float32),
+               "text_embeds": torch.randn(1, 32 if tiny else 1280, dtype=torch.float32),
+               "time_ids": torch.tensor([[latent * 8.0, latent * 8.0, 0, 0, latent * 8.0, latent * 8.0]])}
+        return base, ctx
+    from mcm.models.base_sd3 import SD3Base
+
+    cfg = dict(sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=2 if tiny else 24,
+               attention_head_dim=8 if tiny else 64, num_attention_heads=2 if tiny else 24,
+               joint_attention_dim=32 if tiny else 4096, caption_projection_dim=16 if tiny else 1536,
+               pooled_projection_dim=32 if tiny else 2048, pos_embed_max_size=max(latent // 2 + 8, 96 if tiny else 192))
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    base = SD3Base(SD3Transformer2DModel(**cfg), FlowMatchEulerDiscreteScheduler(shift=3.0), vae, source="sd3-random")
+    ctx = {"prompt_embeds": torch.randn(1, 77 + 256, cfg["joint_attention_dim"], dtype=torch.float32),
+           "pooled": torch.randn(1, cfg["pooled_projection_dim"], dtype=torch.float32)}
+    return base, ctx
+
+
+def setup(family: str, a):
+    base, ctx = build(family, a.latent, a.tiny)
+    base._apply(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)  # MCMModule(base_dtype=bfloat16)
+    S = a.latent * 8
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(1, 3, S, S, generator=g) * 2 - 1,
+             "segmentation": torch.randint(0, 6, (1, S, S), generator=g),
+             "latent": torch.randn(1, base.latent_channels, a.latent, a.latent, generator=g), "text_emb": ctx}
+    return base, batch
+
+
+def mcm_module(base):
+    from mcm.training.mcm_module import MCMModule
+
+    with mock.patch.object(FrozenBase, "from_pretrained", lambda *x, **k: base):
+        m = MCMModule(base="in-memory", modalities=SEG, caption_dropout=0.0, **PAPER_MCM)
+    return m, m.configure_optimizers()["optimizer"]
+
+
+def base_forward(base, batch):
+    fp = mcm_fp(base)
+    t = fp.sample_timesteps(1, "cpu")
+    return base.predict(fp.add_noise(batch["latent"], torch.randn_like(batch["latent"]), t), t, batch["text_emb"])
+
+
+def mcm_fp(base):
+    from mcm.diffusion.forward_process import forward_process_for
+
+    return forward_process_for(base.scheduler.config)
+
+
+def controlnet_parts(base):
+    from mcm.models.controlnet import ControlNetAdapter
+
+    adapter = ControlNetAdapter.from_base(base, SEG)
+    from mcm.training.adapter_module import adamw
+
+    return adapter, adamw(adapter.parameters(), lr=1e-5)
+
+
+def controlnet_step(base, adapter, opt, batch):
+    fp = mcm_fp(base)
+    x0 = batch["latent"]
+    noise, t = torch.randn_like(x0), fp.sample_timesteps(1, "cpu")
+    x_t = fp.add_noise(x0, noise, t)
+    state = adapter.encode_conditions({"segmentation": batch["segmentation"]}, None, tuple(x0.shape[-2:]), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = adapter.controlled_prediction(base, x_t, t, batch["text_emb"], state, 1.0, None)
+    loss = fp.loss(pred, fp.target(x0, noise, t), t)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def training_bytes(n_params: int) -> int:
+    """fp32 weights + fp32 gradients + AdamW's two fp32 moments."""
+    return 16 * n_params
+
+
+def child(family: str, a) -> dict:
+    mem = C.PeakMemory("cpu")
+    base, batch = setup(family, a)
+    out = {"base_params": base.num_parameters(), "denoiser_params": sum(p.numel() for p in base.unet.parameters())}
+    out["peak_base_inference"] = mem.measure(lambda: base_forward(base, batch), repeat=1)
+    module, opt = mcm_module(base)
+    out["mcm_params"] = C.numel(module.mcm)
+    out["peak_mcm_step"] = mem.measure(lambda: C.mcm_step(module, opt, batch))
+    fns = {"base_forward": lambda: base_forward(base, batch), "mcm_step": lambda: C.mcm_step(module, opt, batch)}
+    order = ["base_forward", "mcm_step", "base_forward", "mcm_step"]
+    cn = None
+    if family == "sdxl":
+        from diffusers import ControlNetModel
+
+        with torch.device("meta"):  # count its parameters without allocating them
+            n_cn = sum(p.numel() for p in ControlNetModel.from_unet(base.unet, load_weights_from_unet=False,
+                                                                   conditioning_channels=6).parameters())
+        out["controlnet_params"] = n_cn
+        out["controlnet_training_bytes_needed"] = training_bytes(n_cn) + out["peak_base_inference"]
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if out["controlnet_training_bytes_needed"] < 0.8 * total:
+            adapter, cn_opt = controlnet_parts(base)
+            cn = (adapter, cn_opt)
+            out["peak_controlnet_step"] = mem.measure(lambda: controlnet_step(base, adapter, cn_opt, batch), repeat=1)
+            fns["controlnet_step"] = lambda: controlnet_step(base, adapter, cn_opt, batch)
+            order = ["base_forward", "mcm_step", "controlnet_step", "base_forward", "mcm_step"]
+        else:
+            out["controlnet_skipped"] = (f"needs ~{out['controlnet_training_bytes_needed'] / 2**30:.1f} GiB (16 bytes x "
+                                         f"{n_cn / 1e9:.2f}B trainable parameters + the base), this machine has "
+                                         f"{total / 2**30:.1f} GiB")
+    mem.release()
+    out["times"] = C.interleaved(fns, a.reps, 1, "cpu", order=order)
+    t = {k: v["median_s"] for k, v in out["times"].items()}
+    out["mcm_step_over_base_forward"] = t["mcm_step"] / t["base_forward"]
+    out["mcm_peak_mem_over_base_inference"] = out["peak_mcm_step"] / out["peak_base_inference"]
+    out["mcm_params_over_base"] = out["mcm_params"] / out["denoiser_params"]
+    if cn is not None:
+        out["controlnet_step_over_mcm_step"] = t["controlnet_step"] / t["mcm_step"]
+    out["shapes"] = {"latent": [base.latent_channels, a.latent, a.latent], "batch": 1}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="sdxl,sd3")
+    p.add_argument("--latent", type=int, default=32, help="latent side (image = 8x); small so the steps fit a CPU")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny widths: checks that the script runs (tests)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        print(TAG + json.dumps(child(a.child, a)))
+        return {}
+    results = {}
+    for fam in a.models.split(","):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fam, "--latent", str(a.latent),
+               "--reps", str(a.reps)] + (["--tiny"] if a.tiny else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith(TAG)]
+        if out.returncode or not lines:
+            raise RuntimeError(f"{fam} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        results[fam] = json.loads(lines[-1][len(TAG):])
+        r = results[fam]
+        print(f"{fam}: base {r['denoiser_params'] / 1e9:.2f}B, MCM {r['mcm_params'] / 1e6:.2f}M "
+              f"({100 * r['mcm_params_over_base']:.2f}%); MCM step / base forward {r['mcm_step_over_base_forward']:.3f}; "
+              f"MCM peak / base inference peak {r['mcm_peak_mem_over_base_inference']:.3f}; "
+              + (f"ControlNet step / MCM step {r['controlnet_step_over_mcm_step']:.2f}"
+                 if "controlnet_step_over_mcm_step" in r else r.get("controlnet_skipped", "no ControlNet in this framework")))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
