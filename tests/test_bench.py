@@ -71,3 +71,17 @@ def test_scripts_have_help(script, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_families_json(tmp_path):
+    """bench/families.py runs on tiny SDXL / SD3 architectures and reports every ratio it promises."""
+    from bench import families
+
+    out = tmp_path / "families.json"
+    families.main(["--tiny", "--latent", "8", "--reps", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res) == {"sdxl", "sd3"}
+    _finite_numbers(res["sdxl"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference",
+                                  "controlnet_step_over_mcm_step"})
+    _finite_numbers(res["sd3"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference"})
+    assert res["sdxl"]["controlnet_params"] > res["sdxl"]["mcm_params"] > 0
