@@ -75,13 +75,6 @@ class SD3Base(FrozenBase):
         neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
         return dict(self.encode_text(neg))
 
-    def drop_context(self, context, drop: torch.Tensor):
-        if context is None or not bool(drop.any()):
-            return context
-        uncond = self.uncond_context(len(drop))
-        return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v)
-                for k, v in context.items()}
-
     def model_kwargs(self, context) -> dict:
         if context is None:
             raise ValueError(f"context: the SD3 base '{self.source}' needs prompt embeddings (\"\" for none)")

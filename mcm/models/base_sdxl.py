@@ -84,13 +84,6 @@ class SDXLBase(FrozenBase):
         ctx["time_ids"] = self._time_ids(batch_size, image_size)
         return ctx
 
-    def drop_context(self, context, drop: torch.Tensor):
-        if context is None or not bool(drop.any()):
-            return context
-        uncond = self.uncond_context(len(drop))
-        return {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v)
-                for k, v in context.items()}
-
     def model_kwargs(self, context) -> dict:
         if context is None:
             raise ValueError(f"context: the SDXL base '{self.source}' needs prompt embeddings (\"\" for none)")

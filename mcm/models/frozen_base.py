@@ -246,7 +246,13 @@ class FrozenBase(nn.Module):
         if context is None or not bool(drop.any()):
             return context
         uncond = self.uncond_context(len(drop))
-        return torch.where(drop.to(context.device)[:, None, None], uncond.to(context), context)
+
+        def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return torch.where(drop.to(c.device).view(-1, *[1] * (c.ndim - 1)), u.to(c), c)
+
+        if isinstance(context, dict):  # SDXL / SD3: every entry of the dict, row by row
+            return {k: pick(v, uncond[k]) for k, v in context.items()}
+        return pick(context, uncond)
 
     def model_kwargs(self, context) -> dict:
         """The denoiser's keyword arguments for ``context``."""
