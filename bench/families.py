@@ -117,7 +117,7 @@ def base_forward(base, batch):
 def mcm_fp(base):
     from mcm.diffusion.forward_process import forward_process_for
 
-    return forward_process_for(base.scheduler.config)
+    return forward_process_for(base.scheduler)
 
 
 def controlnet_parts(base):

@@ -169,8 +169,12 @@ class FlowMatchingProcess:
 
 
 def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0):
-    """The training forward process of a base, from its scheduler config: flow matching for
+    """The training forward process of a base, from its scheduler (or its config): flow matching for
     ``FlowMatch*`` schedulers (SD3), else the variance-preserving DDPM process."""
+    if hasattr(scheduler_config, "config"):  # a scheduler object: its class says it even if the config does not
+        if type(scheduler_config).__name__.startswith("FlowMatch"):
+            return FlowMatchingProcess(scheduler_config.config, weighting)
+        scheduler_config = scheduler_config.config
     if str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch"):
         return FlowMatchingProcess(scheduler_config, weighting)
     return ForwardProcess(scheduler_config, weighting, snr_gamma)
