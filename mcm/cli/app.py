@@ -1,0 +1,319 @@
+"""``mcm app``: draw a map, pick the modules and strengths, see the base and base + MCM side by side in the browser.
+
+    pip install -e ".[app]"
+    mcm app                                   # the shipped shapes32 pipeline on http://127.0.0.1:7860
+    mcm app --model runs/a/export runs/b/export --weights 1 1 --port 7861    # compose two modules
+    mcm app --base path/to/base --model path/to/export --data "data/shapes/val-*.tar"
+
+One canvas per modality of the loaded modules, in the plugin's own colours (label maps: a brush per
+class; sketches: strokes; depth: grey levels from near to far, or an uploaded 8/16-bit map), "load a
+held-out example" (the ``--data`` shards, else the shapes generator's ``test`` split), and the
+sampler's controls.  Results: the conditions, the base alone and base + modules for the same seeds,
+the judges' alignment per sample on ``shapes32``, a zip of the images and the Python call that
+reproduces them.  Serves on 127.0.0.1 and fetches nothing (``--share`` opens a public Gradio tunnel:
+only on request).  The Gradio-independent logic lives in :mod:`mcm.cli.app_maps` and
+:mod:`mcm.cli.app_session`.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: environment that keeps Gradio and the Hugging Face libraries offline (set before they are imported)
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "GRADIO_SSR_MODE": "False"}
+CSS = """
+.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #888; vertical-align: middle;
+          margin: 0 0.25em 0 0.6em; }
+"""
+
+
+def _legend(spec) -> str:
+    if not spec.legend:
+        return "upload a map file (as the shards store it)"
+    return "".join(f'<span class="swatch" style="background:{c}"></span>{n}' for n, c in spec.legend)
+
+
+def build_app(session, title: str = "MCM: control a frozen diffusion model"):
+    """The Gradio page over a :class:`~mcm.cli.app_session.Session`."""
+    import gradio as gr
+    import numpy as np
+    import torch
+
+    from mcm.cli import app_maps as M
+    from mcm.cli import app_session as S
+
+    size = session.size
+    scale = max(1, 256 // max(size))
+    canvas_hw = (size[0] * scale, size[1] * scale)
+    plugins = session.plugins
+    specs = {n: M.canvas_spec(n, p) for n, p in plugins.items()}
+    names = list(specs)
+    held_out = M.HeldOut(plugins, size, session.data)
+    workdir = Path(tempfile.mkdtemp(prefix="mcm_app_"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+
+    def editor_value(img: np.ndarray) -> dict:
+        return {"background": img, "layers": [], "composite": img}
+
+    with gr.Blocks(title="mcm app", analytics_enabled=False) as demo:
+        mods = ", ".join(f"{n} [{', '.join(m.modality_names)}]" for n, m in zip(session.module_names, session.modules))
+        gr.Markdown(f"## {title}\nBase **{session.base_name}** ({size[1]}x{size[0]}"
+                    f"{', text-conditional' if session.is_text_conditional else ''}) · modules: {mods}. "
+                    "Draw or upload a map per modality, or load a held-out example (every ticked condition that is not "
+                    "empty is used), then press **Generate**. Everything runs on this machine.")
+        editors, uploads = {}, {}
+        with gr.Row():
+            for n in names:
+                spec = specs[n]
+                with gr.Column(min_width=220):
+                    gr.HTML(f"<b>{n}</b><br><small>{_legend(spec)}</small>")
+                    if spec.kind != "upload":
+                        # label maps: the first class (not the background), 3 output pixels wide; sketch strokes
+                        # 1 output pixel wide (as the edges it was trained on); other continuous maps 3 wide
+                        first = 1 if spec.kind == "labels" and len(spec.brush_colors) > 1 else 0
+                        brush = gr.Brush(colors=spec.brush_colors, color_mode="fixed",
+                                         default_color=spec.brush_colors[first],
+                                         default_size=max(2, scale * (1 if spec.binary else 3)))
+                        editors[n] = gr.ImageEditor(
+                            value=editor_value(M.blank_canvas(spec, size, scale)), image_mode="RGBA", type="numpy",
+                            sources=(), transforms=(), layers=False, brush=brush, eraser=gr.Eraser(scale * 2),
+                            canvas_size=(canvas_hw[1], canvas_hw[0]), fixed_canvas=True, format="png",
+                            show_label=False, height=canvas_hw[0] + 110, elem_id=f"canvas-{n}",
+                            elem_classes=["pixelated"])
+                    uploads[n] = gr.File(label=f"or upload a {n} map (PNG)", file_types=["image"],
+                                         elem_id=f"upload-{n}", height=60)
+        with gr.Row(equal_height=True):
+            used = gr.CheckboxGroup(names, value=list(names), label="conditions to use (an empty canvas is not used)",
+                                    elem_id="used", scale=3)
+            example_idx = gr.Number(0, precision=0, label="held-out example #", minimum=0, scale=1)
+            load_btn = gr.Button("Load a held-out example", elem_id="load-example", scale=1)
+            clear_btn = gr.Button("Clear the maps", scale=1)
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="prompt", visible=session.is_text_conditional, elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt (with guidance > 1)",
+                                      visible=session.is_text_conditional)
+                class_label = gr.Number(None, precision=0, label="class label", visible=session.is_class_conditional)
+                with gr.Accordion("region brush: the modules act only where painted", open=False):
+                    region = gr.ImageEditor(
+                        value=editor_value(np.zeros((*canvas_hw, 3), np.uint8)), image_mode="RGBA", type="numpy",
+                        sources=(), transforms=(), layers=False, format="png", show_label=False,
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=scale * 3),
+                        eraser=gr.Eraser(scale * 3), canvas_size=(canvas_hw[1], canvas_hw[0]), fixed_canvas=True,
+                        height=canvas_hw[0] + 110, elem_id="region")
+                    gr.Markdown("Painted pixels get the module's strength, the rest 0 (a strength map); "
+                                "leave it black for strength everywhere.")
+            with gr.Column():
+                module_box = gr.CheckboxGroup([(n, i) for i, n in enumerate(session.module_names)],
+                                              value=list(range(len(session.modules))), label="modules to use",
+                                              type="value")
+                strengths = [gr.Slider(0.0, 3.0, value=float(m.default_strength), step=0.05,
+                                       label=f"strength: {n} (module default {m.default_strength:g})")
+                             for n, m in zip(session.module_names, session.modules)]
+                with gr.Row():
+                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="modulation window: low (t/T)")
+                    hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="high (t/T, 1 = pure noise)")
+            with gr.Column():
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=25, step=1, label="steps")
+                    guidance = gr.Slider(1.0, 10.0, value=1.0, step=0.5, label="guidance scale")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, minimum=0, label="seed (image i: seed + i)")
+                    num = gr.Slider(1, 8, value=4, step=1, label="number of images")
+                scheduler = gr.Dropdown(list(S.SCHEDULERS), value=session.default_scheduler_label,
+                                        label="scheduler")
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        status = gr.Markdown(elem_id="status")
+        gallery = dict(columns=8, fit_columns=False, height=205, object_fit="contain", elem_classes=["pixelated"],
+                       format="png", allow_preview=False)
+        judged = " (captions: the judge's alignment with the first condition)" if session.judged else ""
+        cond_gallery = gr.Gallery(label="conditions (as the modules see them)", elem_id="conditions", **gallery)
+        base_gallery = gr.Gallery(label=f"base alone{judged}", elem_id="base-images", **gallery)
+        mcm_gallery = gr.Gallery(label=f"base + modules, same seeds{judged}", elem_id="mcm-images", **gallery)
+        scores = gr.Dataframe(label="alignment per sample (shapes32 judges; base alone = chance level)",
+                              visible=session.judged, elem_id="scores", interactive=False)
+        with gr.Row():
+            files = gr.File(label="downloads", file_count="multiple", elem_id="downloads", interactive=False)
+            code = gr.Code(label="the Python call that reproduces these images", language="python", elem_id="code")
+        with gr.Accordion("model", open=False):
+            base_box = gr.Textbox(session.base_name, label="base (the modules are checked against it)")
+            base_btn = gr.Button("Load this base")
+
+        editor_list, upload_list = [editors[n] for n in editors], [uploads[n] for n in names]
+        example_maps = gr.State({})  # a held-out example's maps of modalities that have no canvas (upload only)
+
+        # ---- events -----------------------------------------------------------------------------------
+        def load_example(idx):
+            try:
+                maps, caption, _ = held_out(int(idx or 0))
+            except Exception as e:
+                raise gr.Error(_message(e)) from None
+            out = [editor_value(M.raw_to_canvas(specs[n], maps[n], scale)) for n in editors]
+            out += [None] * len(names)
+            rest = {n: maps[n] for n in names if n not in editors}
+            return [*out, list(names), caption, int(idx or 0) + 1, rest]
+
+        load_btn.click(load_example, example_idx,
+                       [*editor_list, *upload_list, used, prompt, example_idx, example_maps])
+
+        def clear():
+            blank = [editor_value(M.blank_canvas(specs[n], size, scale)) for n in editors]
+            return [*blank, *([None] * len(names)), {}]
+
+        clear_btn.click(clear, None, [*editor_list, *upload_list, example_maps])
+
+        def run(*args):
+            it = iter(args)
+            canvases = {n: next(it) for n in editors}
+            files_in = {n: next(it) for n in names}
+            used_v, region_v, prompt_v, neg_v, cls_v, mods_v = (next(it) for _ in range(6))
+            strength_v = [next(it) for _ in strengths]
+            lo_v, hi_v, steps_v, guid_v, seed_v, num_v, sched_v, example_v = (next(it) for _ in range(8))
+            t0 = time.time()
+            try:
+                notes, maps, empty = [], {}, []
+                for n in used_v or []:
+                    comp = canvases.get(n)
+                    comp = comp.get("composite") if isinstance(comp, dict) else comp
+                    if files_in.get(n):
+                        maps[n], note = M.read_map_file(specs[n], files_in[n], size)
+                        notes += [note] if note else []
+                    elif n in canvases and not M.is_blank(specs[n], comp):
+                        maps[n] = M.canvas_to_raw(specs[n], comp, size)
+                    elif n in (example_v or {}):
+                        maps[n] = example_v[n]
+                    else:
+                        empty.append(n)
+                if not maps:
+                    raise M.AppError("conditions: nothing to condition on; draw on a canvas, upload a map or load a "
+                                     "held-out example, and tick its condition")
+                comp = region_v.get("composite") if isinstance(region_v, dict) else region_v
+                req = S.Request(maps=maps, modules=sorted(int(i) for i in (mods_v or [])),
+                                strengths=[float(s) for s in strength_v], region=M.region_mask(comp, size),
+                                prompt=prompt_v or "", negative_prompt=neg_v or "", num_images=int(num_v),
+                                steps=int(steps_v), guidance_scale=float(guid_v), window=(float(lo_v), float(hi_v)),
+                                seed=int(seed_v or 0), scheduler=sched_v,
+                                class_label=int(cls_v) if session.is_class_conditional and cls_v is not None else None)
+                result = session.generate(req)
+                paths = S.save_result(result, tempfile.mkdtemp(dir=workdir))
+            except Exception as e:
+                log.warning("mcm app: generation failed: %s", e, exc_info=not isinstance(e, ValueError))
+                raise gr.Error(_message(e), duration=None) from None
+            cond_imgs = [(im, n) for im, n in zip(S.upscale(torch.cat(list(result.conditions.values()))),
+                                                  result.conditions)]
+            captions = {r["sample"]: r for r in result.scores}
+
+            def caption(i, row):
+                r = captions.get(i, {})
+                key = next((k for k in r if k.endswith(f"({row})")), None)
+                if not key or r[key] is None:
+                    return f"seed {req.seeds[i]}"
+                return f"seed {req.seeds[i]} · {key.split(' (')[0].split()[-1]} {r[key]:.2f}"
+
+            base_imgs = [(im, caption(i, "base")) for i, im in enumerate(S.upscale(result.base))]
+            mcm_imgs = [(im, caption(i, "MCM")) for i, im in enumerate(S.upscale(result.mcm))]
+            table = _table(result.scores)
+            region_note = " · region brush on" if req.region is not None else ""
+            n_img = req.num_images
+            made = f"{n_img} controlled images (the base alone reused: same sampler settings)" \
+                if result.base_reused else f"{n_img} base + {n_img} controlled images"
+            msg = (f"{made} in {result.seconds:.2f} s ({req.steps} {req.scheduler} steps, conditions: "
+                   f"{', '.join(maps)}{region_note}; page round trip {time.time() - t0:.2f} s)")
+            if empty:
+                notes.append(f"not used (empty canvas): {', '.join(empty)}")
+            if notes:
+                msg += "\n\n" + "\n\n".join(f"⚠ {x}" for x in notes)
+            downloads = [str(paths[k]) for k in ("mcm_app_run.zip", "mcm_images.png", "base_images.png",
+                                                   "reproduce.py", "conditions.npz")]
+            return cond_imgs, base_imgs, mcm_imgs, table, msg, downloads, result.code
+
+        generate_btn.click(run, [*editor_list, *upload_list, used, region, prompt, negative, class_label, module_box,
+                                 *strengths, lo, hi, steps, guidance, seed, num, scheduler, example_maps],
+                           [cond_gallery, base_gallery, mcm_gallery, scores, status, files, code],
+                           concurrency_limit=1, show_progress="minimal")
+
+        def switch(base):
+            try:
+                name = session.switch_base(base)
+            except Exception as e:
+                raise gr.Error(_message(e), duration=None) from None
+            gr.Info(f"loaded base '{name}'")
+            return name
+
+        base_btn.click(switch, base_box, base_box, concurrency_limit=1)
+    return demo
+
+
+def _message(e: BaseException) -> str:
+    """What the page says about an error: the message itself for input errors, the type too otherwise."""
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {text}"
+
+
+def _table(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows) if rows else pd.DataFrame()
+
+
+def serve(a: argparse.Namespace) -> None:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    from mcm.cli.app_session import Session
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    session = Session(a.model or ["shapes32"], a.base, a.weights, a.device, a.data)
+    session.warm_up()
+    import gradio as gr
+
+    demo = build_app(session)
+    log.info("mcm app: %s + %d module(s) ready in %.1f s", session.base_name, len(session.modules), time.time() - t0)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=a.host, server_port=a.port, share=a.share, inbrowser=False, show_error=True, ssr_mode=False,
+        pwa=False, mcp_server=False, quiet=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"])
+
+
+def _run(a: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        log.error("mcm app needs Gradio: pip install -e \".[app]\" (or pip install 'mcm-diffusion[app]')")
+        return 2
+    try:
+        serve(a)
+    except (ValueError, FileNotFoundError) as e:  # bad --model / --base / --data: a message, not a traceback
+        log.error("mcm app: %s", e)
+        return 2
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("app", help="the browser app: draw a map, see base and base + MCM side by side (extra [app])",
+                       description="Draw a map, pick the modules and strengths, see the base and base + MCM side "
+                                   "by side in the browser (Gradio, served on 127.0.0.1, nothing fetched).")
+    p.add_argument("--model", "--mcm", dest="model", nargs="+", default=None,
+                   help="exported MCM/ControlNet dirs or built-in names (default: shapes32; several: composed)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="composition weight per --model")
+    p.add_argument("--base", default=None, help="base model (default: the one the first --model names)")
+    p.add_argument("--data", default=None, help="held-out shards for 'load a held-out example' "
+                   "(default: the shapes generator's test split)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (contacts gradio.app)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=_run)
