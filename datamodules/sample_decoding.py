@@ -6,6 +6,7 @@ Decoding uses PIL and plain text only; no key is ever unpickled (``.pyd``, ``.pt
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Any, Mapping
 
@@ -16,7 +17,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from modalities import Modality
+from modalities import Modality, ModalityError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,54 @@ CAPTION_KEYS = ("txt", "caption")
 
 class BadSampleError(ValueError):
     """A sample that cannot be used; the message names the shard, the key and why."""
+
+
+class ShardDecodeError(BadSampleError):
+    """A field of a shard sample that cannot be decoded or fails its modality's validation.
+
+    The message names the shard, the sample key, the field (the member suffix, e.g. ``'seg.png'``)
+    and what was expected; the exception that the decoder raised is kept as ``__cause__``
+    (``raise ShardDecodeError(...) from e``).  Only this class (and :class:`BadSampleError`) counts
+    as bad data: any other exception from a decoder or plugin is a bug and stops the run.
+    """
+
+    def __init__(self, message: str = "", *, shard: str | None = None, key: str | None = None,
+                 field: str | None = None, expected: str | None = None):
+        super().__init__(message)
+        self.shard, self.key, self.field, self.expected = shard, key, field, expected
+
+    @classmethod
+    def of(cls, shard: str, key: str, field: str, expected: str, reason: str) -> "ShardDecodeError":
+        msg = f"shard {shard}, sample '{key}', field {field}: {reason}"
+        if expected and expected not in reason:
+            msg += f"; expected {expected}"
+        return cls(msg, shard=shard, key=key, field=field, expected=expected)
+
+    def __reduce__(self):  # keyword-only fields survive pickling (DataLoader workers)
+        return (_rebuild_decode_error, (str(self), self.shard, self.key, self.field, self.expected))
+
+
+def _rebuild_decode_error(message, shard, key, field, expected) -> ShardDecodeError:
+    return ShardDecodeError(message, shard=shard, key=key, field=field, expected=expected)
+
+
+#: what a bad sample raises while it is decoded; anything else raised there is a bug in the code
+DATA_ERRORS: tuple[type[BaseException], ...] = (BadSampleError, ModalityError)
+
+IMAGE_EXPECTED = "an RGB or greyscale image (png, jpg, jpeg or webp) that PIL can read"
+
+
+def image_field(sample: Mapping[str, Any]) -> str:
+    """The member the image is read from (``'png'``, ``'jpg'`` ...), for error messages."""
+    return next((f"'{k}'" for k in IMAGE_KEYS if k in sample), f"image (none of {list(IMAGE_KEYS)})")
+
+
+def modality_field(plugin: Modality, sample: Mapping[str, Any]) -> str:
+    """The member a modality is read (or derived) from, for error messages."""
+    keys = list(plugin.shard_keys) + list(plugin.derive_keys)
+    present = next((k for k in keys if k in sample), None)
+    where = f"'{present}'" if present else (f"'{keys[0]}' (absent)" if keys else "(derived from the image)")
+    return f"{where} of modality '{plugin.name}'"
 
 
 class SkipCounter:
@@ -39,6 +88,7 @@ class SkipCounter:
         self.count = 0
 
     def __call__(self, exn: BaseException) -> bool:
+        """Count and log ``exn``; used as webdataset's ``handler=`` for opening and grouping shards."""
         self.count += 1
         log.warning("skipping bad sample (%d so far): %s", self.count, exn)
         return True
@@ -67,6 +117,32 @@ def decode_caption(sample: Mapping[str, Any]) -> str:
             v = sample[k]
             return (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)).strip()
     return ""
+
+
+CLASS_KEY = "cls"
+
+
+def decode_class_label(sample: Mapping[str, Any]) -> int | None:
+    """The integer class label of a sample (``cls``: integer text, else ``json["class_label"]``), for
+    class-conditional bases; ``None`` when the sample has neither."""
+    if CLASS_KEY in sample:
+        v = sample[CLASS_KEY]
+        text = v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise BadSampleError(f"'cls' is {text.strip()[:40]!r}; expected an integer class label") from None
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSampleError(f"'json' is not valid JSON ({e})") from None
+        label = meta.get("class_label") if isinstance(meta, dict) else None
+        if label is not None:
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise BadSampleError(f"json 'class_label' is {label!r}; expected an integer class label")
+            return label
+    return None
 
 
 def decode_modality(plugin: Modality, sample: Mapping[str, Any], image: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,11 @@ def make_sample(seed: int, index: int, size: int = 32, split: str = "train") -> 
     visible.sort(key=lambda o: o["cx"])  # caption reads left to right
     words = [f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['name']}" for o in visible]
     caption = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1] if words else "an empty scene"
+    # a class label for class-conditional bases (DiT): the class covering the most pixels, 0 for an empty scene
+    counts = np.bincount(seg.ravel(), minlength=NUM_CLASSES)[1:]
+    class_label = int(counts.argmax()) + 1 if counts.any() else 0
     meta = {
-        "seed": seed, "split": split, "index": index, "size": S,
+        "seed": seed, "split": split, "index": index, "size": S, "class_label": class_label,
         "objects": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in o.items() if k not in ("mask", "rgb")}
                     for o in visible],
     }
@@ -150,6 +153,7 @@ def sample_to_wds(sample: ShapesSample, key: str) -> dict:
         "seg.png": _png(sample.seg),
         "depth.png": _png(sample.depth),
         "txt": sample.caption,
+        "cls": str(sample.meta["class_label"]),
         "json": json.dumps(sample.meta),
     }
 

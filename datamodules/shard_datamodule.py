@@ -12,12 +12,13 @@ import tarfile
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
 import modalities as modality_registry
 
-from .shard_stream import FixedLengthLoader, ShardStream
+from .shard_stream import FixedLengthLoader, ShardStream, reader_share
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: per-rank batch size.
         num_workers: data-loading processes per rank (0 = in the main process).
         train_samples: samples per training epoch (all ranks together); ``None`` counts local shards.
-        val_samples: samples per validation pass; ``None`` counts local shards.
+        val_samples: unused (kept so older configs parse): validation reads every sample of ``val_shards``
+            exactly once across ranks and workers.
         limit_train_samples: read only the first N training samples (the limited-data regime of the
             paper); the rest of the shards are ignored. ``None`` uses everything.
         shuffle_buffer: webdataset shuffle buffer (samples).
@@ -110,25 +112,62 @@ class ShardDataModule(L.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _position(self) -> int:
+        """Batches of the current training epoch the trainer has consumed (what a checkpoint resumes after)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def _make(self, spec: str | None, train: bool, n_samples: int | None, what: str) -> FixedLengthLoader:
+        return self._make_train(spec, n_samples, what) if train else self._make_eval(spec, what)
+
+    def _stream(self, urls: list[str], train: bool) -> ShardStream:
+        h = self.hparams
+        rank, world = self._dist()
+        return ShardStream(urls, self.plugins, h.image_size, h.batch_size, train=train, seed=h.seed,
+                           shuffle_buffer=h.shuffle_buffer if train else 0, hflip=h.hflip, crop_scale=h.crop_scale,
+                           rank=rank, world_size=world)
+
+    def _loader(self, stream: ShardStream) -> DataLoader:
+        h = self.hparams
+        # an own generator: creating the iterator (the workers' base seed) never draws from torch's global RNG
+        return DataLoader(stream, batch_size=None, num_workers=h.num_workers, persistent_workers=False,
+                          prefetch_factor=4 if h.num_workers else None, generator=torch.Generator())
+
+    def _make_train(self, spec: str | None, n_samples: int | None, what: str) -> FixedLengthLoader:
         h = self.hparams
         urls = expand_shards(spec, what)
-        if train and h.limit_train_samples:
+        if h.limit_train_samples:
             urls, n_samples = self._limited(urls, h.limit_train_samples)
         n = n_samples if n_samples is not None else count_samples(urls, what)
         rank, world = self._dist()
         per_step = h.batch_size * world
         if n < per_step:
             raise ValueError(f"{what}: {n} samples cannot fill one batch of {h.batch_size} on each of {world} ranks")
-        num_batches = n // per_step if train else -(-n // per_step)
-        ds = ShardStream(urls, self.plugins, h.image_size, h.batch_size, train=train, seed=h.seed,
-                         shuffle_buffer=h.shuffle_buffer if train else 0, hflip=h.hflip, crop_scale=h.crop_scale,
-                         rank=rank, world_size=world)
-        dl = DataLoader(ds, batch_size=None, num_workers=h.num_workers, persistent_workers=False,
-                        prefetch_factor=4 if h.num_workers else None)
-        loader = FixedLengthLoader(dl, ds, num_batches, self._epoch if train else (lambda: 0), h.max_bad_fraction)
+        num_batches = n // per_step
+        stream = self._stream(urls, True)
+        position = self._position if self.trainer is not None and hasattr(self.trainer, "fit_loop") else None
+        loader = FixedLengthLoader(self._loader(stream), stream, num_batches, self._epoch, h.max_bad_fraction,
+                                   position_fn=position, seed=h.seed)
         self.loaders[what] = loader
         log.info("%s: %d shards, %d samples, %d batches per rank per epoch", what, len(urls), n, num_batches)
+        return loader
+
+    def _make_eval(self, spec: str | None, what: str) -> FixedLengthLoader:
+        """One pass over every sample of the shards, split across ranks and workers (each sample read once)."""
+        h = self.hparams
+        urls = expand_shards(spec, what)
+        rank, world = self._dist()
+        num_batches = None
+        if not any(u.startswith(_REMOTE) for u in urls):
+            counts = [count_samples([u], what) for u in urls]
+            workers = max(1, h.num_workers)
+            shares = [reader_share(counts, rank, world, w, workers) for w in range(workers)]
+            num_batches = sum(-(-n // h.batch_size) for n in shares)
+            log.info("%s: %d shards, %d samples; rank %d reads %d of them in %d batches", what, len(urls),
+                     sum(counts), rank, sum(shares), num_batches)
+        stream = self._stream(urls, False)
+        loader = FixedLengthLoader(self._loader(stream), stream, num_batches, max_bad_fraction=h.max_bad_fraction,
+                                   finite=True, seed=h.seed)
+        self.loaders[what] = loader
         return loader
 
     @staticmethod

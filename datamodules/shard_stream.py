@@ -1,14 +1,29 @@
-"""An endless, seeded stream of batches from webdataset shards, split by rank and by worker.
+"""Seeded streams of batches from webdataset shards, split by rank and by worker.
 
 References: webdataset's ``tarfile_to_samples``/``shuffle`` stages (reading any URL it
 accepts, ``pipe:`` included) and its guidance for multi-node training: split shards by
 node and worker, resample to a fixed epoch length so every rank sees the same number of
 batches.  The epoch cut is done by :class:`FixedLengthLoader` in the main process.
+
+* Training streams are endless; :class:`FixedLengthLoader` cuts the same number of batches per
+  epoch on every rank, and is *stateful* (Lightning saves its ``state_dict`` in checkpoints), so a
+  run resumed mid-epoch continues at the batch after the checkpoint with the same data.  What a
+  sample becomes (crop, flip, plugin augmentation) depends only on ``(seed, epoch, key)``, never on
+  a process's global random state, and shard order and shuffling only on ``(seed, epoch, rank,
+  worker)``: the data of a resumed run are those of the uninterrupted one.
+* Evaluation streams (val / test / predict) read every sample of their shards exactly once
+  across ranks and workers, in shard order, and end with a last partial batch: no repeats, no
+  padding, so metrics are over the exact split.
+* Bad data: a decode or validation failure of a sample (:data:`DATA_ERRORS`) is wrapped in
+  :class:`~datamodules.sample_decoding.ShardDecodeError` (shard, key, field, what was expected;
+  the original as ``__cause__``), logged, counted and skipped.  Any other exception is a bug in
+  the code (ours or a plugin's) and stops the run with its traceback.
 """
 from __future__ import annotations
 
 import logging
 import random
+import tarfile
 import zlib
 from typing import Any, Iterator
 
@@ -21,8 +36,9 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from modalities import Modality
 
 from .sample_decoding import (
-    IMAGE_KEYS, CAPTION_KEYS, BadSampleError, SkipCounter, decode_caption, decode_image, decode_modality,
-    joint_transform, unwrap, wrap_for_transform,
+    CAPTION_KEYS, CLASS_KEY, DATA_ERRORS, IMAGE_EXPECTED, IMAGE_KEYS, BadSampleError, ShardDecodeError,
+    SkipCounter, decode_caption, decode_class_label, decode_image, decode_modality, image_field, joint_transform,
+    modality_field, unwrap, wrap_for_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -47,8 +63,21 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+#: what reading a tar stream raises when the shard itself is truncated or corrupt (bad data, not a bug)
+TAR_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+def reader_share(counts: list[int], rank: int, world: int, worker: int, workers: int) -> int:
+    """How many samples reader ``(rank, worker)`` gets from shards holding ``counts`` samples each
+    (the same split as :func:`assign_shards`), so evaluation loaders know their exact length."""
+    idx = list(range(len(counts)))
+    shards, stride, offset = assign_shards(idx, rank, world, worker, workers)  # type: ignore[arg-type]
+    n = sum(counts[i] for i in shards)
+    return max(0, (n - offset + stride - 1) // stride) if stride > 1 else n
+
+
 class ShardStream(IterableDataset):
-    """Yields collated batches forever (train) or in a fixed order (eval), never ending by itself."""
+    """Yields collated batches forever (train) or one pass over its shards (eval)."""
 
     def __init__(self, urls: list[str], plugins: dict[str, Modality], image_size: int, batch_size: int,
                  train: bool, seed: int = 0, shuffle_buffer: int = 1000, hflip: float = 0.5,
@@ -59,7 +88,7 @@ class ShardStream(IterableDataset):
         self.hflip, self.crop_scale = hflip, tuple(crop_scale)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        wanted = set(IMAGE_KEYS) | set(CAPTION_KEYS) | {"json"}
+        wanted = set(IMAGE_KEYS) | set(CAPTION_KEYS) | {"json", CLASS_KEY}
         for p in plugins.values():
             wanted |= set(p.shard_keys) | set(p.derive_keys)
         self.wanted_suffixes = tuple(sorted(wanted))
@@ -73,7 +102,7 @@ class ShardStream(IterableDataset):
 
     def _shard_urls(self, shards: list[str]) -> Iterator[dict[str, str]]:
         pass_no = 0
-        while True:  # repeat: the epoch length is fixed by the loader, not by the data
+        while True:  # train: repeat, the epoch length is fixed by the loader, not by the data
             order = list(shards)
             if self.train:
                 # seeded by the shard list, not by (rank, worker): readers that share shards and split
@@ -81,6 +110,8 @@ class ShardStream(IterableDataset):
                 random.Random(_seed(self.seed, self.epoch, pass_no, *shards)).shuffle(order)
             for url in order:
                 yield {"url": url}
+            if not self.train:  # eval: every sample once
+                return
             pass_no += 1
 
     def _members(self, sources: Iterator[dict[str, str]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -93,7 +124,7 @@ class ShardStream(IterableDataset):
                 for member in tar_file_iterator(source["stream"], select_files=self._select):
                     last = member["fname"]
                     yield {**member, "__url__": url}
-            except Exception as e:
+            except TAR_ERRORS as e:
                 key = base_plus_ext(last)[0] if last else None
                 counter(BadSampleError(f"shard {url}, sample '{key}': shard unreadable after member "
                                        f"{last!r}, dropping the rest ({type(e).__name__}: {e})"))
@@ -101,30 +132,59 @@ class ShardStream(IterableDataset):
                     yield {"fname": f"{key}.__bad__", "data": True, "__url__": url}
             yield {}  # end of shard: samples of different shards never merge
 
-    def _decode(self, sample: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
-        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+    def _decode_fields(self, sample: dict[str, Any], key: str, url: str
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int | None]:
+        """The image, each modality's raw map and the class label (if any); a data error becomes a
+        :class:`ShardDecodeError`."""
+        field, expected = image_field(sample), IMAGE_EXPECTED
         try:
             image = decode_image(sample)
-            raws = {n: decode_modality(p, sample, image) for n, p in self.plugins.items()}
-            tf = joint_transform(self.image_size, self.train, self.hflip, self.crop_scale)
-            wrapped = [wrap_for_transform(self.plugins[n], r) for n, r in raws.items()]
+            field, expected = "'cls' / json 'class_label'", "an integer class label"
+            label = decode_class_label(sample)
+            raws = {}
+            for n, p in self.plugins.items():
+                field, expected = modality_field(p, sample), p.shard_format()
+                raws[n] = decode_modality(p, sample, image)
+            return image, raws, label
+        except DATA_ERRORS as e:
+            raise ShardDecodeError.of(url, key, field, expected, str(e)) from e
+        except Exception as e:  # a bug (ours or a plugin's), never bad data: it stops the run, traceback kept
+            counted = ", ".join(c.__name__ for c in DATA_ERRORS)
+            e.add_note(f"while decoding shard {url}, sample '{key}', field {field}; only {counted} count as bad "
+                       "data (a plugin reports bad data with modalities.ModalityError)")
+            raise
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        image, raws, label = self._decode_fields(sample, key, url)
+        tf = joint_transform(self.image_size, self.train, self.hflip, self.crop_scale)
+        wrapped = [wrap_for_transform(self.plugins[n], r) for n, r in raws.items()]
+        if self.train:
+            # crop and flip from torch's global RNG (torchvision), seeded per sample and isolated, so
+            # what a sample becomes depends on (seed, epoch, key) only: not on the process, worker or
+            # position, and the training RNG of the main process (num_workers=0) is left untouched
+            sample_seed = _seed(self.seed, self.epoch, key)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                out = tf(tv_tensors.Image(image), *wrapped)
+            gen = torch.Generator().manual_seed(_seed(sample_seed, "aug"))
+        else:
             out = tf(tv_tensors.Image(image), *wrapped)
-            image_t = out[0].as_subclass(torch.Tensor) if wrapped else out.as_subclass(torch.Tensor)
-            item = {"image": image_t.float() / 127.5 - 1.0, "caption": decode_caption(sample), "key": key}
-            for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
-                raw = unwrap(p, t)
-                raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
-                item[n] = raw
-            return item
-        except Exception as e:
-            raise type(e)(f"shard {url}, sample '{key}': {e}") from None
+        image_t = out[0].as_subclass(torch.Tensor) if wrapped else out.as_subclass(torch.Tensor)
+        item = {"image": image_t.float() / 127.5 - 1.0, "caption": decode_caption(sample), "key": key}
+        if label is not None:
+            item["class_label"] = label
+        for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
+            raw = unwrap(p, t)
+            raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
+            item[n] = raw
+        return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shards, stride, offset = assign_shards(self.urls, self.rank, self.world_size, worker, workers)
         counter = SkipCounter()
-        gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, worker, "aug"))
         samples: Iterator[dict] = group_by_keys(self._members(self._shard_urls(shards), counter), handler=counter)
         if stride > 1:
             samples = (s for i, s in enumerate(samples) if i % stride == offset)
@@ -132,50 +192,151 @@ class ShardStream(IterableDataset):
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "shuffle"))
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
         batch: list[dict[str, Any]] = []
+        pending: dict[str, Any] | None = None  # eval: the last full batch, held back to carry late skip counts
         for sample in samples:
             try:
-                batch.append(self._decode(sample, gen))
-            except Exception as e:
+                batch.append(self._decode(sample))
+            except BadSampleError as e:  # bad data only; anything else propagates
                 counter(e)
                 continue
             if len(batch) == self.batch_size:
-                yield collate(batch, counter.take())
+                if self.train:
+                    yield collate(batch, counter.take())
+                else:
+                    if pending is not None:
+                        yield pending
+                    pending = collate(batch, counter.take())
                 batch = []
+        if self.train:
+            return
+        if batch:  # eval: the last partial batch, no padding
+            if pending is not None:
+                yield pending
+            yield collate(batch, counter.take())
+        elif pending is not None:
+            pending["skipped"] = pending["skipped"] + counter.take()
+            yield pending
+        elif counter.count:
+            log.warning("%d bad sample(s) and no good one in this reader's share of %s", counter.take(), shards)
 
 
 def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
     """Stack tensors, keep strings as lists (torch's ``default_collate``); ``skipped`` = bad samples
     dropped since the last batch."""
+    labelled = sum("class_label" in it for it in items)
+    if 0 < labelled < len(items):
+        unlabelled = [it["key"] for it in items if "class_label" not in it][:5]
+        raise ValueError(f"class labels: {labelled} of {len(items)} samples of a batch have one ('cls' or json "
+                         f"'class_label') and {unlabelled} do not; expected every sample or none to carry one")
     out = default_collate(items)
     out["skipped"] = torch.tensor(skipped)
     return out
 
 
 class FixedLengthLoader:
-    """Wraps a DataLoader over an endless :class:`ShardStream` and ends each epoch after
-    ``num_batches`` — the same number on every rank, so DDP never waits on a rank that ran dry.
+    """Wraps a DataLoader over a :class:`ShardStream`.
+
+    Training (``finite=False``): the stream is endless and each epoch ends after ``num_batches`` —
+    the same number on every rank, so DDP never waits on a rank that ran dry.  The loader is
+    stateful: ``state_dict()`` (which Lightning stores in every checkpoint) says how many batches of
+    the current epoch the trainer has consumed (``position_fn``, Lightning's prefetching makes the
+    loader's own count one ahead); after ``load_state_dict`` the next epoch of the same number
+    draws those batches again and drops them, so a resumed run continues with the batch the
+    uninterrupted run would have trained on next.
+
+    Evaluation (``finite=True``): one pass over the stream, which ends by itself after every sample;
+    ``num_batches`` is the exact count this rank gets when local shards could be counted (an upper
+    bound if some samples turn out bad), ``None`` for remote shards (no ``len``).
 
     Also enforces the bad-sample ceiling: more than ``max_bad_fraction`` of samples skipped
-    (after ``min_seen`` samples) stops the run with a clear error.
+    (after ``min_seen`` samples) stops the run with a clear error.  The stream sits in ``.stream``
+    (not ``.dataset``): the length is exact by construction, so Lightning's warning that an
+    ``IterableDataset`` with ``__len__`` may be inaccurate across workers does not apply.
     """
 
-    def __init__(self, loader: torch.utils.data.DataLoader, dataset: ShardStream, num_batches: int,
-                 epoch_fn=lambda: 0, max_bad_fraction: float = 0.01, min_seen: int = 200):
-        self.loader, self.dataset, self.num_batches = loader, dataset, num_batches
+    def __init__(self, loader: torch.utils.data.DataLoader, stream: ShardStream, num_batches: int | None,
+                 epoch_fn=lambda: 0, max_bad_fraction: float = 0.01, min_seen: int = 200, finite: bool = False,
+                 position_fn=None, seed: int = 0):
+        self.loader, self.stream, self.num_batches = loader, stream, num_batches
         self.epoch_fn, self.max_bad_fraction, self.min_seen = epoch_fn, max_bad_fraction, min_seen
+        self.finite, self.position_fn, self.seed = finite, position_fn, seed
         self.seen = 0
         self.skipped = 0
+        self._epoch = 0
+        self._counts: list[tuple[int, int]] = []  # (seen, skipped) after each batch yielded this epoch
+        self._counts_before = (0, 0)  # (seen, skipped) when this epoch began
+        self._resume: dict[str, int] | None = None
+        self._skip = 0  # batches of this epoch drawn again and dropped (a resumed epoch)
 
     def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the number of batches of remote evaluation shards is not known in advance")
         return self.num_batches
 
+    # ---- resuming ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches of it consumed by the trainer; the bad-sample counters at that point."""
+        yielded = len(self._counts)
+        consumed = yielded if self.position_fn is None else max(0, min(int(self.position_fn()), yielded))
+        seen, skipped = self._counts[consumed - 1] if consumed else self._counts_before
+        return {"epoch": self._epoch, "batches": consumed, "seen": seen, "skipped": skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {k: int(v) for k, v in state.items()}
+        self.seen, self.skipped = self._resume.get("seen", 0), self._resume.get("skipped", 0)
+
+    # ---- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch_fn())  # workers are re-created per epoch and pick it up
-        it = iter(self.loader)
-        for _ in range(self.num_batches):
-            batch = next(it)
+        it = iter(self.loader) if self.finite else None
+        try:
+            if self.finite:
+                self._counts = []
+                yield from self._checked(it)
+                return
+            it = self._start_epoch()
+            yield from self._epoch_batches(it)
+        finally:  # workers stop now (an endless stream's keep prefetching), not when the iterator is collected
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _start_epoch(self):
+        epoch = int(self.epoch_fn())
+        skip = 0
+        if self._resume is not None:
+            if self._resume.get("epoch") == epoch and self._resume.get("batches", 0) < self.num_batches:
+                skip = self._resume["batches"]
+            self._resume = None
+        self._epoch, self._counts, self._counts_before = epoch, [], (self.seen, self.skipped)
+        self.stream.set_epoch(epoch)  # workers are re-created per epoch and pick it up
+        if self.loader.generator is not None:  # workers' base seed: a function of the epoch, not of global RNG
+            self.loader.generator.manual_seed(_seed(self.seed, epoch, "loader"))
+        self._skip = skip
+        return iter(self.loader)
+
+    def _epoch_batches(self, it) -> Iterator[dict[str, Any]]:
+        skip, epoch = self._skip, self._epoch
+        batches = self._take(it, self.num_batches)
+        for _ in range(skip):  # consumed before the checkpoint: drawn again (same data), not used again
+            next(batches)
+            self._counts.append((self.seen, self.skipped))
+        if skip:
+            log.info("resuming epoch %d at batch %d of %d", epoch, skip, self.num_batches)
+        yield from self._checked(batches)
+
+    def _take(self, it: Iterator[dict[str, Any]], n: int) -> Iterator[dict[str, Any]]:
+        for i in range(n):
+            try:
+                yield next(it)
+            except StopIteration:
+                raise RuntimeError(f"the training stream ended after {i} of {n} batches of the epoch; every sample "
+                                   "of some reader's shards was bad (see the warnings above)") from None
+
+    def _checked(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
             self.seen += len(batch["key"])
             self.skipped += int(batch["skipped"])
+            self._counts.append((self.seen, self.skipped))
             total = self.seen + self.skipped
             if total >= self.min_seen and self.skipped > self.max_bad_fraction * total:
                 raise RuntimeError(

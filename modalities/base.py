@@ -112,6 +112,12 @@ class Modality:
         """Read the raw map from a shard sample (bytes per key); ``None`` if the key is absent."""
         raise NotImplementedError
 
+    def shard_format(self) -> str:
+        """What a shard sample must hold for this modality, as error messages about bad samples say it."""
+        keys = " or ".join(f"'{k}'" for k in self.shard_keys) or "(no shard key)"
+        derive = f", or {' / '.join(repr(k) for k in self.derive_keys)} to derive it from" if self.derive_keys else ""
+        return f"{keys}: a PNG map of modality '{self.name}' at the image's size{derive}"
+
     def derive(self, image: torch.Tensor, sample: Mapping[str, Any]) -> torch.Tensor:
         """Build the raw map from the RGB image ``(3, H, W)`` in [0, 1] and the decoded sample.
 

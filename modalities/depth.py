@@ -56,6 +56,9 @@ class Depth(Modality):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "noise_std": self.noise_std, "max_gamma": self.max_gamma}
 
+    def shard_format(self) -> str:
+        return "'depth.png': a greyscale 16-bit (or 8-bit) PNG, 0 = nearest, at the image's size"
+
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
         if "depth.png" not in sample:
             return None

@@ -101,6 +101,10 @@ class PartialMask(Segmentation):
         return {**super().config(), "hide_object_prob": self.hide_object_prob, "hide_rect_prob": self.hide_rect_prob}
 
     # ---- data ---------------------------------------------------------------------------
+    def shard_format(self) -> str:
+        return (f"'partial.png' (class ids 0..{self.num_classes - 1}, 255 = unknown) or 'seg.png' (class ids "
+                f"0..{self.num_classes - 1}, regions hidden from it): a single-channel PNG at the image's size")
+
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
         return self._decode_key(sample, "partial.png")
 

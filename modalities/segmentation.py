@@ -77,6 +77,10 @@ class Segmentation(Modality):
         self.validate(labels[None])
         return labels
 
+    def shard_format(self) -> str:
+        return (f"'{self.shard_keys[0]}': a single-channel 8- or 16-bit PNG of class ids 0..{self.num_classes - 1} "
+                "at the image's size")
+
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
         return self._decode_key(sample, "seg.png")
 

@@ -92,6 +92,9 @@ class Sketch(Modality):
         }
 
     # ---- data ---------------------------------------------------------------------------
+    def shard_format(self) -> str:
+        return "'sketch.png': a greyscale PNG of strokes at the image's size (or none: derived from the image)"
+
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
         if "sketch.png" not in sample:
             return None

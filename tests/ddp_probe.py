@@ -1,8 +1,9 @@
 """A callback the DDP test (``test_training_runs.py``) adds to ``mcm fit`` with ``--trainer.callbacks+=``.
 
 Each rank writes ``<out_dir>/rank<R>.json`` (what DDP's reducer holds, how many batches the
-rank got and their sample keys) and ``<out_dir>/rank<R>.safetensors`` (its final MCM weights),
-so the test can compare ranks after the subprocess ends.
+rank got and their sample keys, the validation keys it read and the validation loss it saw after
+the cross-rank reduction) and ``<out_dir>/rank<R>.safetensors`` (its final MCM weights), so the
+test can compare ranks after the subprocess ends.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class DumpWeights(Callback):
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
-        self.report: dict = {"batches": 0, "keys": []}
+        self.report: dict = {"batches": 0, "keys": [], "val_keys": [], "val_loss": []}
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.strategy.model
@@ -43,6 +44,14 @@ class DumpWeights(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.report["batches"] += 1
         self.report["keys"] += list(batch["key"])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if not trainer.sanity_checking:
+            self.report["val_keys"] += list(batch["key"])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.report["val_loss"].append(float(trainer.callback_metrics["val/loss"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,12 @@
 ``MCM_ALLOW_CLASS_PREFIXES=reliability_callbacks`` since they are outside mcm's class allow-list).
 
 * ``StepLog``: appends ``<pid> <rank> <global_step>`` after every training step (so a test sees how
-  far a run got and where a resumed run started), then sleeps ``$MCM_TEST_STEP_SLEEP`` seconds
-  so a killer has time to strike mid-run.
+  far a run got and where a resumed run started).
 * ``FailOnRank``: raises on one rank at one step, as a crashing data worker or OOM would.
 """
 from __future__ import annotations
 
 import os
-import time
 
 from lightning.pytorch.callbacks import Callback
 
@@ -21,7 +19,6 @@ class StepLog(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         with open(self.path, "a") as f:
             f.write(f"{os.getpid()} {trainer.global_rank} {trainer.global_step}\n")
-        time.sleep(float(os.environ.get("MCM_TEST_STEP_SLEEP", "0")))
 
 
 class FailOnRank(Callback):

@@ -50,8 +50,11 @@ def setup(tiny_pixel_base_dir):
 def test_single_module_weight_one_is_plain_sampling_and_weights_zero_the_base(setup):
     base, seg, sketch, c = setup
     plain = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
-    one = MCMPipeline.from_base(base, [seg], weights=[1.0])(conditions=[{"segmentation": c["segmentation"]}], **KW)
-    assert torch.equal(one, plain)
+    # weight 1 alone takes the fast path; a region of ones forces the general p_u + 1 * R * (p_1 - p_u): two code
+    # paths that must agree
+    one = MCMPipeline.from_base(base, [seg], weights=[1.0])(conditions=[{"segmentation": c["segmentation"]}],
+                                                            regions=[torch.ones(16, 16)], **KW)
+    assert torch.allclose(one, plain, atol=1e-5)
     alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
     zero = MCMPipeline.from_base(base, [seg, sketch], weights=[0.0, 0.0])
     assert torch.equal(zero(conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW), alone)
@@ -102,9 +105,26 @@ def test_mcm_and_controlnet_compose(setup):
     assert torch.allclose(fast, general, atol=1e-5)
     alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
     assert torch.equal(MCMPipeline.from_base(base, [seg, cn], weights=[0.0, 0.0])(conditions=conds, **KW), alone)
-    # guidance: both branches, composition still runs
-    g = MCMPipeline.from_base(base, [seg, cn])(conditions=conds, prompt="a red circle", guidance_scale=2.0, **KW)
-    assert g.shape == (2, 3, 16, 16) and torch.isfinite(g).all()
+    # guidance with an MCM and a ControlNet composed, at one step, against the combination written out: in each
+    # branch q = p + (p_mcm - p) + (p_cn - p), then q_u + w (q_c - q_u)
+    from mcm.diffusion.sampling import guided
+
+    x, t, w = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)), torch.tensor(400), 2.0
+    cond, uncond = base.encode_context(["a red circle"] * 2, None, 2), base.uncond_context(2)
+    controls = [Control(seg, conds[0]), Control(cn, conds[1])]
+    s_seg, s_cn = seg.encode_conditions(conds[0], None, (16, 16), 2), cn.encode_conditions(conds[1], None, (16, 16), 2)
+    with torch.no_grad():
+        got = guided(controlled_predictor(base, controls, (16, 16)), cond, uncond, w)(x, t)
+
+        def q(ctx):
+            p = base.predict(x, t, ctx)
+            p_mcm = seg.controlled_prediction(base, x, t, ctx, s_seg, 1.0, lambda: p)
+            p_cn = cn.controlled_prediction(base, x, t, ctx, s_cn, 1.0, lambda: p)
+            return p + (p_mcm - p) + (p_cn - p)
+
+        q_u, q_c = q(uncond), q(cond)
+    torch.testing.assert_close(got, q_u + w * (q_c - q_u), rtol=0, atol=5e-5)
+    assert (q_c - q_u).abs().mean() > 1e-3, "the prompt matters (guidance is not a no-op here)"
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from shard_fixtures import (
 )
 
 ALL_MODALITIES = {"segmentation": {"num_classes": 6}, "sketch": {}, "depth": {}, "partial_mask": {"num_classes": 6}}
-BATCH_KEYS = {"image", "segmentation", "sketch", "depth", "partial_mask", "caption", "key", "skipped"}
+BATCH_KEYS = {"image", "segmentation", "sketch", "depth", "partial_mask", "caption", "key", "skipped", "class_label"}
 
 
 def fake_rank(dm: ShardDataModule, rank: int, world: int, epoch: int = 0) -> ShardDataModule:
@@ -90,6 +90,11 @@ def test_shapes_val_is_complete_and_deterministic(shapes_dir):
         assert a["key"] == b["key"] and a["caption"] == b["caption"]
         for name in ("image", "segmentation", "sketch", "depth", "partial_mask"):
             assert torch.equal(a[name], b[name]), name
+    # the class label (for class-conditional bases): the class covering the most pixels of the full map
+    for b in first:
+        for seg, label in zip(b["segmentation"], b["class_label"]):
+            counts = torch.bincount(seg.flatten(), minlength=6)[1:]
+            assert int(label) == (int(counts.argmax()) + 1 if counts.any() else 0)
     # val partial masks hide regions (deterministically per key)
     assert 255 in torch.cat([b["partial_mask"] for b in first]).unique().tolist()
 
@@ -271,7 +276,8 @@ def test_bad_samples_are_skipped_counted_and_named(bad_shards, caplog):
     dm = _bad_data_module(bad_shards)
     loader = dm.val_dataloader()
     batches = list(loader)
-    assert len(batches) == len(loader) == 4
+    # the length counts the 20 samples the shards' headers hold (5 batches); 4 are bad: 16 good in 4 batches
+    assert len(loader) == 5 and len(batches) == 4
     assert keys_of(batches) == GOOD_KEYS  # one pass: every good sample once, in shard order
     assert skipped_of(batches) == 4  # 1 cut sample + 3 bad ones
     assert loader.skipped == 4 and dm.skipped_samples() == 4
@@ -353,8 +359,8 @@ def test_captions_only_does_not_need_seg(tmp_path):
     assert len(batches) == 1 and keys_of(batches) == ["w0", "w1", "w2", "w3"] and skipped_of(batches) == 0
     assert set(batches[0]) == {"image", "caption", "key", "skipped"}
     assert batches[0]["caption"][3] == "no maps at all"
-    # the same shard with segmentation configured skips exactly that sample (then the stream wraps around)
+    # the same shard with segmentation configured skips exactly that sample; nothing repeats to fill the batch
     dm = ShardDataModule(val_shards=str(tmp_path / "few.tar"), modalities={"segmentation": {}}, image_size=16,
                          batch_size=4, num_workers=0)
     batches = list(dm.val_dataloader())
-    assert keys_of(batches) == ["w0", "w1", "w2", "w0"] and skipped_of(batches) == 1
+    assert keys_of(batches) == ["w0", "w1", "w2"] and skipped_of(batches) == 1

@@ -76,10 +76,22 @@ def test_training_step_trains_only_the_mcm(module):
     assert in_opt == {id(p) for p in module.mcm.parameters()}
     module.train()
     torch.nn.init.normal_(module.mcm.unet.conv_out.weight, std=0.01)
-    loss = module.training_step(make_batch(), 0)
+    seen = []  # what the base returns inside the step: computed without a graph (no activation kept)
+    predict = module.base.predict
+    module.base.predict = lambda *a, **k: seen.append(predict(*a, **k)) or seen[-1]
+    try:
+        loss = module.training_step(make_batch(), 0)
+    finally:
+        del module.base.predict
+    assert seen and all(p.grad_fn is None and not p.requires_grad for p in seen)
     loss.backward()
+    grads = {n: p.grad for n, p in module.mcm.named_parameters()}
+    assert all(g is not None for g in grads.values()) and sum(float(g.abs().sum()) for g in grads.values()) > 0
+    before = {n: p.detach().clone() for n, p in module.mcm.named_parameters()}
+    for group in opt.param_groups:  # the warm-up scheduler starts at lr 0
+        group["lr"] = 1e-3
     opt.step()
-    assert all(p.grad is None for p in module.base.frozen_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in module.mcm.named_parameters()), "the MCM did not move"
     assert not any(p.requires_grad for p in module.base.frozen_parameters())
     module.base._hash = None
     assert module.base.content_hash() == base_hash, "the base changed during training"
@@ -97,10 +109,18 @@ def test_modality_dropout(module):
     assert torch.equal(module.presence(3, train=False), torch.ones(3, 4))
 
 
-def test_checkpoint_records_base_and_refuses_another(module, tiny_uncond_dir, tmp_path):
+def test_checkpoint_records_base_and_refuses_another(module, tiny_uncond_dir, tiny_pixel_base_dir, tmp_path):
     ckpt = {"state_dict": module.state_dict(), "global_step": 3}
     module.on_save_checkpoint(ckpt)
-    assert ckpt["mcm_base"]["hash"] == module.base.content_hash()
+    # the recorded hash is the base's content: the same files loaded again give it, one changed weight does not
+    assert ckpt["mcm_base"]["hash"] == FrozenBase.from_pretrained(tiny_pixel_base_dir).content_hash()
+    nudged = FrozenBase.from_pretrained(tiny_pixel_base_dir)
+    with torch.no_grad():
+        next(iter(nudged.frozen_parameters())).view(-1)[0] += 1e-3
+    assert nudged.content_hash() != ckpt["mcm_base"]["hash"]
+    object.__setattr__(module, "base", nudged)
+    with pytest.raises(BaseMismatchError, match="force_base"):
+        module.on_load_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "m.ckpt")
     other = FrozenBase.from_pretrained(tiny_uncond_dir)
     object.__setattr__(module, "base", other)
@@ -127,9 +147,34 @@ def test_export_round_trip(module, tmp_path):
         assert torch.equal(a, theirs[n]), n
     size = (out / "diffusion_pytorch_model.safetensors").stat().st_size
     assert size < 4 * module.mcm.num_trainable_parameters() + 100_000  # the MCM alone, never the base
-    # EMA export takes the EMA weights
-    ema_module = module_from_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True), use_ema=True)
-    assert sum(p.numel() for p in ema_module.parameters()) == module.mcm.num_trainable_parameters()
+
+def test_ema_export_holds_the_ema_weights(module, tmp_path):
+    """Regression for a check by parameter count: the exported tensors are the EMA's shadow weights, which
+    differ from the live ones after a few EMA steps."""
+    with torch.no_grad():
+        for step in range(3):  # live weights move, the EMA follows at decay 0.9
+            for p in module.mcm.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            module.ema.step(module.mcm.parameters())
+    shadow = [s.clone() for s in module.ema.shadow_params]
+    live = [p.detach().clone() for p in module.mcm.parameters()]
+    assert sum(not torch.equal(a, b) for a, b in zip(shadow, live)) == len(live), "EMA and live weights coincide"
+    ckpt = {"state_dict": module.state_dict(), "global_step": 3}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    loaded = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    ema_module = module_from_checkpoint(loaded, use_ema=True)
+    raw_module = module_from_checkpoint(loaded, use_ema=False)
+    names = [n for n, _ in module.mcm.named_parameters()]
+    for name, p, s, w in zip(names, ema_module.parameters(), shadow, live):
+        assert torch.equal(p, s), f"{name}: not the EMA weight"
+    for name, p, w in zip(names, raw_module.parameters(), live):
+        assert torch.equal(p, w), f"{name}: --no-ema must give the live weight"
+    # and through the export on disk (safetensors), as `mcm export` writes it
+    out = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "ema_export", use_ema=True)
+    on_disk, _ = load_module(out, module.base)
+    for name, p, s in zip(names, on_disk.parameters(), shadow):
+        assert torch.equal(p, s), f"{name}: the exported file does not hold the EMA weight"
 
 
 def test_export_records_default_strength_and_keeps_the_trained_weights(module, tmp_path):
@@ -203,8 +248,11 @@ def test_strength_window_and_composition_identities(pipe):
     assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)
     assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
     module = pipe.modules[0]
-    one = MCMPipeline.from_base(pipe.base, [module], weights=[1.0])
-    assert torch.equal(one(conditions=[{"segmentation": seg}], **kw), plain)
+    # one module at weight 1 takes the fast path (no separate base call); a region of ones forces the
+    # general composition p_u + 1 * R * (p_1 - p_u): the two must agree (not the same code run twice)
+    general = MCMPipeline.from_base(pipe.base, [module], weights=[1.0])(
+        conditions=[{"segmentation": seg}], regions=[torch.ones(16, 16)], **kw)
+    assert torch.allclose(general, plain, atol=1e-5)
     zero = MCMPipeline.from_base(pipe.base, [module, module], weights=[0.0, 0.0])
     assert torch.equal(zero(conditions=[{"segmentation": seg}, {"segmentation": seg}], **kw), base)
 

@@ -160,7 +160,7 @@ def test_inspect_counts_shapes(shapes_dir: Path) -> None:
     s = inspect_shards(str(shapes_dir / "train-{000000..000001}.tar"))
     expected = [make_sample(0, i, 32, "train") for i in range(20)]
     assert s["samples"] == 20 and list(s["shards"].values()) == [10, 10]
-    assert s["keys"] == {"depth.png": 20, "json": 20, "png": 20, "seg.png": 20, "txt": 20}
+    assert s["keys"] == {"cls": 20, "depth.png": 20, "json": 20, "png": 20, "seg.png": 20, "txt": 20}
     assert s["image_sizes"] == {(32, 32): 20}
     ids, counts = np.unique(np.stack([e.seg for e in expected]), return_counts=True)
     assert s["seg_pixels"] == dict(zip(ids.tolist(), counts.tolist()))

@@ -39,6 +39,7 @@ SD_TEMPLATE = REPO / "experiments" / "templates" / "sd15.yaml"
 RUN = Path("runs/shapes32_multimodal")  # the experiment's save_dir / checkpoint / predict paths, under cwd
 N_MODALITIES = 4  # segmentation, sketch, depth, partial_mask
 PAD = 2  # grids.grid_image padding
+SCALE = 8  # labelled grids blow 16 px tiles up to 128 px (grids.MIN_TILE), nearest
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -50,9 +51,32 @@ def shard_keys(pattern: str) -> list[str]:
     return sorted(keys)
 
 
-def tile(grid: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
-    y, x = PAD + row * (size + PAD), PAD + col * (size + PAD)
-    return grid[y:y + size, x:x + size]
+def tile(grid: np.ndarray, row: int, col: int, size: int, cols: int) -> np.ndarray:
+    """The ``size`` px image at (row, col) of a labelled grid (label column left, tiles blown up x SCALE)."""
+    t = size * SCALE
+    left = grid.shape[1] - (cols * (t + PAD) + PAD)  # the label column's width
+    y, x = PAD + row * (t + PAD), left + PAD + col * (t + PAD)
+    return grid[y:y + t:SCALE, x:x + t:SCALE]
+
+
+def check_labelled_grid(grid: np.ndarray, rows: int, cols: int, size: int = 16) -> None:
+    """Tiles >= 128 px with a label column holding dark text in every row."""
+    t = size * SCALE
+    assert t >= 128 and grid.shape[0] == rows * (t + PAD) + PAD, grid.shape
+    left = grid.shape[1] - (cols * (t + PAD) + PAD)
+    assert left > 40, f"no label column ({left} px)"
+    for r in range(rows):
+        band = grid[PAD + r * (t + PAD):PAD + r * (t + PAD) + t, :left]
+        assert (band < 100).any(), f"row {r} has no label"
+    assert (grid[:, :left] == 255).mean() > 0.8, "the label column is white with black text"
+
+
+def base_bytes(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a base directory."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
 def mcm_numel(state_dict: dict) -> int:
@@ -107,12 +131,14 @@ def fitted(tmp_path_factory, shards16, tiny_pixel_base_dir) -> dict:
     root = tmp_path_factory.mktemp("fit")
     config = overlay(root / "tiny.yaml", shards16)
     argv = ["-c", str(MULTIMODAL), "-c", str(config), "--model.init_args.base", str(tiny_pixel_base_dir)]
+    before = base_bytes(tiny_pixel_base_dir)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setattr("sys.argv", ["mcm"])  # LightningCLI takes its arguments from args= only
         mcm(["fit", *argv])
     return {"root": root, "argv": argv, "ckpt": root / RUN / "checkpoints" / "last.ckpt",
-            "wandb_runs": sorted((root / RUN / "wandb").glob("offline-run-*"))}
+            "wandb_runs": sorted((root / RUN / "wandb").glob("offline-run-*")),
+            "base_before": before, "base_after": base_bytes(tiny_pixel_base_dir)}
 
 
 # ---- 1. wandb offline ------------------------------------------------------------------------------
@@ -124,6 +150,7 @@ def test_fit_logs_scalars_config_and_images_to_offline_wandb(fitted, tiny_pixel_
     history, config = read_offline_run(run, timeout=60.0)
     ckpt = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
+    assert fitted["base_before"] and fitted["base_after"] == fitted["base_before"], "the frozen base's files changed"
 
     # scalars: loss every step, validation once (step 2), learning rate, parameter counts
     logged = lambda key: [row[key] for row in history if key in row]  # noqa: E731
@@ -147,8 +174,11 @@ def test_fit_logs_scalars_config_and_images_to_offline_wandb(fitted, tiny_pixel_
     png = run / "files" / name
     assert png.is_file(), f"{png} was logged but not written"
     rows, cols = N_MODALITIES + 2, 2
-    assert Image.open(png).size == (cols * (16 + PAD) + PAD, rows * (16 + PAD) + PAD)
-    assert (root / RUN / "samples" / "val_samples_step000002.png").is_file(), "the grid is also kept next to the run"
+    on_disk = root / RUN / "samples" / "val_samples_step000002.png"
+    assert on_disk.is_file(), "the grid is also kept next to the run"
+    logged = np.asarray(Image.open(png).convert("RGB"))
+    assert np.array_equal(logged, np.asarray(Image.open(on_disk).convert("RGB"))), "wandb and disk: one picture"
+    check_labelled_grid(logged, rows, cols)
 
     # config: module and data hyperparameters, the trainer settings and the parameter counts
     assert config["base"] == str(tiny_pixel_base_dir) and config["block_out_channels"] == [16, 32]
@@ -227,30 +257,31 @@ def test_predict_writes_pngs_and_comparison_grids(fitted, shards16, monkeypatch)
     mcm_pngs = {k: np.asarray(Image.open(out / f"{k}_mcm.png").convert("RGB")) for k in keys}
     for g in grids:
         grid = np.asarray(Image.open(g).convert("RGB"))
-        assert grid.shape == (rows * (16 + PAD) + PAD, n * (16 + PAD) + PAD, 3), f"{g.name}: {grid.shape}"
+        check_labelled_grid(grid, rows, n)
         for col in range(n):
-            # the last two rows are the per-sample PNGs of some key of this grid
-            found = [k for k in keys if np.array_equal(tile(grid, rows - 2, col, 16), base_pngs[k])
-                     and np.array_equal(tile(grid, rows - 1, col, 16), mcm_pngs[k])]
+            # the last two rows are the per-sample PNGs of some key of this grid (blown up, pixels kept)
+            found = [k for k in keys if np.array_equal(tile(grid, rows - 2, col, 16, n), base_pngs[k])
+                     and np.array_equal(tile(grid, rows - 1, col, 16, n), mcm_pngs[k])]
             assert found, f"{g.name} column {col}: base/MCM rows do not match any written sample"
             for r in range(N_MODALITIES):  # condition visualisations, not blank tiles
-                assert tile(grid, r, col, 16).std() > 0, f"{g.name}: condition row {r} column {col} is blank"
+                assert tile(grid, r, col, 16, n).std() > 0, f"{g.name}: condition row {r} column {col} is blank"
 
 
 # ---- 4. DDP on CPU --------------------------------------------------------------------------------
-def test_ddp_two_ranks_identical_weights_base_outside_reducer(tmp_path, tiny_pixel_base_dir):
+def test_ddp_two_ranks_identical_weights_base_outside_reducer(tmp_path, tiny_pixel_base_dir, monkeypatch):
     shards = tmp_path / "uneven"
-    # shards of 5, 5 and 2 samples: rank 0 reads 7, rank 1 reads 5; both must get 12 // (2 * 2) = 3 batches
-    write_shapes_shards(shards, train=12, val=0, size=16, shard_size=5, workers=1)
-    config = overlay(tmp_path / "tiny.yaml", shards, max_epochs=1, limit_val_batches=0)
+    # shards of 5, 5 and 2 samples: rank 0 reads 7, rank 1 reads 5; both must get 12 // (2 * 2) = 3 batches.
+    # Validation: the same uneven layout (val-000000..2 of 5, 5, 2), read once after the last step.
+    write_shapes_shards(shards, train=12, val=12, size=16, shard_size=5, workers=1)
+    before = base_bytes(tiny_pixel_base_dir)
+    config = overlay(tmp_path / "tiny.yaml", shards, max_epochs=1, limit_val_batches=None, val_check_interval=3)
     probe = tmp_path / "probe"
     path = [str(TESTS), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
            "OMP_NUM_THREADS": "1", "MCM_TEST_THREADS": "1", "WANDB_MODE": "offline",
            "MCM_ALLOW_CLASS_PREFIXES": "ddp_probe"}  # the probe callback is not in mcm's class allow-list
     cmd = [sys.executable, "-m", "mcm.cli", "fit", "-c", str(MULTIMODAL), "-c", str(config),
-           "--model.init_args.base", str(tiny_pixel_base_dir), "--data.init_args.val_shards", "null",
-           "--data.init_args.batch_size", "2",
+           "--model.init_args.base", str(tiny_pixel_base_dir), "--data.init_args.batch_size", "2",
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
            "--trainer.callbacks+=ddp_probe.DumpWeights", "--trainer.callbacks.out_dir", str(probe)]
     # ~25 s on an idle machine; the generous timeout only guards against a rank waiting forever
@@ -279,3 +310,23 @@ def test_ddp_two_ranks_identical_weights_base_outside_reducer(tmp_path, tiny_pix
     assert saved.keys() == weights[0].keys() and all(torch.equal(saved[k], weights[0][k]) for k in saved)
     # wandb on rank zero only: a single offline run
     assert len(list((tmp_path / RUN / "wandb").glob("offline-run-*"))) == 1
+    assert base_bytes(tiny_pixel_base_dir) == before, "the frozen base's files changed during a DDP fit"
+
+    # validation read every sample of the 3 uneven shards exactly once across the 2 ranks (7 + 5, no padding)
+    val_keys = [set(r["val_keys"]) for r in reports]
+    assert sorted(reports[0]["val_keys"] + reports[1]["val_keys"]) == shard_keys(str(shards / "val-*.tar"))
+    assert not val_keys[0] & val_keys[1] and len(val_keys[0]) == 7 and len(val_keys[1]) == 5, \
+        [len(k) for k in val_keys]
+    # ... and the loss both ranks saw is the exact mean over those 12 samples: a single-process `mcm validate` of
+    # the same checkpoint (the weights of the last step) gives it too
+    (loss0,), (loss1,) = reports[0]["val_loss"], reports[1]["val_loss"]
+    assert loss0 == loss1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["mcm"])
+    from mcm.cli.lightning_cli import run_lightning_cli
+
+    cli = run_lightning_cli(["validate", "-c", str(MULTIMODAL), "-c", str(config), "--model.init_args.base",
+                             str(tiny_pixel_base_dir), "--data.init_args.batch_size", "2", "--trainer.logger", "false",
+                             "--ckpt_path", str(tmp_path / RUN / "checkpoints" / "last.ckpt")])
+    single = float(cli.trainer.callback_metrics["val/loss"])
+    assert single == pytest.approx(loss0, rel=1e-6, abs=0), (single, loss0)

@@ -2,7 +2,7 @@
 
 Held-out conditions come from the shapes generator's ``test`` split (never used in training);
 the grid shows, per column: segmentation | sketch | depth | partial mask | base alone |
-base + MCM (all four controls), same seed.
+base + MCM (all four controls), same seed; tiles blown up (nearest) to 128 px, each row labelled.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,8 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
 
     pipe = MCMPipeline.from_pretrained(model)
     module = pipe.modules[0]
-    conds, captions = shapes_conditions(n)
+    size = pipe.base.sample_size[0] * pipe.base.downsample  # the base's own size: "base alone" samples there
+    conds, captions = shapes_conditions(n, size=size)
     conds = {k: v for k, v in conds.items() if k in module.modality_names and (not only or k in only)}
     if not conds:
         raise ValueError(f"--modalities {only}: the module knows {module.modality_names}")
@@ -51,10 +51,12 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
                strength=strength)
     base = pipe(conditions={}, num_images=n, prompt=prompts, num_inference_steps=steps, seeds=seeds,
                 guidance_scale=guidance_scale)  # the base alone, same seeds
+    from mcm.pipelines.grids import comparison_labels, labelled_grid
+
     rows = [module.plugins[k].visualize(v) for k, v in conds.items()] + [base, mcm]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(rows), out, nrow=n, padding=2, pad_value=1.0)
+    labelled_grid(torch.cat(rows), n, comparison_labels(module, list(conds), strength)).save(out)
     log.info("demo grid (rows: %s, base, base+MCM) -> %s", ", ".join(conds), out)
     return out
 

@@ -18,11 +18,22 @@ Two safety nets around LightningCLI:
   ``MCM_ALLOW_CLASS_PREFIXES=my_pkg,other_pkg.callbacks``; ``--allow-any-class`` lifts the check.
 * **Atomic checkpoints** (:class:`mcm.training.checkpoint_io.AtomicCheckpointIO`), installed unless the
   config names another ``CheckpointIO`` in ``trainer.plugins``.
+
+And for exact resume and a clean first contact:
+
+* :class:`mcm.training.rng_state.RNGState` and :class:`mcm.training.stop_checkpoint.CheckpointOnStop`
+  are added to the trainer's callbacks when the config does not list them (random states in every
+  checkpoint; ``last.ckpt`` at the step a ``max_time`` stop ended on).
+* **Missing shards** are reported before any class is instantiated (no run directory, no wandb run):
+  one line naming the shards and the command that makes them.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -187,9 +198,76 @@ class SaveConfigToRun(SaveConfigCallback):
                 lg.log_hyperparams({k: cfg[k] for k in ("trainer", "seed_everything", "ckpt_path") if k in cfg})
 
 
+#: which shard lists each subcommand reads (``test_shards`` falls back to ``val_shards``)
+_SHARDS_NEEDED = {"fit": ("train_shards", "val_shards"), "validate": ("val_shards",),
+                  "test": ("test_shards",), "predict": ("test_shards",)}
+
+
+class MissingDataError(FileNotFoundError):
+    """The shards a config names do not exist (reported before anything is instantiated)."""
+
+
+def _get(ns: Any, key: str, default: Any = None) -> Any:
+    if ns is None:
+        return default
+    if isinstance(ns, dict):
+        return ns.get(key, default)
+    return getattr(ns, key, default)
+
+
+def _how_to_make(missing: list[str], data_args: Any) -> str:
+    """The command that makes the missing shards: ``mcm data shapes`` for the shapes layout, else pack."""
+    dirs = sorted({os.path.dirname(m) or "." for m in missing})
+    names = [os.path.basename(m) for m in missing]
+    if len(dirs) == 1 and "shapes" in os.path.basename(dirs[0]).lower() and all(
+            n.startswith(("train-", "val-")) for n in names):
+        n_train = _get(data_args, "limit_train_samples") or 2000
+        size = _get(data_args, "image_size", 32)
+        size_arg = f" --size {size}" if size and int(size) != 32 else ""
+        return f"make them with `mcm data shapes --out {dirs[0]} --train {n_train} --val 200{size_arg}`"
+    return ("make them with `mcm data pack` (see `mcm data pack --help`) or `mcm data shapes --out DIR --train N "
+            "--val M`, or point the config at existing shards")
+
+
+def check_shards(subcommand: str | None, data: Any) -> None:
+    """Raise :class:`MissingDataError` naming the missing shards of ``data`` (a parsed ``data`` config) that
+    ``subcommand`` would read, and the command that makes them.  Remote URLs are not checked."""
+    from datamodules.shard_datamodule import expand_shards
+
+    args = _get(data, "init_args", data)
+    for key in _SHARDS_NEEDED.get(subcommand or "", ()):
+        spec = _get(args, key)
+        if key == "test_shards" and not spec:
+            key, spec = "val_shards", _get(args, "val_shards")
+        if not spec:
+            continue
+        try:
+            expand_shards(spec, f"data.init_args.{key}")
+        except FileNotFoundError as e:
+            missing = [m for m in (spec if isinstance(spec, (list, tuple)) else [spec])]
+            from webdataset.shardlists import expand_urls
+
+            urls = [u for m in missing for u in expand_urls(str(m))]
+            gone = [u for u in urls if not glob.glob(u.removeprefix("file:"))]
+            raise MissingDataError(f"{e}; {_how_to_make(gone or urls, args)}") from None
+
+
 class MCMCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Missing shards end here, in one line, before a run directory or wandb run exists."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = _get(config, "data")
+        try:
+            check_shards(self.subcommand, data)
+        except MissingDataError as e:
+            raise SystemExit(f"mcm: error: {e}") from None
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``."""
+        """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``, and
+        :class:`RNGState` / :class:`CheckpointOnStop` unless the config lists them."""
+        from mcm.training.rng_state import RNGState
+        from mcm.training.stop_checkpoint import CheckpointOnStop
+
         config = self._get(self.config_init, "trainer", default={}) or {}
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -197,6 +275,14 @@ class MCMCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins) and not any(
                 s in strategy for s in ("fsdp", "deepspeed")):  # those write sharded checkpoints their own way
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        callbacks = kwargs.get("callbacks", config.get("callbacks"))
+        if callbacks is None:
+            callbacks = []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        for cls in (RNGState, CheckpointOnStop):
+            if not any(isinstance(c, cls) for c in callbacks):
+                callbacks.append(cls())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
@@ -217,6 +303,15 @@ def run_lightning_cli(argv: list[str]) -> MCMCLI:
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    # `mcm fit ...` passes argv as args= while sys.argv holds the same words (Lightning's DDP launcher
+    # re-runs sys.argv for the other ranks, so it stays): the "args and command line" warning is noise here
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # Lightning's own use of a torch API that torch >= 2.9 deprecates; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning logs through its own handlers; without this, `mcm`'s root handler printed every line twice
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        if logging.getLogger(name).handlers:
+            logging.getLogger(name).propagate = False
     with _import_policy(prefixes):
         return MCMCLI(
             L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcm", description="Control frozen diffusion models with spatial modalities. "
                                 "Training runs: mcm fit|validate|test|predict -c experiments/X.yaml")
     sub = p.add_subparsers(dest="command", required=True)
+    # LightningCLI runs these (mcm.cli.main dispatches before argparse); listed here so `mcm --help` shows them
+    for name, what in (("fit", "train a model (MCM, ControlNet, T2I-Adapter, a base) from a config"),
+                       ("validate", "validation loss of a checkpoint over the whole validation split"),
+                       ("test", "test loss of a checkpoint over the whole test split"),
+                       ("predict", "sample held-out conditions with a checkpoint: PNGs and labelled grids")):
+        sub.add_parser(name, add_help=False, help=f"{what}: mcm {name} -c experiments/X.yaml [--ckpt_path CKPT] "
+                       f"(LightningCLI; `mcm {name} --help` lists every option)")
 
     data = sub.add_parser("data", help="make, pack and inspect webdataset shards").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("shapes", help="generate the embedded shapes dataset as shards")
@@ -43,5 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_tool_command(argv: list[str]) -> int:
+    from mcm.cli import LIGHTNING_COMMANDS
+
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from mcm.cli.lightning_cli import run_lightning_cli
+
+        run_lightning_cli(list(argv))
+        return 0
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

@@ -11,6 +11,8 @@ that may be the base alone or the base controlled by adapters (:mod:`mcm.diffusi
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -61,6 +63,9 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
     ``callback(i, t, x)`` runs after each step and may return a replacement for ``x``
     (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
     """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     # flow-matching schedulers (SD3) have neither: their pipelines neither scale the noise nor the input
     x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -91,6 +96,9 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
     diffusers; then both branches go through ``predict`` as one batched call ``[uncond; cond]``,
     so adapters modulate both branches in one call too (design.md §2).
     """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
+            or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number (1 = no guidance), got {guidance_scale!r}")
     use_cfg = guidance_scale > 1.0 and uncond_context is not None
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

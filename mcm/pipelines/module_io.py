@@ -5,8 +5,11 @@ pickle) and refuses, clearly, to pair it with a base other than the one it was t
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
+
+from modalities import ModalityError
 
 from mcm.models.adapter import Adapter
 from mcm.models.controlnet import ControlNetAdapter, is_controlnet_dir
@@ -33,8 +36,43 @@ def save_module(module: Adapter, out: str | Path, base: FrozenBase | dict) -> Pa
     return out
 
 
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
 def resolve_module_path(path: str | Path) -> Path:
-    return Path(BUILTIN_MODULES.get(str(path), path))
+    """A built-in module name or an export directory -> its directory; anything else is refused with the
+    built-in names (and the closest one)."""
+    resolved = Path(BUILTIN_MODULES.get(str(path), path))
+    if not resolved.is_dir():
+        close = difflib.get_close_matches(str(path), list(BUILTIN_MODULES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise FileNotFoundError(f"module '{path}': expected a built-in module ({', '.join(BUILTIN_MODULES)}) or an "
+                                f"exported module directory (config.json + safetensors, from `mcm export CKPT OUT`), "
+                                f"but no such directory exists{hint}")
+    return resolved
+
+
+def _tensor_names(file: Path) -> set[str]:
+    """The tensor names of a safetensors file (its header only); a truncated or corrupt file is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"'{file}': not a complete safetensors file ({e}); the export may be truncated or "
+                         f"corrupt, export it again with `mcm export`") from e
+
+
+def _check_tensors(module: Adapter, file: Path, on_disk: set[str]) -> None:
+    """The export's safetensors hold exactly the module's tensors (diffusers fills missing ones with random
+    initial values and drops extra ones with a warning only)."""
+    expected = set(module.state_dict())
+    missing, extra = sorted(expected - on_disk), sorted(on_disk - expected)
+    if missing or extra:
+        raise ValueError(f"'{file}': expected the {len(expected)} tensors of the {type(module).__name__} its "
+                         f"config.json describes, got {len(missing)} missing {missing[:5]} and {len(extra)} "
+                         f"unexpected {extra[:5]}; the weights do not belong to this config")
 
 
 def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bool = False
@@ -46,12 +84,27 @@ def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bo
                                 f"make one with `mcm export CKPT OUT`)")
     from mcm.models.t2i_adapter import T2IAdapterControl, is_t2i_adapter_dir
 
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path / 'config.json'}': not valid JSON ({e}); expected the config `mcm export` "
+                         f"writes") from e
     if is_controlnet_dir(path):
         module = ControlNetAdapter.from_pretrained(path)
     elif is_t2i_adapter_dir(path):
         module = T2IAdapterControl.from_pretrained(path)
     else:
-        module = MultimodalConditioningModule.from_pretrained(path, use_safetensors=True)
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"'{path}': expected the weights in {WEIGHTS_FILE} next to config.json, "
+                                    f"found {sorted(p.name for p in path.iterdir())}")
+        on_disk = _tensor_names(path / WEIGHTS_FILE)
+        try:
+            module = MultimodalConditioningModule.from_pretrained(path, use_safetensors=True)
+        except ModalityError:  # names the modality already
+            raise
+        except (OSError, ValueError) as e:  # e.g. a tensor of another shape
+            raise ValueError(f"'{path}': cannot load the exported MCM: {e}") from e
+        _check_tensors(module, path / WEIGHTS_FILE, on_disk)
     info = json.loads((path / BASE_INFO_FILE).read_text()) if (path / BASE_INFO_FILE).is_file() else {}
     if base is not None:
         check_base(info, base, force_base, f"the MCM at '{path}'")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import zlib
 from typing import Any
 
 import lightning as L
@@ -31,7 +32,7 @@ from diffusers.training_utils import EMAModel
 from mcm.diffusion.forward_process import forward_process_for
 from mcm.models.adapter import Adapter
 from mcm.models.frozen_base import FrozenBase, check_base
-from mcm.pipelines.grids import comparison_grid
+from mcm.pipelines.grids import comparison_grid, comparison_labels
 from mcm.training.batch_checks import check_training_batch
 from mcm.training.image_logging import log_image_grid
 
@@ -58,6 +59,23 @@ def plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [plain(v) for v in x]
     return x
+
+
+def evaluation_noise(forward_process, keys: list[str] | None, x0: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``(B, C, h, w)`` and timesteps ``(B,)`` for validation / test, a function of each sample's key.
+
+    One CPU generator per sample, seeded by ``crc32(key)``: the same sample gets the same ``x_t`` in every
+    validation, on every rank, in any batch (the loss of the same weights is the same, and the curve is
+    not noise), and torch's global generator is not touched (training draws what it would have drawn).
+    Without keys the position in the batch stands in.
+    """
+    B = x0.shape[0]
+    keys = [str(k) for k in keys] if keys is not None else [f"#{i}" for i in range(B)]
+    gens = [torch.Generator().manual_seed(zlib.crc32(k.encode("utf-8"))) for k in keys]
+    t = torch.cat([forward_process.sample_timesteps(1, "cpu", generator=g) for g in gens])
+    noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens])
+    return noise.to(device=x0.device, dtype=x0.dtype), t.to(x0.device)
 
 
 class AdapterModule(L.LightningModule):
@@ -93,7 +111,7 @@ class AdapterModule(L.LightningModule):
         h = self.hparams
         dtype = getattr(torch, h.base_dtype) if h.base_dtype else None
         object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
-        self.forward_process = forward_process_for(self.base.scheduler.config, h.loss_weighting, h.snr_gamma)
+        self.forward_process = forward_process_for(self.base.scheduler, h.loss_weighting, h.snr_gamma)
         setattr(self, self.adapter_attribute, self.build_adapter())
         self._speed_up(h.channels_last, h.compile)
         self.ema = EMAModel(self.trainable.parameters(), decay=h.ema_decay) if h.ema_decay else None
@@ -176,9 +194,13 @@ class AdapterModule(L.LightningModule):
         #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
         x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
         text = self._context(batch, B, train)
-        # 2. the base's training forward process (variance preserving, whatever its inference scheduler)
-        noise = torch.randn_like(x0)
-        t = self.forward_process.sample_timesteps(B, x0.device)
+        # 2. the base's training forward process (variance preserving, whatever its inference scheduler);
+        #    validation / test: noise and timestep fixed per sample, seeded by its key (evaluation_noise)
+        if train:
+            noise = torch.randn_like(x0)
+            t = self.forward_process.sample_timesteps(B, x0.device)
+        else:
+            noise, t = evaluation_noise(self.forward_process, batch.get("key"), x0)
         x_t = self.forward_process.add_noise(x0, noise, t)
         # 3. conditions -> adapter state, with modality dropout
         conditions = {n: batch[n] for n in self.modality_names}
@@ -280,8 +302,11 @@ class AdapterModule(L.LightningModule):
         if self._val_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         h = self.hparams
-        grid = comparison_grid(self.base, self.exported_module(), self._val_batch, n=h.num_val_samples,
+        module = self.exported_module()
+        grid = comparison_grid(self.base, module, self._val_batch, n=h.num_val_samples,
                                steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale, seed=0,
                                strength=h.val_strength)
-        log_image_grid(self, grid, "val/samples", f"step{self.global_step:06d}", nrow=h.num_val_samples)
+        labels = comparison_labels(module, [k for k in module.modality_names if k in self._val_batch], h.val_strength)
+        n = min(h.num_val_samples, self._val_batch["image"].shape[0])
+        log_image_grid(self, grid, "val/samples", f"step{self.global_step:06d}", nrow=n, row_labels=labels)
         self._val_batch = None

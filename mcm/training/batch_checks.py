@@ -37,6 +37,7 @@ def check_training_batch(plugins: Mapping[str, Modality], batch: Mapping[str, An
     if size[0] % multiple or size[1] % multiple:
         raise ValueError(f"batch['image']: expected height and width that are multiples of {multiple} for this base, "
                          f"got {size[0]}x{size[1]}; set data.image_size accordingly")
+    check_cached(batch, B, size, multiple)
     for name, plugin in plugins.items():
         if name not in batch:
             raise ModalityError(f"modality '{name}': expected batch['{name}'] (the module was built for "
@@ -47,6 +48,32 @@ def check_training_batch(plugins: Mapping[str, Modality], batch: Mapping[str, An
         if x.shape[0] != B or tuple(x.shape[-2:]) != size:
             raise ModalityError(f"modality '{name}': expected {B} map(s) of {size[0]}x{size[1]} (the images' batch "
                                 f"and size), got shape {tuple(x.shape)}")
+
+
+def check_cached(batch: Mapping[str, Any], B: int, size: tuple[int, int], multiple: int) -> None:
+    """Precomputed entries of a batch (cached shards: ``latent`` in model space, ``text_emb``): a float tensor
+    per image, the latent at the image size over the base's downsampling, finite."""
+    down = max(1, multiple // 8)
+    expect = {"latent": (4, f"(B, C, {size[0] // down}, {size[1] // down})"), "text_emb": (3, "(B, L, D)")}
+    for key, (ndim, layout) in expect.items():
+        if key not in batch:
+            continue
+        x = batch[key]
+        if key == "text_emb" and isinstance(x, Mapping):  # SDXL / SD3: a dict of per-image tensors
+            bad = {k: _describe(v) for k, v in x.items() if not (isinstance(v, torch.Tensor) and v.shape[0] == B)}
+            if bad:
+                raise ValueError(f"batch['text_emb']: expected a tensor per entry for the batch's {B} images, got {bad}")
+            continue
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == ndim and x.shape[0] == B):
+            raise ValueError(f"batch['{key}']: expected a float tensor {layout} for the batch's {B} images, got "
+                             f"{_describe(x)}")
+        if key == "latent" and tuple(x.shape[-2:]) != (size[0] // down, size[1] // down):
+            raise ValueError(f"batch['latent']: expected latents of {size[0] // down}x{size[1] // down} (the "
+                             f"{size[0]}x{size[1]} images over the base's x{down} downsampling), got shape "
+                             f"{tuple(x.shape)}; were the shards encoded for another base or image size?")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"batch['{key}']: expected finite values, got {int((~torch.isfinite(x)).sum())} "
+                             f"NaN/Inf values")
 
 
 def check_checkpoint_modalities(saved: Mapping[str, Any] | None, plugins: Mapping[str, Modality]) -> None:

@@ -53,7 +53,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: _PATH, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location, True if weights_only is None else weights_only)
+        """Lightning's load; a truncated or corrupt file is named (a pickle payload still raises
+        ``pickle.UnpicklingError``: ``weights_only`` refused it)."""
+        try:
+            return super().load_checkpoint(path, map_location, True if weights_only is None else weights_only)
+        except (RuntimeError, EOFError, KeyError) as e:  # torch's zip reader on a cut file, random bytes
+            raise ValueError(f"checkpoint '{path}' is not a readable torch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else e!r}); the file may be truncated or corrupt. "
+                             f"Resume from an earlier checkpoint (ckpt_path=...) or start again") from e
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -34,9 +34,16 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
+        if why is None:  # not a payload: bytes that are no pickle at all
+            raise ValueError(f"checkpoint '{path}' is not a readable torch checkpoint ({str(e).splitlines()[0]}); "
+                             f"the file may be truncated or corrupt") from e
         raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers; refusing to "
                          f"unpickle it (torch.load weights_only=True): {why}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # a cut zip archive, random bytes
+        raise ValueError(f"checkpoint '{path}' is not a readable torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else e!r}); the file may be truncated or corrupt "
+                         f"(a checkpoint still being written, or copied incompletely)") from e
 
 
 def _no_private(cfg: dict) -> dict:
@@ -67,12 +74,12 @@ ADAPTER_KINDS: dict[str, tuple[str, Callable[[dict], Adapter], str]] = {
 }
 
 
-def copy_ema(module: torch.nn.Module, ema_state: dict) -> None:
+def copy_ema(module: torch.nn.Module, ema_state: dict, what: str = "checkpoint") -> None:
     """Copy an ``EMAModel.state_dict()``'s shadow parameters into ``module``'s parameters (same order)."""
     shadow, params = ema_state["shadow_params"], list(module.parameters())
     if len(shadow) != len(params):
-        raise ValueError(f"EMA holds {len(shadow)} tensors but the {type(module).__name__} has {len(params)} "
-                         f"parameters")
+        raise ValueError(f"{what}: its EMA holds {len(shadow)} tensors but the {type(module).__name__} has "
+                         f"{len(params)} parameters; export the raw weights with --no-ema")
     with torch.no_grad():
         for p, s in zip(params, shadow):
             if p.shape != s.shape:
@@ -81,18 +88,27 @@ def copy_ema(module: torch.nn.Module, ema_state: dict) -> None:
             p.copy_(s)
 
 
-def adapter_from_checkpoint(ckpt: dict, use_ema: bool = True) -> tuple[Adapter, str]:
-    """Rebuild the adapter of an adapter-module checkpoint (EMA weights if present and ``use_ema``)."""
+def adapter_from_checkpoint(ckpt: dict, use_ema: bool = True, what: str = "checkpoint") -> tuple[Adapter, str]:
+    """Rebuild the adapter of an adapter-module checkpoint (EMA weights if present and ``use_ema``);
+    ``what`` names the checkpoint in errors."""
     key = next((k for k in ADAPTER_KINDS if k in ckpt), None)
     if key is None:
-        raise ValueError(f"this checkpoint was not written by an adapter LightningModule (none of "
+        raise ValueError(f"{what}: not written by an adapter LightningModule (none of "
                          f"{sorted(ADAPTER_KINDS)}); nothing to export")
     prefix, build, kind = ADAPTER_KINDS[key]
     module = build(ckpt[key])
-    state = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k.removeprefix(prefix): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or extra or shapes:
+        raise ValueError(f"{what}: its state_dict does not fit the {type(module).__name__} its '{key}' "
+                         f"describes: {len(missing)} missing {[prefix + k for k in missing[:5]]}, {len(extra)} "
+                         f"unexpected {[prefix + k for k in extra[:5]]}, {len(shapes)} of another shape "
+                         f"{[prefix + k for k in shapes[:5]]}")
     module.load_state_dict(state, strict=True)
     if use_ema and "ema" in ckpt:
-        copy_ema(module, ckpt["ema"])
+        copy_ema(module, ckpt["ema"], what)
     return module.eval(), kind
 
 
@@ -117,7 +133,7 @@ def set_default_strength(module: Adapter, strength: float) -> Adapter:
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, use_ema: bool = True,
                       strength: float | None = None) -> Path:
     ckpt = load_checkpoint(ckpt_path)
-    module, kind = adapter_from_checkpoint(ckpt, use_ema)
+    module, kind = adapter_from_checkpoint(ckpt, use_ema, f"checkpoint '{ckpt_path}'")
     info = dict(ckpt.get("mcm_base", {}))
     info["global_step"] = ckpt.get("global_step")
     info["adapter"] = kind

@@ -1,13 +1,16 @@
-"""Sample grids of a training run: saved as PNG next to the run and logged to wandb when it is the logger."""
+"""Sample grids of a training run: saved as PNG next to the run and logged to wandb when it is the logger.
+
+Tiles are blown up (nearest) to at least 128 px (:data:`mcm.pipelines.grids.MIN_TILE`) and each row is
+labelled ("segmentation", "base alone", "base + MCM, strength 1.5"), the same picture on disk and in wandb.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
-from mcm.pipelines.grids import grid_image
+from mcm.pipelines.grids import labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +25,14 @@ def run_dir(module) -> Path:
     return Path(trainer.default_root_dir)
 
 
-def log_image_grid(module, images: torch.Tensor, tag: str, name: str, nrow: int = 8) -> Path:
-    """Save ``images`` as ``<run>/samples/<name>.png`` and log them under ``tag`` to wandb if active."""
-    grid = grid_image(images, nrow)
+def log_image_grid(module, images: torch.Tensor, tag: str, name: str, nrow: int = 8,
+                   row_labels: list[str] | None = None) -> Path:
+    """Save ``images`` as ``<run>/samples/<tag>_<name>.png`` (upscaled, rows labelled) and log the same
+    picture under ``tag`` to wandb if active."""
+    grid = labelled_grid(images, nrow, row_labels)
     path = run_dir(module) / "samples" / f"{tag.replace('/', '_')}_{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
+    grid.save(path)
     for lg in module.trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             lg.log_image(key=tag, images=[grid], step=module.global_step, caption=[name])
