@@ -284,3 +284,15 @@ def test_bad_config_is_named(tmp_path, monkeypatch, capsys, text, fragments):
     missing = [f for f in fragments if f not in err]
     assert not missing, f"{err[-2000:]}\nmissing: {missing}"
     assert not (tmp_path / "runs").exists()
+
+
+def test_seeds_of_the_wrong_length_or_type_are_refused(tiny_pixel_base_dir):
+    from mcm.models.frozen_base import FrozenBase
+    from mcm.pipelines import MCMPipeline
+
+    pipe = MCMPipeline.from_base(FrozenBase.from_pretrained(tiny_pixel_base_dir), [])
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="seeds: got 3 seeds for 2 images"):
+        pipe(num_images=2, seeds=[1, 2, 3], num_inference_steps=2)
+    with pytest.raises(ValueError, match="seeds: expected a list of integers"):
+        pipe(num_images=1, seeds=["a"], num_inference_steps=2)

@@ -189,3 +189,21 @@ def test_mcm_sample_regions_strength_map_and_schedule(tmp_path):
         run_tool_command([*common, "--regions", str(tmp_path / "left.png"), "--out", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match="--strength-schedule"):
         run_tool_command([*common, "--strength-schedule", "1,a", "--out", str(tmp_path / "x.png")])
+
+
+def test_mcm_demo_takes_a_schedule_a_map_and_a_window(tmp_path):
+    from PIL import Image
+
+    from mcm.cli.tool_commands import run_tool_command
+
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    Image.fromarray(left).save(tmp_path / "left.png")
+    outs = {}
+    for tag, extra in (("plain", []), ("schedule", ["--strength-schedule", "1,1,0", "--window", "0.5", "1"]),
+                       ("map", ["--strength-map", str(tmp_path / "left.png")])):
+        out = tmp_path / f"{tag}.png"
+        assert run_tool_command(["demo", "--n", "2", "--steps", "3", *extra, "--out", str(out)]) == 0
+        outs[tag] = np.asarray(Image.open(out), dtype=np.float32)
+    tiles = {k: v[:, -256:] for k, v in outs.items()}  # the image columns (the label column's width varies)
+    assert np.abs(tiles["plain"] - tiles["schedule"]).max() > 10 and np.abs(tiles["plain"] - tiles["map"]).max() > 10

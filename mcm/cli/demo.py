@@ -34,8 +34,11 @@ def shapes_conditions(n: int, seed: int = 1234, size: int = 32) -> tuple[dict[st
 
 def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, seed: int = 0,
              model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None,
-             strength: float | None = None) -> Path:
-    """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset."""
+             strength=None, window: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset.
+
+    ``strength``: a float, map, schedule or ``(map, schedule)`` as ``MCMPipeline`` takes it; ``window``: the
+    noise fractions where the module acts."""
     from mcm import MCMPipeline
 
     pipe = MCMPipeline.from_pretrained(model)
@@ -48,7 +51,7 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
     seeds = [seed + i for i in range(n)]
     prompts = captions if pipe.base.is_text_conditional else None
     mcm = pipe(conditions=conds, prompt=prompts, num_inference_steps=steps, seeds=seeds, guidance_scale=guidance_scale,
-               strength=strength)
+               strength=strength, modulation_window=tuple(window))
     base = pipe(conditions={}, num_images=n, prompt=prompts, num_inference_steps=steps, seeds=seeds,
                 guidance_scale=guidance_scale)  # the base alone, same seeds
     from mcm.pipelines.grids import comparison_labels, labelled_grid
@@ -56,13 +59,16 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
     rows = [module.plugins[k].visualize(v) for k, v in conds.items()] + [base, mcm]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(torch.cat(rows), n, comparison_labels(module, list(conds), strength)).save(out)
+    label_s = strength if strength is None or isinstance(strength, (int, float)) else "map/schedule"
+    labelled_grid(torch.cat(rows), n, comparison_labels(module, list(conds), label_s)).save(out)
     log.info("demo grid (rows: %s, base, base+MCM) -> %s", ", ".join(conds), out)
     return out
 
 
 def _run(a: argparse.Namespace) -> int:
-    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale, a.modalities, a.strength)
+    from mcm.evaluation.strength_args import strength_from_args
+
+    run_demo(a.out, a.n, a.steps, a.seed, a.model, a.guidance_scale, a.modalities, strength_from_args(a), a.window)
     return 0
 
 
@@ -77,4 +83,7 @@ def add_command(sub) -> None:
     p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")
     p.add_argument("--strength", type=float, default=None,
                    help="modulation strength (default: the module's recorded default_strength)")
+    from mcm.evaluation.strength_args import add_strength_args
+
+    add_strength_args(p)
     p.set_defaults(func=_run)

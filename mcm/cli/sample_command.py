@@ -99,40 +99,14 @@ def conditions_from_data(pipe, a: argparse.Namespace) -> tuple[list[dict[str, to
     return [{n: data[n] for n in m.modality_names if n in specs} for m in pipe.modules], data
 
 
-def read_mask(path: str, flag: str) -> torch.Tensor:
-    """A greyscale PNG -> ``(H, W)`` float in [0, 1] (white = 1); RGB is averaged."""
-    arr = _read_image(path, flag).astype(np.float32)
-    arr = arr.mean(-1) if arr.ndim == 3 else arr
-    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-    return torch.from_numpy(arr / top)
-
-
-def strength_arg(a: argparse.Namespace):
-    """``--strength`` / ``--strength-map`` / ``--strength-schedule`` -> what ``MCMPipeline`` takes."""
-    smap = read_mask(a.strength_map, "--strength-map") if a.strength_map else None
-    sched = None
-    if a.strength_schedule:
-        try:
-            sched = [float(v) for v in a.strength_schedule.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--strength-schedule {a.strength_schedule!r}: expected comma-separated numbers, "
-                             f"one per step (e.g. 1,1,0.5,0)") from None
-    scale = 1.0 if a.strength is None else a.strength
-    if smap is not None and sched is not None:
-        return (smap * scale, sched)
-    if smap is not None:
-        return smap * scale
-    if sched is not None:
-        return [v * scale for v in sched]
-    return a.strength
-
-
 def regions_arg(a: argparse.Namespace, n_modules: int) -> list | None:
     if not a.regions:
         return None
     if len(a.regions) != n_modules:
         raise ValueError(f"--regions: got {len(a.regions)} masks for {n_modules} --mcm modules; give one per "
                          f"module ('-' = everywhere)")
+    from mcm.evaluation.strength_args import read_mask
+
     return [None if r == "-" else read_mask(r, "--regions") for r in a.regions]
 
 
@@ -153,7 +127,9 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
                           None if regions is None else [regions[i]])
                          for i, (m, c, w) in enumerate(zip(pipe.modules, conds, pipe.weights))]
     variants.append((pipe, conds, regions))
-    strength = strength_arg(a)
+    from mcm.evaluation.strength_args import strength_from_args
+
+    strength = strength_from_args(a)
     rows = []
     for s in a.seeds:
         seeds = [s * SEED_STRIDE + i for i in range(n)]
@@ -249,12 +225,9 @@ def add_command(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--strength", type=float, default=None,
                    help="modulation strength (ControlNet: conditioning scale); default: each module's default_strength")
-    p.add_argument("--strength-map", default=None, metavar="PNG",
-                   help="greyscale strength map at the output size (white = --strength, black = 0)")
-    p.add_argument("--strength-schedule", default=None, metavar="S1,S2,...",
-                   help="strength per step, noisiest first (times --strength)")
-    p.add_argument("--window", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                   help="noise fractions t/T where the modules act (1 = pure noise; default 0 1)")
+    from mcm.evaluation.strength_args import add_strength_args
+
+    add_strength_args(p)
     p.add_argument("--regions", nargs="+", default=None, metavar="PNG",
                    help="one greyscale mask per --mcm (white = the module acts there; '-' = everywhere)")
     p.add_argument("--compare", action="store_true", help="also the base alone and each module alone, same seeds")

@@ -172,7 +172,11 @@ def conditions_for(pipe, data: dict, modalities: Sequence[str], idx: slice) -> l
 
 @torch.no_grad()
 def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -> torch.Tensor:
-    """Samples ``(S, N, 3, H, W)`` in [0, 1]: seed ``s``, condition ``i`` starts from noise seed ``s*100000+i``."""
+    """Samples ``(S, N, 3, H, W)`` in [0, 1]: seed ``s``, condition ``i`` starts from noise seed ``s*100000+i``.
+
+    Each setting's strength is a float, times ``--strength-map`` / ``--strength-schedule`` when given."""
+    from mcm.evaluation.strength_args import strength_from_args
+
     N = data["image"].shape[0]
     text = pipe.base.is_text_conditional and a.prompts == "caption"
     out = []
@@ -186,7 +190,9 @@ def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -
             chunks.append(pipe(conditions=conds, prompt=data["caption"][idx] if text else None,
                                num_images=None if any(c for c in conds) else B,
                                num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                               strength=setting["strength"], seeds=seeds, output_type="pt").float().cpu())
+                               strength=strength_from_args(a, setting["strength"]),
+                               modulation_window=tuple(getattr(a, "window", (0.0, 1.0))), seeds=seeds,
+                               output_type="pt").float().cpu())
             progress.update(1)
         out.append(torch.cat(chunks))
     return torch.stack(out)
@@ -353,6 +359,9 @@ def add_command(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds per condition (default 0 1)")
     p.add_argument("--strength", nargs="+", type=float, default=None,
                    help="modulation strengths to sweep (default: the modules' recorded default_strength)")
+    from mcm.evaluation.strength_args import add_strength_args
+
+    add_strength_args(p)
     p.add_argument("--modalities", nargs="+", default=None,
                    help="the subset to condition on (default: every modality of the modules; "
                    "base alone: all available)")

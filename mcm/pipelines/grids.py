@@ -28,10 +28,12 @@ def adapter_display_name(adapter) -> str:
     return ADAPTER_NAMES.get(type(adapter).__name__, type(adapter).__name__)
 
 
-def comparison_labels(adapter, modalities: list[str], strength: float | None) -> list[str]:
-    """Row labels of :func:`comparison_grid`: each condition, ``"base alone"``, ``"base + MCM, strength s"``."""
+def comparison_labels(adapter, modalities: list[str], strength) -> list[str]:
+    """Row labels of :func:`comparison_grid`: each condition, ``"base alone"``, ``"base + MCM, strength s"``
+    (``strength``: a number, ``None`` for the adapter's default, or a label such as ``"map/schedule"``)."""
     s = adapter.default_strength if strength is None else strength
-    return list(modalities) + ["base alone", f"base + {adapter_display_name(adapter)}, strength {float(s):g}"]
+    s = f"{float(s):g}" if isinstance(s, (int, float)) else str(s)
+    return list(modalities) + ["base alone", f"base + {adapter_display_name(adapter)}, strength {s}"]
 
 
 def _font(size: int):

@@ -308,6 +308,12 @@ class MCMPipeline(DiffusionPipeline):
         controls = [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
                     for m, c, w, s, r in zip(self.adapter_list, conds, self.weights, strengths, masks)]
         # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
+        if seeds is not None:
+            if isinstance(seeds, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in list(seeds)):
+                raise ValueError(f"seeds: expected a list of integers, one per image, got {seeds!r}")
+            if len(seeds) != B:
+                raise ValueError(f"seeds: got {len(seeds)} seeds for {B} images; give one per image")
         generator = generators_for(seeds, generator)
         callback = None
         if callback_on_step_end is not None:
