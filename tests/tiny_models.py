@@ -202,7 +202,7 @@ def make_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
                                         pooled_projection_dim=64, out_channels=4)
     torch.manual_seed(seed + 1)

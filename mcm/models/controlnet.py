@@ -75,9 +75,12 @@ class ControlNetAdapter(Adapter):
         """``ControlNetModel.from_unet(base.unet)``: encoder + middle block copied from the frozen base."""
         from diffusers import UNet2DConditionModel
 
+        if base.family == "sd3":  # a transformer ControlNet, same protocol
+            from mcm.models.sd3_controlnet import SD3ControlNetAdapter
+
+            return SD3ControlNetAdapter.from_base(base, modalities)
         if not isinstance(base.unet, UNet2DConditionModel):
-            other = {"sd3": "diffusers has SD3ControlNetModel.from_transformer for SD3, not wired into this "
-                            "framework yet", "dit": "diffusers has no ControlNet for DiT"}.get(base.family, "")
+            other = {"dit": "diffusers has no ControlNet for DiT"}.get(base.family, "")
             raise ValueError(f"base '{base.source}' ({base.family} family, {type(base.unet).__name__}): the ControlNet "
                              f"baseline copies a UNet2DConditionModel's encoder (ControlNetModel.from_unet: SD 1.x/2.x, "
                              f"SDXL){'; ' + other if other else ''}; use an MCM, which controls any denoiser")

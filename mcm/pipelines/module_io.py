@@ -89,8 +89,12 @@ def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bo
     except json.JSONDecodeError as e:
         raise ValueError(f"'{path / 'config.json'}': not valid JSON ({e}); expected the config `mcm export` "
                          f"writes") from e
+    from mcm.models.sd3_controlnet import SD3ControlNetAdapter, is_sd3_controlnet_dir
+
     if is_controlnet_dir(path):
         module = ControlNetAdapter.from_pretrained(path)
+    elif is_sd3_controlnet_dir(path):
+        module = SD3ControlNetAdapter.from_pretrained(path)
     elif is_t2i_adapter_dir(path):
         module = T2IAdapterControl.from_pretrained(path)
     else:

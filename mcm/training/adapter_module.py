@@ -58,7 +58,9 @@ def plain(x: Any) -> Any:
         return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [plain(v) for v in x]
-    return x
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)  # e.g. a config's _name_or_path as a pathlib.Path: not loadable with weights_only=True
 
 
 def evaluation_noise(forward_process, keys: list[str] | None, x0: torch.Tensor

@@ -54,8 +54,15 @@ def _mcm(cfg: dict) -> MultimodalConditioningModule:
     return MultimodalConditioningModule.from_config(_no_private(cfg))
 
 
-def _controlnet(cfg: dict) -> ControlNetAdapter:
+def _controlnet(cfg: dict) -> Adapter:
     a = cfg["adapter"]
+    if a.get("adapter") == "sd3_controlnet":
+        from diffusers import SD3ControlNetModel
+
+        from mcm.models.sd3_controlnet import SD3ControlNetAdapter
+
+        return SD3ControlNetAdapter(SD3ControlNetModel.from_config(_no_private(cfg["controlnet"])), a["modalities"],
+                                    a.get("downsample", 8), a.get("default_strength", 1.0))
     return ControlNetAdapter(ControlNetModel.from_config(_no_private(cfg["controlnet"])), a["modalities"],
                              a.get("downsample", 1), a.get("default_strength", 1.0))
 

@@ -1,0 +1,125 @@
+"""ControlNet for the SD3 family: diffusers' ``SD3ControlNetModel.from_transformer`` as an adapter.
+
+A trainable copy of the first transformer blocks of the frozen ``SD3Transformer2DModel`` (12 by
+default, as diffusers' SD3 ControlNet training does) whose zero-initialised outputs are added to the
+frozen transformer's blocks (``block_controlnet_hidden_states``).  Its conditioning enters through its
+zero-initialised patch embedding ``pos_embed_input`` in *latent* space: diffusers' SD3 ControlNet
+pipelines VAE-encode an RGB control image there; our modality maps (one-hot labels, sketches, depth)
+are not RGB images, so the concatenated ``plugin.to_channels`` maps are resized to the latent size
+(bilinear) and padded with zero channels to the transformer's input width — what the patch embedding
+learns from is the maps themselves.  A strength map scales the residual tokens patch by patch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers import SD3ControlNetModel
+
+import modalities as modality_registry
+
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+
+ADAPTER_FILE = "mcm_sd3_controlnet.json"
+
+
+class SD3ControlNetAdapter(Adapter):
+    """A diffusers ``SD3ControlNetModel`` + the modality plugins that make its (latent-size) conditioning.
+
+    Args:
+        controlnet: the ``SD3ControlNetModel`` (``from_base`` builds it from a base's transformer).
+        modalities: plugin name -> options.
+        downsample: the base's VAE factor (image pixels per latent pixel).
+        default_strength: the conditioning scale used when sampling with ``strength=None``.
+    """
+
+    def __init__(self, controlnet: SD3ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 8,
+                 default_strength: float = 1.0):
+        super().__init__()
+        if not modalities:
+            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        self.controlnet = controlnet
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        self.modality_names = list(self.plugins)
+        self.downsample = downsample
+        self.default_strength = float(default_strength)
+        cfg = controlnet.config
+        self.cond_channels = cfg.in_channels + cfg.extra_conditioning_channels
+        channels = sum(p.channels for p in self.plugins.values())
+        if channels > self.cond_channels:
+            raise ValueError(f"controlnet: takes {self.cond_channels} conditioning channels but the modalities "
+                             f"{self.modality_names} give {channels}")
+
+    @classmethod
+    def from_base(cls, base, modalities: dict[str, dict[str, Any]], num_layers: int = 12) -> "SD3ControlNetAdapter":
+        plugins = modality_registry.build_all(modalities)
+        channels = sum(p.channels for p in plugins.values())
+        extra = max(0, channels - base.unet.config.in_channels)
+        n = base.unet.config.num_layers
+        if n < 2:
+            raise ValueError(f"base '{base.source}': an SD3 ControlNet copies transformer blocks before the last one "
+                             f"(the last is context-only); this transformer has {n}")
+        layers = min(num_layers, n - 1)
+        controlnet = SD3ControlNetModel.from_transformer(base.unet, num_layers=layers,
+                                                         num_extra_conditioning_channels=extra).float()
+        return cls(controlnet, modalities, base.downsample)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"adapter": "sd3_controlnet", "modalities": {n: p.config() for n, p in self.plugins.items()},
+                "downsample": self.downsample, "default_strength": self.default_strength}
+
+    def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
+                          size: tuple[int, int], batch_size: int) -> torch.Tensor:
+        """Raw maps -> ``(B, in + extra channels, h, w)`` at the latent size ``size``."""
+        w = self.controlnet.pos_embed_input.proj.weight
+        H, W = size[0] * self.downsample, size[1] * self.downsample
+        image = conditioning_image(self, conditions, present, (H, W), batch_size, w.device, w.dtype)
+        cond = F.interpolate(image, size=tuple(size), mode="bilinear", align_corners=False) if (H, W) != tuple(size) \
+            else image
+        return F.pad(cond, (0, 0, 0, 0, 0, self.cond_channels - cond.shape[1]))
+
+    def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context, state: torch.Tensor,
+                              strength: float | torch.Tensor = 1.0,
+                              base_prediction: BasePrediction | None = None) -> torch.Tensor:
+        if context is None:
+            context = base.encode_context(None, batch_size=x_t.shape[0])
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        dt = self.controlnet.dtype
+        kw = {k: v.to(dt) for k, v in base.model_kwargs(context).items()}
+        blocks = self.controlnet(hidden_states=x_t.to(dt), controlnet_cond=repeat_batch(state, x_t.shape[0]).to(dt),
+                                 timestep=t, return_dict=False, **kw)[0]
+        blocks = [self._scale(b, strength, x_t.shape[-2:]) for b in blocks]
+        return base._predict(x_t, t, context, block_controlnet_hidden_states=[b.to(base.unet.dtype) for b in blocks])
+
+    def _scale(self, tokens: torch.Tensor, strength, latent_size) -> torch.Tensor:
+        """``(B, N, D)`` patch tokens times the strength; a map is averaged over each patch, raster order."""
+        if not isinstance(strength, torch.Tensor):
+            return tokens * strength
+        p = self.controlnet.config.patch_size
+        grid = (latent_size[0] // p, latent_size[1] // p)
+        s = F.interpolate(strength.to(tokens), size=grid, mode="bilinear", align_corners=False)  # (B, 1, h/p, w/p)
+        return tokens * s.flatten(2).transpose(1, 2)  # (B, N, 1)
+
+    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
+        out = Path(out)
+        self.controlnet.save_pretrained(out, safe_serialization=safe_serialization)
+        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "SD3ControlNetAdapter":
+        path = Path(path)
+        if not (path / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported SD3 ControlNet adapter")
+        cfg = json.loads((path / ADAPTER_FILE).read_text())
+        controlnet = SD3ControlNetModel.from_pretrained(path, use_safetensors=True)
+        return cls(controlnet, cfg["modalities"], cfg.get("downsample", 8), cfg.get("default_strength", 1.0))
+
+
+def is_sd3_controlnet_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_FILE).is_file()
