@@ -16,7 +16,7 @@ one() {
   case $1 in
     base) ev base ;;
     # the multimodal run as trained (export without --strength): every modality alone and all four,
-    # at strength 1 and 2, and a strength sweep on segmentation that picks the strength folded into
+    # at strength 1 and 2, and a strength sweep on segmentation that picks the default_strength recorded in
     # the shipped module (mcm export --strength, see mcm/weights/shapes32/mcm_multimodal/README.md)
     mcm_multimodal) ev mcm_multimodal --mcm runs/shapes32_multimodal/export --per-modality --strength 1 2 ;;
     strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal/export --modalities segmentation \
