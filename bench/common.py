@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # scripts run as `python bench/x.py`
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mcm.diffusion.forward_process import diffusion_target  # noqa: E402
+from mcm.diffusion.forward_process import forward_process_for  # noqa: E402
 from mcm.models.frozen_base import BUILTIN_BASES, FrozenBase  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # MCMModule steps run without a Trainer
@@ -60,6 +60,7 @@ class BenchModel:
     mcm_config: dict[str, Any]  # MCMModule's block_out_channels / layers_per_block / attention_levels
     cn_embedding: tuple[int, ...] | None  # ControlNet conditioning embedding widths (None: SD's x8 default)
     extra: dict = field(default_factory=dict)
+    forward_process: Any = None  # the base's training forward process, built on first use
 
 
 class HashTokenizer:
@@ -139,7 +140,6 @@ def build_model(name: str, args) -> BenchModel:
     """``shapes32`` or ``sd15`` with the options of the bench's command line, on ``args.device``."""
     m = build_shapes32(args.tiny) if name == "shapes32" else build_sd15(8 if args.tiny else args.sd_latent, args.tiny)
     m.base._apply(lambda t: t.to(args.device))
-    m.base.scheduler.alphas_cumprod = m.base.scheduler.alphas_cumprod.to(args.device)
     if args.base_dtype != "float32":  # as MCMModule(base_dtype=...) does: all base weights in that dtype
         m.base._apply(lambda t: t.to(getattr(torch, args.base_dtype)) if t.is_floating_point() else t)
     if args.channels_last:
@@ -205,10 +205,13 @@ def autocast_for(m: BenchModel):
 
 # ---- the steps ---------------------------------------------------------------------------------
 def noisy(m: BenchModel, x0: torch.Tensor):
-    """Forward process: ``(x_t, t, target)`` for a random timestep per sample."""
+    """The base's training forward process (as ``MCMModule`` draws it): ``(x_t, t, target)``."""
+    if m.forward_process is None:  # built once, not timed with every step
+        m.forward_process = forward_process_for(m.base.scheduler)
+    fp = m.forward_process
     noise = torch.randn_like(x0)
-    t = torch.randint(0, m.base.num_train_timesteps, (x0.shape[0],), device=x0.device)
-    return m.base.scheduler.add_noise(x0, noise, t), t, diffusion_target(m.base.scheduler, x0, noise, t)
+    t = fp.sample_timesteps(x0.shape[0], x0.device)
+    return fp.add_noise(x0, noise, t), t, fp.target(x0, noise, t)
 
 
 def base_forward(m: BenchModel, batch: dict) -> torch.Tensor:

@@ -114,10 +114,16 @@ def base_forward(base, batch):
     return base.predict(fp.add_noise(batch["latent"], torch.randn_like(batch["latent"]), t), t, batch["text_emb"])
 
 
+_FORWARD: dict[int, object] = {}
+
+
 def mcm_fp(base):
+    """The base's training forward process, built once per base (not timed with every step)."""
     from mcm.diffusion.forward_process import forward_process_for
 
-    return forward_process_for(base.scheduler)
+    if id(base) not in _FORWARD:
+        _FORWARD[id(base)] = forward_process_for(base.scheduler)
+    return _FORWARD[id(base)]
 
 
 def controlnet_parts(base):

@@ -287,9 +287,11 @@ class FrozenBase(nn.Module):
     def predict_with_residuals(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor | None,
                                down_residuals: tuple[torch.Tensor, ...] | None = None,
                                mid_residual: torch.Tensor | None = None,
-                               down_intrablock_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """``p`` with residuals injected into the UNet: ControlNet's (added to the skip connections and
-        the middle block) or T2I-Adapter's (added inside the down blocks).
+                               down_intrablock_residuals: list[torch.Tensor] | None = None,
+                               transformer_block_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``p`` with residuals injected into the denoiser: ControlNet's (added to the UNet's skip connections
+        and middle block), T2I-Adapter's (added inside the down blocks) or an SD3 ControlNet's (added to the
+        transformer's blocks).
 
         Not under ``no_grad``: in training, gradients flow back through the frozen UNet into the
         residuals (Zhang & Agrawala 2023); the base's own parameters have ``requires_grad=False``.
@@ -302,6 +304,8 @@ class FrozenBase(nn.Module):
             kwargs["mid_block_additional_residual"] = mid_residual.to(dt)
         if down_intrablock_residuals is not None:  # the UNet pops from this list: always a fresh one
             kwargs["down_intrablock_additional_residuals"] = [r.to(dt) for r in down_intrablock_residuals]
+        if transformer_block_residuals is not None:
+            kwargs["block_controlnet_hidden_states"] = [r.to(dt) for r in transformer_block_residuals]
         return self._predict(x_t, t, text_emb, **kwargs)
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, context, **extra) -> torch.Tensor:

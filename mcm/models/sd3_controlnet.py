@@ -94,7 +94,7 @@ class SD3ControlNetAdapter(Adapter):
         blocks = self.controlnet(hidden_states=x_t.to(dt), controlnet_cond=repeat_batch(state, x_t.shape[0]).to(dt),
                                  timestep=t, return_dict=False, **kw)[0]
         blocks = [self._scale(b, strength, x_t.shape[-2:]) for b in blocks]
-        return base._predict(x_t, t, context, block_controlnet_hidden_states=[b.to(base.unet.dtype) for b in blocks])
+        return base.predict_with_residuals(x_t, t, context, transformer_block_residuals=blocks)
 
     def _scale(self, tokens: torch.Tensor, strength, latent_size) -> torch.Tensor:
         """``(B, N, D)`` patch tokens times the strength; a map is averaged over each patch, raster order."""

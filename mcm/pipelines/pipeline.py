@@ -161,13 +161,9 @@ class MCMPipeline(DiffusionPipeline):
         return fb
 
     @property
-    def adapter_list(self) -> list:
-        return list(self.adapters) if self.adapters is not None else []
-
-    @property
     def modules(self) -> list:
         """The adapters, in composition order."""
-        return self.adapter_list
+        return list(self.adapters) if self.adapters is not None else []
 
     @property
     def weights(self) -> list[float]:
@@ -177,8 +173,8 @@ class MCMPipeline(DiffusionPipeline):
     @weights.setter
     def weights(self, values: Sequence[float]) -> None:
         values = [float(v) for v in values]
-        if len(values) != len(self.adapter_list):
-            raise ValueError(f"weights: got {len(values)} weights for {len(self.adapter_list)} modules")
+        if len(values) != len(self.modules):
+            raise ValueError(f"weights: got {len(values)} weights for {len(self.modules)} modules")
         if self.adapters is not None:
             self.adapters.weights = values
 
@@ -191,14 +187,14 @@ class MCMPipeline(DiffusionPipeline):
         if not isinstance(conditions, (Mapping, list, tuple)):
             raise ValueError(f"conditions: expected a dict of modality name -> map (or one dict per module), "
                              f"got {type(conditions).__name__}")
-        per_module = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions] * len(self.adapter_list)
-        if self.adapter_list and len(per_module) != len(self.adapter_list):
-            raise ValueError(f"conditions: got {len(per_module)} dicts for {len(self.adapter_list)} modules")
-        if not self.adapter_list and conditions:
+        per_module = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions] * len(self.modules)
+        if self.modules and len(per_module) != len(self.modules):
+            raise ValueError(f"conditions: got {len(per_module)} dicts for {len(self.modules)} modules")
+        if not self.modules and conditions:
             names = sorted({str(n) for c in (per_module or [conditions]) if isinstance(c, Mapping) for n in c})
             raise ModalityError(f"modality {names}: this pipeline has no MCM, so it cannot use conditions")
         out = []
-        for module, conds in zip(self.adapter_list, per_module):
+        for module, conds in zip(self.modules, per_module):
             if not isinstance(conds, Mapping):
                 raise ValueError(f"conditions: expected a dict of modality name -> map, got {type(conds).__name__}")
             unknown = sorted(str(n) for n in set(conds) - set(module.modality_names))
@@ -288,7 +284,7 @@ class MCMPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels: got {len(torch.as_tensor(class_labels).reshape(-1))} labels for {B} images")
         lo, hi = _window(modulation_window)
         H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
-        n = len(self.adapter_list)
+        n = len(self.modules)
         strengths = [parse_strength(v, f"strength[{i}]" if n > 1 and _per_adapter(strength) else "strength", B,
                                     (H, W), size, num_inference_steps)
                      for i, v in enumerate(_per_adapter_values(strength, n, "strength"))]
@@ -306,7 +302,7 @@ class MCMPipeline(DiffusionPipeline):
         # 3. controls: each adapter with its conditions (resized to the output size), weight and strength
         device = self._execution_device
         controls = [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
-                    for m, c, w, s, r in zip(self.adapter_list, conds, self.weights, strengths, masks)]
+                    for m, c, w, s, r in zip(self.modules, conds, self.weights, strengths, masks)]
         # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
         if seeds is not None:
             if isinstance(seeds, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool)
