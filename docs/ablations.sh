@@ -2,7 +2,7 @@
 # The ablation harness of docs/ablations.md: each variant of the main job's recipe trains for the same
 # wall-clock budget (BUDGET, default 10 minutes) on the same 2,000 images and seeds, one at a time on the
 # otherwise idle machine, then is exported and evaluated on the same 32 held-out maps (seed 0, DDIM 20):
-# segmentation mIoU and sketch F1 with each map alone, at strengths 1 and 2, and judge-FID.
+# segmentation mIoU and sketch F1 with each map alone, at strengths 1, 2 and 3 (the first three variants: 1 and 2), and judge-FID.
 # Run from the repository root after `mcm data shapes --out data/shapes --train 2000 --val 200`:
 #   docs/ablations.sh [VARIANT ...]      (default: all; a variant already evaluated is skipped)
 #   python -m mcm.evaluation.ablation_report docs/ablations.yaml --out docs/ablations.md
@@ -13,6 +13,9 @@ variant_args() {  # the overrides of each variant (docs/ablations.yaml says why)
     main) ;;
     lr1e-3) echo --model.init_args.lr 1.0e-3 ;;
     min_snr) echo --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0 ;;
+    min_snr_single) echo "$(variant_args min_snr) --model.init_args.single_modality_prob 0.5" ;;
+    snr_sampling_single) echo --model.init_args.timestep_sampling snr --model.init_args.single_modality_prob 0.5 ;;
+    cubic_single) echo "$(variant_args min_snr_single) --model.init_args.timestep_sampling cubic" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -28,6 +31,6 @@ run() {
   echo $((SECONDS - t0)) > "runs/ablation_$v.seconds"
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
   mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
-    --modalities segmentation sketch --per-modality --strength 1 2 --out "docs/eval/ablation_$v"
+    --modalities segmentation sketch --per-modality --strength 1 2 3 --out "docs/eval/ablation_$v"
 }
 for v in "${@:-main lr1e-3 min_snr}"; do for w in $v; do echo "== $w $(date +%T)"; run "$w"; done; done

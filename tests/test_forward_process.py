@@ -61,6 +61,42 @@ def test_min_snr_weighting_by_hand():
         ForwardProcess(sched.config, weighting="snr")
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "cubic", "snr"])
+def test_timestep_sampling_densities_by_hand(sampling):
+    sched = DDPMScheduler(**SD, prediction_type="v_prediction")
+    fp = ForwardProcess(sched.config, timestep_sampling=sampling, snr_gamma=5.0)
+    k = torch.arange(1000, dtype=torch.float64)
+    if sampling == "uniform":
+        expected = torch.full((1000,), 1e-3, dtype=torch.float64)
+    elif sampling == "cubic":  # t = floor((1 - u^3) T): P(t = k) = (1 - k/T)^(1/3) - (1 - (k+1)/T)^(1/3)
+        expected = (1 - k / 1000) ** (1 / 3) - (1 - (k + 1) / 1000).clamp(min=0) ** (1 / 3)
+    else:  # proportional to the v-prediction min-SNR weight min(snr, 5) / (snr + 1), from abar by hand
+        snr = (abar(k.long()) / (1 - abar(k.long()))).double()
+        w = snr.clamp(max=5.0) / (snr + 1)
+        expected = w / w.sum()
+    probs = fp.timestep_probabilities().double()
+    assert torch.allclose(probs, expected, atol=1e-6) and abs(probs.sum().item() - 1) < 1e-5
+    t = fp.sample_timesteps(400_000, "cpu", torch.Generator().manual_seed(0))
+    freq = torch.bincount(t, minlength=1000).double() / t.numel()
+    assert (freq - expected).abs().max() < 5e-4  # the draws follow the density (binomial std <= 1.6e-4)
+    mean = {"uniform": 499.5, "cubic": 750.0, "snr": float((expected * k).sum())}[sampling]  # E[(1-u^3)T] = 3T/4
+    assert abs(t.double().mean().item() - mean) < 2.0
+    # validation always draws uniformly, so runs that train with different samplings validate alike
+    u = fp.sample_timesteps(200_000, "cpu", torch.Generator().manual_seed(1), uniform=True)
+    assert abs(u.double().mean().item() - 499.5) < 2.0
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        ForwardProcess(sched.config, timestep_sampling="high")
+
+
+def test_flow_bases_refuse_a_vp_timestep_sampling():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from mcm.diffusion.forward_process import forward_process_for
+
+    with pytest.raises(ValueError, match="flow-matching base"):
+        forward_process_for(FlowMatchEulerDiscreteScheduler(), timestep_sampling="cubic")
+
+
 def test_mcm_module_trains_on_the_forward_process_not_the_inference_scheduler(tiny_sd_dir, tmp_path):
     """A tiny SD base re-shipped with Euler: the training step's x_t is variance preserving."""
     import shutil

@@ -2,6 +2,8 @@
 refer to the base, export round trip, pipeline inputs and composition identities."""
 from __future__ import annotations
 
+import math
+
 import json
 
 import numpy as np
@@ -107,6 +109,25 @@ def test_modality_dropout(module):
     all_dropped = (keep.sum(1) == 0).float().mean().item()
     assert all_dropped > 0.1  # drop-all plus independent drops of all four
     assert torch.equal(module.presence(3, train=False), torch.ones(3, 4))
+
+
+def test_single_modality_dropout(module):
+    """w.p. q exactly one modality (uniformly chosen) is kept, else independent dropout; then drop-all."""
+    module.hparams.single_modality_prob = 0.5
+    try:
+        torch.manual_seed(0)
+        keep = module.presence(40000, train=True)
+    finally:
+        module.hparams.single_modality_prob = 0.0
+    n_kept = keep.sum(1)
+    M, d, a = 4, 0.3, 0.1
+    indep = [(1 - d) ** k * d ** (M - k) * math.comb(M, k) for k in range(M + 1)]  # kept count under dropout
+    expected_one = (1 - a) * (0.5 + 0.5 * indep[1])
+    assert abs((n_kept == 1).float().mean().item() - expected_one) < 0.01
+    assert abs((n_kept == 0).float().mean().item() - (a + (1 - a) * 0.5 * indep[0])) < 0.01
+    alone = keep[n_kept == 1]
+    share = alone.mean(0)  # each modality is the one kept equally often
+    assert torch.allclose(share, torch.full((M,), 0.25), atol=0.015)
 
 
 def test_checkpoint_records_base_and_refuses_another(module, tiny_uncond_dir, tiny_pixel_base_dir, tmp_path):

@@ -16,6 +16,11 @@ from diffusers.training_utils import compute_snr
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("none", "min_snr")
+#: how training draws timesteps: uniform (diffusers' train scripts); cubic, biased to high noise as in
+#: T2I-Adapter (Mou et al. 2023, §3.4: t = (1 - u^3) T), where the layout is decided; snr, with probability
+#: proportional to the min-SNR-gamma weight (importance sampling of min-SNR: the same expected gradient as
+#: that weighting, without spending steps on timesteps it weighs near zero)
+TIMESTEP_SAMPLINGS = ("uniform", "cubic", "snr")
 
 
 def training_scheduler(scheduler_config: Mapping[str, Any]) -> DDPMScheduler:
@@ -53,14 +58,19 @@ class ForwardProcess:
     Args:
         scheduler_config: the base's scheduler config (any diffusers scheduler).
         weighting: per-sample loss weighting, ``"none"`` or ``"min_snr"``.
-        snr_gamma: gamma of min-SNR weighting.
+        snr_gamma: gamma of min-SNR weighting (and of ``"snr"`` timestep sampling).
+        timestep_sampling: how training draws ``t`` (:data:`TIMESTEP_SAMPLINGS`); validation always draws uniformly,
+            so validation losses of runs that sample differently compare.
     """
 
-    def __init__(self, scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0):
+    def __init__(self, scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0,
+                 timestep_sampling: str = "uniform"):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
         self.scheduler = training_scheduler(scheduler_config)
-        self.weighting, self.snr_gamma = weighting, snr_gamma
+        self.weighting, self.snr_gamma, self.timestep_sampling = weighting, snr_gamma, timestep_sampling
 
     @property
     def prediction_type(self) -> str:
@@ -74,11 +84,31 @@ class ForwardProcess:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         return self
 
+    def timestep_probabilities(self) -> torch.Tensor:
+        """``(T,)`` probability of each integer timestep under ``timestep_sampling`` (training)."""
+        T = self.num_train_timesteps
+        if self.timestep_sampling == "snr":
+            w = min_snr_weights(self.scheduler, torch.arange(T), self.snr_gamma).double()
+            return (w / w.sum()).float()
+        if self.timestep_sampling == "cubic":  # P(t = k) = P(k <= (1 - u^3) T < k + 1)
+            edges = torch.arange(T + 1, dtype=torch.float64) / T
+            cdf = 1 - (1 - edges).clamp(min=0) ** (1 / 3)  # P((1 - u^3) < x) = 1 - (1 - x)^(1/3)
+            return (cdf[1:] - cdf[:-1]).float()
+        return torch.full((T,), 1.0 / T)
+
     def sample_timesteps(self, batch_size: int, device: torch.device | str,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform integer timesteps ``(B,)`` in ``[0, T)``, as diffusers' train scripts draw them."""
-        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
-                          device=generator.device if generator is not None else device)
+                         generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
+        """Integer timesteps ``(B,)`` in ``[0, T)``: uniform as diffusers' train scripts draw them (and always with
+        ``uniform=True``, for validation), else drawn per ``timestep_sampling``."""
+        gen_device = generator.device if generator is not None else device
+        if uniform or self.timestep_sampling == "uniform":
+            t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
+        elif self.timestep_sampling == "cubic":
+            u = torch.rand(batch_size, generator=generator, device=gen_device)
+            t = ((1 - u ** 3) * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        else:
+            probs = self.timestep_probabilities().to(gen_device)
+            t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         return t.to(device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -142,7 +172,8 @@ class FlowMatchingProcess:
         return self
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
+        # ``uniform`` is the VP process's validation switch; flow matching validates on its own density
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = compute_density_for_timestep_sampling(self.timestep_sampling, batch_size, self.logit_mean, self.logit_std,
@@ -168,13 +199,19 @@ class FlowMatchingProcess:
         return (w.float() * (pred.float() - target.float()).pow(2)).flatten(1).mean(1).mean()
 
 
-def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0):
+def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0,
+                        timestep_sampling: str = "uniform"):
     """The training forward process of a base, from its scheduler (or its config): flow matching for
-    ``FlowMatch*`` schedulers (SD3), else the variance-preserving DDPM process."""
+    ``FlowMatch*`` schedulers (SD3; its timesteps follow its own logit-normal density, so a VP
+    ``timestep_sampling`` other than uniform is refused), else the variance-preserving DDPM process."""
+    is_flow = False
     if hasattr(scheduler_config, "config"):  # a scheduler object: its class says it even if the config does not
-        if type(scheduler_config).__name__.startswith("FlowMatch"):
-            return FlowMatchingProcess(scheduler_config.config, weighting)
+        is_flow = type(scheduler_config).__name__.startswith("FlowMatch")
         scheduler_config = scheduler_config.config
-    if str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch"):
+    is_flow = is_flow or str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch")
+    if is_flow:
+        if timestep_sampling != "uniform":
+            raise ValueError(f"timestep_sampling={timestep_sampling!r} is for variance-preserving bases; this "
+                             f"flow-matching base draws timesteps from its logit-normal density (leave it 'uniform')")
         return FlowMatchingProcess(scheduler_config, weighting)
-    return ForwardProcess(scheduler_config, weighting, snr_gamma)
+    return ForwardProcess(scheduler_config, weighting, snr_gamma, timestep_sampling)

@@ -75,7 +75,7 @@ def evaluation_noise(forward_process, keys: list[str] | None, x0: torch.Tensor
     B = x0.shape[0]
     keys = [str(k) for k in keys] if keys is not None else [f"#{i}" for i in range(B)]
     gens = [torch.Generator().manual_seed(zlib.crc32(k.encode("utf-8"))) for k in keys]
-    t = torch.cat([forward_process.sample_timesteps(1, "cpu", generator=g) for g in gens])
+    t = torch.cat([forward_process.sample_timesteps(1, "cpu", generator=g, uniform=True) for g in gens])
     noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens])
     return noise.to(device=x0.device, dtype=x0.dtype), t.to(x0.device)
 
@@ -92,9 +92,13 @@ class AdapterModule(L.LightningModule):
         lr / weight_decay / warmup_steps: AdamW, constant learning rate after a linear warm-up.
         modality_dropout: per-sample probability of dropping each modality (zeros + presence 0).
         drop_all_prob: per-sample probability of dropping all modalities.
+        single_modality_prob: per-sample probability of keeping exactly one modality (chosen uniformly) and
+            dropping the others.  A module is often sampled with one map alone, and with independent dropout
+            of 0.3 over four modalities a given map is alone in 0.7 x 0.3^3 = 1.9% of samples.
         caption_dropout: probability of conditioning the base on ``""`` instead of the caption.
         ema_decay: keep an EMA of the adapter (``None`` = off); used for grids and export.
         loss_weighting / snr_gamma: ``"none"`` or ``"min_snr"`` (Hang et al. 2023) and its gamma.
+        timestep_sampling: ``"uniform"``, ``"cubic"`` or ``"snr"`` (:mod:`mcm.diffusion.forward_process`).
         num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings.
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32.
@@ -113,7 +117,8 @@ class AdapterModule(L.LightningModule):
         h = self.hparams
         dtype = getattr(torch, h.base_dtype) if h.base_dtype else None
         object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
-        self.forward_process = forward_process_for(self.base.scheduler, h.loss_weighting, h.snr_gamma)
+        self.forward_process = forward_process_for(self.base.scheduler, h.loss_weighting, h.snr_gamma,
+                                                   h.timestep_sampling)
         setattr(self, self.adapter_attribute, self.build_adapter())
         self._speed_up(h.channels_last, h.compile)
         self.ema = EMAModel(self.trainable.parameters(), decay=h.ema_decay) if h.ema_decay else None
@@ -158,12 +163,17 @@ class AdapterModule(L.LightningModule):
 
     # ---- the training step ------------------------------------------------------------------------
     def presence(self, batch_size: int, train: bool) -> torch.Tensor:
-        """``(B, M)`` keep-mask: each modality dropped w.p. ``modality_dropout``, all w.p. ``drop_all_prob``."""
+        """``(B, M)`` keep-mask: each modality dropped w.p. ``modality_dropout``, or w.p. ``single_modality_prob``
+        exactly one kept; then all dropped w.p. ``drop_all_prob``."""
         M = len(self.modality_names)
         if not train:
             return torch.ones(batch_size, M, device=self.device)
         keep = (torch.rand(batch_size, M, device=self.device) >= self.hparams.modality_dropout).float()
         keep_any = (torch.rand(batch_size, 1, device=self.device) >= self.hparams.drop_all_prob).float()
+        if self.hparams.single_modality_prob > 0:
+            alone = torch.rand(batch_size, 1, device=self.device) < self.hparams.single_modality_prob
+            which = torch.randint(0, M, (batch_size,), device=self.device)
+            keep = torch.where(alone, F.one_hot(which, M).float(), keep)
         return keep * keep_any
 
     def _context(self, batch: dict, batch_size: int, train: bool):
@@ -187,28 +197,77 @@ class AdapterModule(L.LightningModule):
                                           image_size=tuple(batch["image"].shape[-2:]))
         return base.drop_context(context, drop)
 
+    def _cached_draw(self, batch: dict, batch_size: int, train: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, target, p)`` from the base's cached predictions (``mcm data encode --predictions K``):
+        per sample one of its K draws, uniformly (torch's global RNG: seeded runs repeat), and ``pred_uncond``
+        for the rows caption dropout sends to the unconditional branch; validation / test take draw 0 (fixed
+        per sample, as ``evaluation_noise`` is).  The base is not run."""
+        if not getattr(self.trainable, "uses_base_prediction_only", False):
+            raise ValueError(f"batch['pred']: the batch holds cached base predictions, but "
+                             f"{type(self.trainable).__name__} cannot train from them: it injects residuals into the "
+                             f"base's forward pass, so the base must run on every step with them (and backpropagate "
+                             f"through it); only adapters that modulate the base's prediction (MCM) can. Train it "
+                             f"on shards encoded without --predictions")
+        B, base = batch_size, self.base
+        guided = base.is_text_conditional or base.is_class_conditional
+        pred = batch["pred"]
+        if not (isinstance(pred, torch.Tensor) and pred.ndim == 5 and pred.shape[0] == B and pred.shape[1] >= 1):
+            raise ValueError(f"batch['pred']: expected cached predictions (B={B}, K, C, h, w), got "
+                             f"{tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__}")
+        K, size = pred.shape[1], tuple(s // base.downsample for s in batch["image"].shape[-2:])
+        if pred.shape[2] != base.latent_channels or tuple(pred.shape[-2:]) != size:
+            raise ValueError(f"batch['pred']: expected ({B}, K, {base.latent_channels}, {size[0]}, {size[1]}) for "
+                             f"this base and image size, got {tuple(pred.shape)}; were the shards encoded for "
+                             f"another base or image size?")
+        needed = ["pred_t", "xt", "target"] + (["pred_uncond"] if guided and train and self.hparams.caption_dropout
+                                               else [])
+        for name in needed:
+            want = (B, K) if name == "pred_t" else tuple(pred.shape)
+            got = batch.get(name)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+                raise ValueError(f"batch['{name}']: expected {want} next to batch['pred'] (cached shards from "
+                                 f"`mcm data encode --predictions K`), got "
+                                 f"{tuple(got.shape) if isinstance(got, torch.Tensor) else got!r}")
+        # caption dropout, drawn as _context draws it; then one draw per sample
+        drop = (torch.rand(B) < self.hparams.caption_dropout) if train and guided else torch.zeros(B, dtype=torch.bool)
+        j = torch.randint(0, K, (B,)) if train else torch.zeros(B, dtype=torch.long)
+        rows, j, drop = torch.arange(B, device=pred.device), j.to(pred.device), drop.to(pred.device)
+        p = pred[rows, j]  # (B, C, h, w)
+        if bool(drop.any()):
+            p = torch.where(drop.view(-1, 1, 1, 1), batch["pred_uncond"][rows, j], p)
+        return batch["xt"][rows, j], batch["pred_t"][rows, j].long(), batch["target"][rows, j], p
+
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
         check_training_batch(self.plugins, batch, 8 * self.base.downsample)  # 0. clear errors, not UNet shape errors
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         B = images.shape[0]
-        # 1. model space and text, once per batch, without gradients; precomputed "latent" /
-        #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
-        x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
-        text = self._context(batch, B, train)
-        # 2. the base's training forward process (variance preserving, whatever its inference scheduler);
-        #    validation / test: noise and timestep fixed per sample, seeded by its key (evaluation_noise)
-        if train:
-            noise = torch.randn_like(x0)
-            t = self.forward_process.sample_timesteps(B, x0.device)
+        cache: list[torch.Tensor] = []  # the base's p, computed (without a graph) at most once
+        if "pred" in batch:
+            # 1-2. cached shards with the base's predictions: x_t, t, target and p are read, the base never runs
+            #      (nor its VAE and text encoder); the MCM takes no context of its own
+            x_t, t, target, p = self._cached_draw(batch, B, train)
+            text = None
+            cache.append(p)
         else:
-            noise, t = evaluation_noise(self.forward_process, batch.get("key"), x0)
-        x_t = self.forward_process.add_noise(x0, noise, t)
+            # 1. model space and text, once per batch, without gradients; precomputed "latent" /
+            #    "text_emb" entries (cached VAE latents, caption embeddings) skip the VAE / text encoder
+            x0 = batch["latent"] if "latent" in batch else self.base.encode_images(images)  # (B, C, h, w)
+            text = self._context(batch, B, train)
+            # 2. the base's training forward process (variance preserving, whatever its inference scheduler);
+            #    validation / test: noise and timestep fixed per sample, seeded by its key (evaluation_noise)
+            if train:
+                noise = torch.randn_like(x0)
+                t = self.forward_process.sample_timesteps(B, x0.device)
+            else:
+                noise, t = evaluation_noise(self.forward_process, batch.get("key"), x0)
+            x_t = self.forward_process.add_noise(x0, noise, t)
+            target = self.forward_process.target(x0, noise, t)
         # 3. conditions -> adapter state, with modality dropout
         conditions = {n: batch[n] for n in self.modality_names}
-        state = self.trainable.encode_conditions(conditions, self.presence(B, train), tuple(x0.shape[-2:]), B)
+        state = self.trainable.encode_conditions(conditions, self.presence(B, train), tuple(x_t.shape[-2:]), B)
         # 4. the controlled prediction; the base's own p is computed (without a graph) only if needed
-        cache: list[torch.Tensor] = []
 
         def base_prediction() -> torch.Tensor:
             if not cache:
@@ -216,8 +275,7 @@ class AdapterModule(L.LightningModule):
             return cache[0]
 
         pred = self.trainable.controlled_prediction(self.base, x_t, t, text, state, 1.0, base_prediction)
-        # 5. (weighted) MSE against the target of the base's prediction type
-        target = self.forward_process.target(x0, noise, t)
+        # 5. (weighted) MSE against the target of the base's prediction type (min-SNR weights at the draw's t)
         loss = self.forward_process.loss(pred, target, t)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=not train, batch_size=B,
                  sync_dist=not train)
