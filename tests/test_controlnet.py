@@ -124,11 +124,16 @@ def test_unconditional_base_and_wrong_downsampling_are_refused(tiny_uncond_dir, 
         embedding_channels_for(3)
 
 
-def test_checkpoint_export_reload_sample(module, kind, tmp_path, tiny_uncond_dir):
+def test_checkpoint_export_reload_sample(module, kind, base_dir, tmp_path, tiny_uncond_dir):
     nudge(module.adapter)
     ckpt = {"state_dict": module.state_dict(), "global_step": 5}
     module.on_save_checkpoint(ckpt)
-    assert ckpt["mcm_base"]["hash"] == module.base.content_hash()
+    # the recorded hash is the base's content: the directory loaded afresh gives it, a nudged copy does not
+    assert ckpt["mcm_base"]["hash"] == FrozenBase.from_pretrained(base_dir).content_hash()
+    nudged = FrozenBase.from_pretrained(base_dir)
+    with torch.no_grad():
+        next(iter(nudged.frozen_parameters())).view(-1)[0] += 1e-3
+    assert nudged.content_hash() != ckpt["mcm_base"]["hash"]
     torch.save(ckpt, tmp_path / "cn.ckpt")
     out = export_checkpoint(tmp_path / "cn.ckpt", tmp_path / "export")
     files = {f.name for f in out.iterdir()}
@@ -161,7 +166,11 @@ def test_checkpoint_export_reload_sample(module, kind, tmp_path, tiny_uncond_dir
     assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)  # conditioning scale 0
     assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
     g = pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, **kw)
-    assert g.shape == ctrl.shape and torch.isfinite(g).all()
+    assert torch.isfinite(g).all() and not torch.allclose(g, ctrl, atol=1e-3)
+    if pipe.base.is_text_conditional:
+        # the empty prompt's two branches are the same, so u + 3 (c - u) = u: guidance changes nothing
+        empty = pipe(conditions={"segmentation": seg}, prompt="", guidance_scale=3.0, **kw)
+        assert torch.allclose(empty, pipe(conditions={"segmentation": seg}, prompt="", **kw), atol=1e-5)
 
 
 def test_guidance_runs_the_controlnet_once_per_step_on_both_branches(module):

@@ -4,7 +4,11 @@
 
 Per variant: what changed, the exact command, steps reached (the exported checkpoint's ``global_step``),
 wall time of ``mcm fit`` (``runs/ablation_<name>.seconds``), segmentation mIoU and sketch F1 (each map
-alone) at strength 1 and at the best of the evaluated strengths, and judge-FID at strength 1.
+alone) at strength 1 and at the best of the evaluated strengths, and judge-FID at strength 1.  A row with
+``steps: N`` was trained for N steps (``STEPS=N docs/ablations.sh``), the others for the wall-clock budget.
+
+With ``--out`` naming a file that holds the markers ``<!-- ablation table -->`` and ``<!-- /ablation table -->``,
+only the text between them is replaced (the prose around the table is kept).
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from typing import Any
 
 import yaml
 
-COMMAND = "mcm fit -c experiments/shapes32/multimodal.yaml --trainer.max_time 00:00:10:00 --trainer.max_steps -1"
+COMMAND = "mcm fit -c experiments/shapes32/multimodal.yaml"
+TIME_BUDGET = "--trainer.max_time 00:00:10:00 --trainer.max_steps -1"
+BEGIN, END = "<!-- ablation table -->", "<!-- /ablation table -->"
 
 
 def _by(report: dict, modality: str, key: str) -> dict[float, float]:
@@ -32,7 +38,8 @@ def row(spec: dict[str, Any], root: Path) -> str:
     fid = _by(report, "segmentation", "fid_judge")
     best = lambda d: max(d.items(), key=lambda kv: kv[1]) if d else (None, None)  # noqa: E731
     (s_seg, v_seg), (s_sk, v_sk) = best(seg), best(sk)
-    cmd = f"`{COMMAND} {spec.get('args', '')}`".replace(" `", "`")
+    budget = f"--trainer.max_time 00:01:00:00 --trainer.max_steps {spec['steps']}" if spec.get("steps") else TIME_BUDGET
+    cmd = f"`{COMMAND} {budget} {spec.get('args', '')}`".replace(" `", "`")
     return (f"| {name} | {spec['changed']} | {cmd} | {info.get('global_step')} | {float(secs) / 60:.1f} | "
             f"{seg.get(1.0, float('nan')):.3f} | {v_seg:.3f} (s={s_seg:g}) | {sk.get(1.0, float('nan')):.3f} | "
             f"{v_sk:.3f} (s={s_sk:g}) | {fid.get(1.0, float('nan')):.3f} | {spec['why']} |")
@@ -56,7 +63,12 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(f"| {r['name']} | {r['changed']} | not run yet ({Path(e.filename).name} missing) | | | | | | | | |")
     text = "\n".join(lines) + "\n"
     if a.out:
-        Path(a.out).write_text(text)
+        out = Path(a.out)
+        old = out.read_text() if out.exists() else ""
+        if BEGIN in old and END in old:
+            head, rest = old.split(BEGIN, 1)
+            text = f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}"
+        out.write_text(text)
     print(text)
     return text
 
