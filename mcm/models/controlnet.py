@@ -17,7 +17,6 @@ and ``mcm_base.json`` (base source and hash).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ from torch import nn
 
 import modalities as modality_registry
 
+from mcm.models.wrapped_export import WrappedModelExport
 from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_residual
 
 ADAPTER_FILE = "mcm_controlnet.json"
@@ -43,7 +43,7 @@ def embedding_channels_for(downsample: int) -> tuple[int, ...]:
     return DEFAULT_EMBEDDING_CHANNELS[: k + 1]
 
 
-class ControlNetAdapter(Adapter):
+class ControlNetAdapter(WrappedModelExport, Adapter):
     """A diffusers ``ControlNetModel`` + the modality plugins that make its conditioning image.
 
     Args:
@@ -52,6 +52,11 @@ class ControlNetAdapter(Adapter):
         downsample: the base's model-space downsampling (1 pixel, 8 Stable Diffusion).
         default_strength: the conditioning scale used when sampling with ``strength=None``.
     """
+
+    export_file = ADAPTER_FILE
+    wrapped_attribute = "controlnet"
+    wrapped_class = ControlNetModel
+    export_kind = "ControlNet adapter"
 
     def __init__(self, controlnet: ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 1,
                  default_strength: float = 1.0):
@@ -149,21 +154,11 @@ class ControlNetAdapter(Adapter):
         return base.predict_with_residuals(x_t, t, context, down, scale_residual(mid, strength))  # or per pixel
 
     # ---- export ---------------------------------------------------------------------------------------
-    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
-        out = Path(out)
-        self.controlnet.save_pretrained(out, safe_serialization=safe_serialization)
-        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
-        return out
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ControlNetAdapter":
-        path = Path(path)
-        if not (path / ADAPTER_FILE).is_file():
-            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported ControlNet adapter")
-        cfg = json.loads((path / ADAPTER_FILE).read_text())
-        controlnet = ControlNetModel.from_pretrained(path, use_safetensors=True)
+        controlnet, cfg = cls.read_export(path)
         return cls(controlnet, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0))
 
 
 def is_controlnet_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_FILE).is_file()
+    return ControlNetAdapter.is_export_dir(path)

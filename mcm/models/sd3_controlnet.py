@@ -11,7 +11,6 @@ learns from is the maps themselves.  A strength map scales the residual tokens p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,12 +20,13 @@ from diffusers import SD3ControlNetModel
 
 import modalities as modality_registry
 
+from mcm.models.wrapped_export import WrappedModelExport
 from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
 
 ADAPTER_FILE = "mcm_sd3_controlnet.json"
 
 
-class SD3ControlNetAdapter(Adapter):
+class SD3ControlNetAdapter(WrappedModelExport, Adapter):
     """A diffusers ``SD3ControlNetModel`` + the modality plugins that make its (latent-size) conditioning.
 
     Args:
@@ -35,6 +35,11 @@ class SD3ControlNetAdapter(Adapter):
         downsample: the base's VAE factor (image pixels per latent pixel).
         default_strength: the conditioning scale used when sampling with ``strength=None``.
     """
+
+    export_file = ADAPTER_FILE
+    wrapped_attribute = "controlnet"
+    wrapped_class = SD3ControlNetModel
+    export_kind = "SD3 ControlNet adapter"
 
     def __init__(self, controlnet: SD3ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 8,
                  default_strength: float = 1.0):
@@ -105,21 +110,11 @@ class SD3ControlNetAdapter(Adapter):
         s = F.interpolate(strength.to(tokens), size=grid, mode="bilinear", align_corners=False)  # (B, 1, h/p, w/p)
         return tokens * s.flatten(2).transpose(1, 2)  # (B, N, 1)
 
-    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
-        out = Path(out)
-        self.controlnet.save_pretrained(out, safe_serialization=safe_serialization)
-        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
-        return out
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "SD3ControlNetAdapter":
-        path = Path(path)
-        if not (path / ADAPTER_FILE).is_file():
-            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported SD3 ControlNet adapter")
-        cfg = json.loads((path / ADAPTER_FILE).read_text())
-        controlnet = SD3ControlNetModel.from_pretrained(path, use_safetensors=True)
+        controlnet, cfg = cls.read_export(path)
         return cls(controlnet, cfg["modalities"], cfg.get("downsample", 8), cfg.get("default_strength", 1.0))
 
 
 def is_sd3_controlnet_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_FILE).is_file()
+    return SD3ControlNetAdapter.is_export_dir(path)

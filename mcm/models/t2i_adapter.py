@@ -16,7 +16,6 @@ Exported as a plain diffusers ``T2IAdapter`` directory plus ``mcm_t2i_adapter.js
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +25,7 @@ from diffusers import T2IAdapter, UNet2DConditionModel
 
 import modalities as modality_registry
 
+from mcm.models.wrapped_export import WrappedModelExport
 from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_residual
 
 ADAPTER_FILE = "mcm_t2i_adapter.json"
@@ -38,7 +38,7 @@ def intrablock_factors(down_block_types: list[str]) -> list[int]:
     return [2 ** i if ("CrossAttn" in bt or i == n - 1) else 2 ** (i + 1) for i, bt in enumerate(down_block_types)]
 
 
-class T2IAdapterControl(Adapter):
+class T2IAdapterControl(WrappedModelExport, Adapter):
     """A diffusers ``T2IAdapter`` + the modality plugins that make its conditioning image.
 
     Args:
@@ -49,6 +49,11 @@ class T2IAdapterControl(Adapter):
         level_factors: per feature level, the model-space downsampling the UNet adds it at (``None``:
             as the adapter makes them).
     """
+
+    export_file = ADAPTER_FILE
+    wrapped_attribute = "adapter"
+    wrapped_class = T2IAdapter
+    export_kind = "T2I-Adapter"
 
     def __init__(self, adapter: T2IAdapter, modalities: dict[str, dict[str, Any]], downsample: int = 1,
                  default_strength: float = 1.0, level_factors: list[int] | None = None):
@@ -109,22 +114,12 @@ class T2IAdapterControl(Adapter):
         return base.predict_with_residuals(x_t, t, context, down_intrablock_residuals=features)
 
     # ---- export ---------------------------------------------------------------------------------------
-    def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
-        out = Path(out)
-        self.adapter.save_pretrained(out, safe_serialization=safe_serialization)
-        (out / ADAPTER_FILE).write_text(json.dumps(self.config, indent=2))
-        return out
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "T2IAdapterControl":
-        path = Path(path)
-        if not (path / ADAPTER_FILE).is_file():
-            raise FileNotFoundError(f"'{path}': no {ADAPTER_FILE}; not an exported T2I-Adapter")
-        cfg = json.loads((path / ADAPTER_FILE).read_text())
-        adapter = T2IAdapter.from_pretrained(path, use_safetensors=True)
+        adapter, cfg = cls.read_export(path)
         return cls(adapter, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0),
                    cfg.get("level_factors"))
 
 
 def is_t2i_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_FILE).is_file()
+    return T2IAdapterControl.is_export_dir(path)
