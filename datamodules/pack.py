@@ -12,6 +12,13 @@ top level of each folder is read.
   0 = nearest.  Required for every image when given.
 - ``--sketch``: ``.png`` in any mode, stored greyscale -> ``sketch.png``.  Optional per image.
 - ``--captions``: chosen by extension (see ``load_captions``) -> ``txt``.  Required per image.
+- ``--derive segmentation,depth,sketch``: maps a sample lacks are derived from its image instead (a map
+  found in ``--seg`` / ``--depth`` / ``--sketch`` is kept): ``segmentation`` by the local segmenter
+  ``--segmenter DIR`` with its labels mapped by ``--label-map FILE`` -> ``seg.png`` uint8 ids;
+  ``depth`` by the local depth model ``--depth-model DIR`` (``--depth-kind``) -> 16-bit ``depth.png``,
+  0 = nearest; ``sketch`` by the sketch plugin's Canny detector -> ``sketch.png``.  A model directory is
+  ``save_pretrained`` of a ``transformers`` model and its image processor (``modalities.annotators``
+  says which models and how depth is converted); nothing is downloaded.
 
 Every sample also gets a ``json`` with its source file names and size.  Webdataset splits a
 member name at the first dot, so dots in stems become ``_`` (the original stem is in the json).
@@ -27,11 +34,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .captions import IMAGE_EXTS, load_captions
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,7 @@ class PackReport:
     renamed_keys: dict[str, str] = field(default_factory=dict)  # stem -> sample key, when sanitized
     without_sketch: int = 0  # packed samples with no sketch while --sketch was given
     unused_captions: list[str] = field(default_factory=list)  # caption stems with no image
+    derived: dict[str, int] = field(default_factory=dict)  # map ("seg", "depth", "sketch") -> samples derived
 
     @property
     def skipped(self) -> int:
@@ -279,12 +291,13 @@ class AtomicShardSink:
 # ---- the whole folder -------------------------------------------------------------------------
 
 def _pair(images: dict[str, Path], maps: dict[str, dict[str, Path]], folders: dict[str, Path],
-          captions: dict[str, str] | None, captions_name: str, report: PackReport) -> list[str]:
+          captions: dict[str, str] | None, captions_name: str, report: PackReport,
+          derived: Sequence[str] = ()) -> list[str]:
     """Stems whose required partners all exist; the rest go to ``report.unpaired``."""
     stems = []
     for stem, img in images.items():
         missing = [f"no {w} file with stem {stem!r} in {folders[w].name}/ (expected {' or '.join(MAP_EXTS[w])})"
-                   for w in REQUIRED_MAPS if w in maps and stem not in maps[w]]
+                   for w in REQUIRED_MAPS if w in maps and w not in derived and stem not in maps[w]]
         if captions is not None and stem not in captions:
             missing.append(f"no caption for {stem!r} in {captions_name}")
         if missing:
@@ -300,8 +313,12 @@ def _pair(images: dict[str, Path], maps: dict[str, dict[str, Path]], folders: di
     return stems
 
 
-def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], caption: str | None) -> dict:
-    """The webdataset sample for one stem; raises ``SampleError`` for unreadable files or sizes."""
+def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], caption: str | None,
+                  derivers: Mapping[str, Callable] | None = None) -> dict:
+    """The webdataset sample for one stem; raises ``SampleError`` for unreadable files or sizes.
+
+    ``derivers``: map name -> function of the RGB image ``(3, H, W)`` in [0, 1] giving its PNG bytes,
+    for the maps ``maps`` lacks."""
     ext, data, size = read_image(image)
     sample: dict = {"__key__": key, ext: data}
     meta: dict = {"stem": stem, "files": {"image": image.name}, "width": size[0], "height": size[1]}
@@ -314,15 +331,74 @@ def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], capti
                                                              f"but image {image.name} is {size[0]}x{size[1]}")
         sample[MAP_KEYS[what]] = png
         meta["files"][what] = path.name
+    missing = [w for w in (derivers or {}) if MAP_KEYS[w] not in sample]
+    if missing:
+        import torch  # only deriving needs it
+
+        rgb = np.asarray(_open_checked(image, data).convert("RGB"), dtype=np.float32) / 255.0
+        rgb = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+        for what in missing:
+            sample[MAP_KEYS[what]] = derivers[what](rgb)
+        meta["derived"] = missing
     if caption is not None:
         sample["txt"] = caption
     sample["json"] = json.dumps(meta)
     return sample
 
 
+DERIVABLE = {"segmentation": "seg", "depth": "depth", "sketch": "sketch"}  # --derive name -> map
+
+
+def make_derivers(derive: Sequence[str], segmenter: str | Path | None = None, label_map: str | Path | None = None,
+                  depth_model: str | Path | None = None, depth_kind: str = "auto",
+                  device: str = "cpu") -> dict[str, Callable[[torch.Tensor], bytes]]:
+    """``{"seg" | "depth" | "sketch": image (3, H, W) in [0, 1] -> PNG bytes}`` for ``--derive``.
+
+    Each goes through its modality plugin's ``derive`` (with the local model as ``annotator``), so a
+    derived map is exactly what the plugin would make from the photo at inference."""
+    import modalities
+    from modalities.annotators import load_depth_model, load_segmenter
+
+    unknown = sorted(set(derive) - set(DERIVABLE))
+    if unknown:
+        raise ValueError(f"--derive {unknown}: can derive only {sorted(DERIVABLE)}")
+    for name, model, flag in (("segmentation", segmenter, "--segmenter"), ("depth", depth_model, "--depth-model")):
+        if name in derive and model is None:
+            raise ValueError(f"--derive {name} needs {flag} DIR (a local transformers model directory)")
+        if model is not None and name not in derive:
+            raise ValueError(f"{flag} {str(model)!r} is only used with --derive {name}")
+    if label_map is not None and segmenter is None:
+        raise ValueError(f"--label-map {str(label_map)!r} maps a segmenter's labels; give --segmenter too")
+    out: dict[str, Callable[[torch.Tensor], bytes]] = {}
+    if "segmentation" in derive:
+        annotator = load_segmenter(segmenter, label_map, device=device)
+        if annotator.label_map is not None and annotator.label_map.ignored:
+            raise ValueError(f"--label-map {str(label_map)!r}: \"ignore\" has no meaning in a derived seg.png "
+                             f"(segmenter ids {annotator.label_map.ignored}); map them to 0 or a class")
+        if annotator.num_classes > 256:
+            raise ValueError(f"--segmenter {str(segmenter)!r}: {annotator.num_classes} classes do not fit the uint8 "
+                             "seg.png; give --label-map to fewer classes")
+        plugin = modalities.get("segmentation", num_classes=annotator.num_classes)
+        out["seg"] = lambda img: _png(plugin.derive(img, {}, annotator=annotator).numpy().astype(np.uint8))
+    if "depth" in derive:
+        depth_annotator = load_depth_model(depth_model, depth_kind, device=device)
+        depth_plugin = modalities.get("depth")
+        out["depth"] = lambda img: _png(depth_to_uint16(depth_plugin.derive(img, {}, annotator=depth_annotator)[0]))
+    if "sketch" in derive:
+        sketch_plugin = modalities.get("sketch")
+        out["sketch"] = lambda img: _png((sketch_plugin.derive(img, {})[0].numpy() * 255).round().astype(np.uint8))
+    return out
+
+
+def depth_to_uint16(depth: torch.Tensor) -> np.ndarray:
+    """Depth ``(H, W)`` in [0, 1] -> ``depth.png``'s uint16 ``round(65535 * d)``."""
+    return np.round(depth.double().clamp(0, 1).numpy() * 65535.0).astype(np.uint16)
+
+
 def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, depth: str | Path | None = None,
                 sketch: str | Path | None = None, captions: str | Path | None = None,
-                maxcount: int = 1000) -> PackReport:
+                maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], bytes]] | None = None
+                ) -> PackReport:
     """Pack ``images`` (+ maps paired by stem, + captions) into shards ``out % 0, out % 1, ...``.
 
     Args:
@@ -331,6 +407,7 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
         seg, depth, sketch: optional folders of maps (see the module docstring for formats).
         captions: optional captions file (see ``load_captions``).
         maxcount: samples per shard (default 1000).
+        derivers: ``make_derivers(...)``: maps a sample lacks are derived from its image.
     Returns: a ``PackReport``; problems are also logged at WARNING, each by file name.
     """
     # 1. check arguments and index the folders
@@ -347,14 +424,15 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
     caps = load_captions(Path(captions)) if captions is not None else None
 
     # 2. pair by stem, 3. decode, check and write each sample
-    stems = _pair(image_files, maps, folders, caps, Path(captions).name if captions else "", report)
+    derivers = dict(derivers or {})
+    stems = _pair(image_files, maps, folders, caps, Path(captions).name if captions else "", report, list(derivers))
     used: set[str] = set()
     with AtomicShardSink(out, maxcount) as sink:
         for stem in stems:
             sample_maps = {w: files[stem] for w, files in maps.items() if stem in files}
             try:
                 sample = _build_sample(_sample_key(stem, used), stem, image_files[stem], sample_maps,
-                                       caps[stem] if caps is not None else None)
+                                       caps[stem] if caps is not None else None, derivers)
             except SampleError as e:
                 getattr(report, e.kind).append(e.problem)
                 continue
@@ -363,6 +441,8 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
             sink.write(sample)
             report.packed += 1
             report.without_sketch += "sketch" in maps and "sketch.png" not in sample
+            for what in json.loads(sample["json"]).get("derived", []):
+                report.derived[what] = report.derived.get(what, 0) + 1
     report.shards = sink.shards
     log_report(report)
     return report
@@ -381,6 +461,8 @@ def log_report(report: PackReport) -> None:
                  ", ".join(f"{s!r} -> {k!r}" for s, k in list(report.renamed_keys.items())[:3]))
     if report.without_sketch:
         log.info("%d packed samples have no sketch", report.without_sketch)
+    for what, count in report.derived.items():
+        log.info("%s derived for %d samples", MAP_KEYS[what], count)
     log.log(logging.WARNING if report.skipped else logging.INFO, "%s", report.summary())
 
 
@@ -388,8 +470,10 @@ def log_report(report: PackReport) -> None:
 
 def _cmd_pack(a: argparse.Namespace) -> int:
     try:
+        derive = [x for arg in (a.derive or []) for x in arg.split(",") if x]
+        derivers = make_derivers(derive, a.segmenter, a.label_map, a.depth_model, a.depth_kind, a.device)
         report = pack_folder(a.images, a.out, seg=a.seg, depth=a.depth, sketch=a.sketch, captions=a.captions,
-                             maxcount=a.maxcount)
+                             maxcount=a.maxcount, derivers=derivers)
     except (ValueError, OSError) as e:
         log.error("mcm data pack: %s", e)
         return 2
@@ -407,6 +491,16 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", help="captions: .json {stem: caption}, .jsonl or .tsv/.txt (stem<TAB>caption)")
     p.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--derive", action="append", metavar="MAPS",
+                   help="derive the maps a sample lacks from its image: segmentation,depth,sketch (comma-separated)")
+    p.add_argument("--segmenter", metavar="DIR", help="--derive segmentation: local transformers segmenter "
+                   "(save_pretrained dir: config.json, model.safetensors, preprocessor_config.json)")
+    p.add_argument("--label-map", metavar="FILE", help="JSON/YAML from --segmenter's labels (id2label names or ids) "
+                   "to class ids, e.g. {\"person\": 1, \"car\": 2}; unmapped -> 0 (default: its own ids)")
+    p.add_argument("--depth-model", metavar="DIR", help="--derive depth: local transformers depth model dir")
+    p.add_argument("--depth-kind", choices=("auto", "inverse", "metric"), default="auto",
+                   help="--depth-model output: inverse depth (DPT, Depth Anything) or metric (default auto: by type)")
+    p.add_argument("--device", default="cpu", help="device of the --derive models (default cpu)")
     p.set_defaults(func=_cmd_pack)
 
     from .inspect_shards import add_inspect_command

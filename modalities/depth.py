@@ -1,7 +1,8 @@
 """``depth``: 1 channel float in [0, 1], 0 = nearest (design.md §5).
 
-Shard key ``depth.png``: 16-bit PNG (value / 65535) or 8-bit (value / 255).  No derivation
-from the image: a shard without ``depth.png`` cannot provide this modality.
+Shard key ``depth.png``: 16-bit PNG (value / 65535) or 8-bit (value / 255).  ``derive`` needs a
+local depth model (``annotator=``, ``modalities.annotators.load_depth_model``, which documents how
+its output becomes this convention); without one a shard lacking ``depth.png`` cannot provide it.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Depth(Modality):
 
     name = "depth"
     shard_keys = ("depth.png",)
+    #: ``derive`` works only with a model passed as ``annotator=`` (not from the image alone)
+    needs_annotator = True
 
     def __init__(
         self, feature_channels: int = 16, encoder_hidden: int = 32, noise_std: float = 0.01, max_gamma: float = 1.25
@@ -74,6 +77,14 @@ class Depth(Modality):
         else:
             self._fail("an 8- or 16-bit depth PNG", f"dtype {arr.dtype}")
         return torch.from_numpy(arr.astype(np.float32) / top)[None]  # (1, H, W)
+
+    def derive(self, image: torch.Tensor, sample: Mapping[str, Any], annotator: Any = None) -> torch.Tensor:
+        """Depth ``(1, H, W)`` in [0, 1] (0 = nearest) of a local depth model, validated; none without one."""
+        if annotator is None:
+            return super().derive(image, sample)
+        depth = annotator.depth(image[None])[0].float()
+        self.validate(depth[None])
+        return depth
 
     def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random monotone gamma, then small gaussian noise, clamped to [0, 1]."""

@@ -49,6 +49,8 @@ class Segmentation(Modality):
     name = "segmentation"
     is_label_map = True
     shard_keys = ("seg.png",)
+    #: ``derive`` works only with a model passed as ``annotator=`` (not from the image alone)
+    needs_annotator = True
 
     def __init__(self, num_classes: int = 6, feature_channels: int = 16, encoder_hidden: int = 32):
         super().__init__(feature_channels, encoder_hidden)
@@ -83,6 +85,17 @@ class Segmentation(Modality):
 
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:
         return self._decode_key(sample, "seg.png")
+
+    def derive(self, image: torch.Tensor, sample: Mapping[str, Any], annotator: Any = None) -> torch.Tensor:
+        """Labels ``(H, W)`` int64 of a local segmenter (``modalities.annotators.load_segmenter``), validated.
+
+        Without ``annotator`` there is nothing to derive from: the base class's error.
+        """
+        if annotator is None:
+            return super().derive(image, sample)
+        labels = annotator.segment(image[None])[0].long()
+        self.validate(labels[None])
+        return labels
 
     # ---- checks -------------------------------------------------------------------------
     @property

@@ -51,17 +51,23 @@ def build_pipeline(mcm: Sequence[str], base: str | None, weights: Sequence[float
     return MCMPipeline.from_pretrained(base, modules=list(mcm), weights=weights or None, device=device)
 
 
-def load_judges(a: argparse.Namespace) -> dict[str, Any]:
-    """``{"segmentation", "depth", "features"}`` judges (``None`` when turned off with ``none``)."""
-    from mcm.evaluation.judges import load_judge
+def load_judges(a: argparse.Namespace, num_classes: int | None = None):
+    """The ``Judges`` (a mapping ``{"segmentation", "depth", "features"}``, ``None`` when off): local models from
+    ``--segmenter`` / ``--label-map`` / ``--depth-model``, else ``--seg-judge`` / ``--depth-judge``, else shapes32's.
 
-    def get(spec: str, task: str):
-        return None if spec.lower() == "none" else load_judge(spec, task=task, device=a.device)
+    ``num_classes``: the modules' segmentation classes, checked against the label map or the segmenter."""
+    from mcm.evaluation.judges.local_models import judges_from_args
 
-    seg = get(a.seg_judge, "segmentation")
-    feats = seg if a.feature_judge == a.seg_judge else (None if a.feature_judge.lower() == "none" else
-                                                        load_judge(a.feature_judge, device=a.device))
-    return {"segmentation": seg, "depth": get(a.depth_judge, "depth"), "features": feats}
+    return judges_from_args(a, num_classes)
+
+
+def segmentation_classes(pipe) -> int | None:
+    """``num_classes`` of the first module's segmentation (or partial-mask) plugin; ``None`` if none has one."""
+    for m in pipe.modules:
+        for name in ("segmentation", "partial_mask"):
+            if name in m.plugins and getattr(m.plugins[name], "num_classes", None):
+                return int(m.plugins[name].num_classes)
+    return None
 
 
 # ---- 2. held-out data -----------------------------------------------------------------------------------
@@ -106,7 +112,10 @@ def available_modalities(shards: list[str]) -> list[str]:
         except Exception as e:  # a broken third-party plugin must not stop the evaluation of others
             log.warning("modality plugin '%s' cannot be loaded, skipped: %s", name, e)
             continue
-        if keys & set(cls.shard_keys + cls.derive_keys) or (cls.derive is not Modality.derive and not cls.derive_keys):
+        # from the image alone (sketch); segmentation / depth derive only with a local model (needs_annotator)
+        derivable = (cls.derive is not Modality.derive and not cls.derive_keys
+                     and not getattr(cls, "needs_annotator", False))
+        if keys & set(cls.shard_keys + cls.derive_keys) or derivable:
             out.append(name)
     return out
 
@@ -129,10 +138,16 @@ def load_data(shards: str, specs: dict[str, dict], image_size: int, n: int) -> d
         batches.append(batch)
         if sum(len(b["key"]) for b in batches) >= n:
             break
+    return collate_heldout(batches, list(specs), n)
+
+
+def collate_heldout(batches: Sequence[dict], names: Sequence[str], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of data-module batches as evaluation data (also the alignment callback's):
+    ``image`` ``(N,3,S,S)`` in [0,1] (batches hold [-1,1]), raw maps of ``names``, ``caption``, ``key``."""
     data: dict[str, Any] = {"caption": [c for b in batches for c in b["caption"]][:n],
                             "key": [k for b in batches for k in b["key"]][:n],
                             "image": ((torch.cat([b["image"] for b in batches])[:n] + 1) / 2).clamp(0, 1)}
-    for name in specs:
+    for name in names:
         data[name] = torch.cat([b[name] for b in batches])[:n]
     return data
 
@@ -209,6 +224,7 @@ def score(images: torch.Tensor, data: dict, setting: dict, specs: dict, judges: 
           a: argparse.Namespace) -> dict[str, float | None]:
     """Every metric of ``METRIC_KEYS`` for samples ``(S, N, 3, H, W)``; ``None`` where it does not apply."""
     from mcm.evaluation import metrics as M
+    from modalities.annotators import IGNORE
 
     S, N = images.shape[:2]
     flat = images.reshape(S * N, *images.shape[2:])  # (S*N, 3, H, W), seed-major
@@ -220,10 +236,13 @@ def score(images: torch.Tensor, data: dict, setting: dict, specs: dict, judges: 
         labels = torch.cat([seg_judge.predict(flat[i:i + 256]) for i in range(0, len(flat), 256)])
     K = seg_judge.num_classes if seg_judge is not None else None
     if labels is not None and "segmentation" in mods:
-        r = M.segmentation_alignment(labels, rep(data["segmentation"]), specs["segmentation"].get("num_classes", K))
+        # pixels the judge gives a class its label map ignores (255) are left out of the score
+        target = torch.where(labels == IGNORE, IGNORE, rep(data["segmentation"]).long())
+        r = M.segmentation_alignment(labels, target, specs["segmentation"].get("num_classes", K), ignore_index=IGNORE)
         out["seg_miou"], out["seg_pixel_acc"] = r["miou"], r["pixel_acc"]
     if labels is not None and "partial_mask" in mods:
-        r = M.partial_alignment(labels, rep(data["partial_mask"]), specs["partial_mask"].get("num_classes", K))
+        target = torch.where(labels == IGNORE, IGNORE, rep(data["partial_mask"]).long())  # 255 = unknown as well
+        r = M.partial_alignment(labels, target, specs["partial_mask"].get("num_classes", K))
         out["partial_miou"], out["partial_pixel_acc"] = r["miou"], r["pixel_acc"]
     if "sketch" in mods:
         import modalities
@@ -286,7 +305,7 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = build_pipeline(a.mcm, a.base, a.weights, a.device)
-    judges = load_judges(a)
+    judges = load_judges(a, segmentation_classes(pipe))
     from datamodules.shard_datamodule import expand_shards
 
     available = available_modalities(expand_shards(a.data, "--data"))
@@ -322,6 +341,7 @@ def run_evaluate(a: argparse.Namespace) -> dict:
         "steps": a.steps, "guidance_scale": a.guidance_scale, "prompts": a.prompts,
         "sketch_tolerance": a.sketch_tolerance,
         "judges": {k: (j.name if j is not None else None) for k, j in judges.items()},
+        "judge_label_map": getattr(judges, "label_map", None),
         "settings": results,
         "reference": reference,
     }
@@ -371,10 +391,22 @@ def add_command(sub) -> None:
     p.add_argument("--prompts", choices=("caption", "empty"), default="caption",
                    help="text-conditional bases: condition on the held-out captions or on '' (default caption)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seg-judge", default="shapes32-segmentation",
-                   help="judge name, dir, config or pkg.mod:attr; 'none' = off")
-    p.add_argument("--depth-judge", default="shapes32-depth", help="as --seg-judge, for depth; 'none' = off")
-    p.add_argument("--feature-judge", default="shapes32-segmentation", help="judge whose features() FID/KID use")
+    p.add_argument("--seg-judge", default=None,
+                   help="judge name, dir, config or pkg.mod:attr; 'none' = off (default shapes32-segmentation)")
+    p.add_argument("--depth-judge", default=None,
+                   help="as --seg-judge, for depth; 'none' = off (default shapes32-depth)")
+    p.add_argument("--feature-judge", default=None,
+                   help="judge whose features() FID/KID use (default: the segmentation judge)")
+    p.add_argument("--segmenter", default=None, metavar="DIR",
+                   help="local transformers segmenter (save_pretrained dir: config.json, model.safetensors, "
+                   "preprocessor_config.json) judging segmentation instead of --seg-judge; see docs/judges.md")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help="JSON/YAML: --segmenter's labels -> the module's class ids (unmapped -> 0; 'ignore')")
+    p.add_argument("--depth-model", default=None, metavar="DIR",
+                   help="local transformers depth model (save_pretrained dir) judging depth instead of --depth-judge")
+    p.add_argument("--depth-kind", choices=("auto", "inverse", "metric"), default="auto",
+                   help="how --depth-model's output is read: inverse depth (DPT, Depth Anything) or metric "
+                   "(default auto: from the model type)")
     p.add_argument("--sketch-tolerance", type=int, default=1, help="edge match distance in pixels (default 1)")
     p.add_argument("--inception-weights", default=None,
                    help="local torch-fidelity Inception weights file: adds fid_inception")

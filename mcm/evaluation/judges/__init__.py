@@ -16,6 +16,9 @@ What ``load_judge(spec)`` accepts:
 
 * a built-in name from :func:`list_judges`;
 * a directory (or its ``config.json``) written by ``JudgeUNet.save_pretrained``;
+* a local ``transformers`` segmenter or depth model directory (``save_pretrained`` of the model and its
+  image processor; see ``modalities.annotators``); with a label map use
+  :func:`~mcm.evaluation.judges.local_models.build_judges` (``Judges``, the judges of one evaluation);
 * a directory or JSON file ``{"class_path": "pkg.mod:Class", "init_args": {...},
   "weights": "model.safetensors", "task": "segmentation", "num_classes": 19}``: any
   ``nn.Module``, built from its config, weights loaded from safetensors (strict);
@@ -41,7 +44,8 @@ from .networks import TASKS, JudgeUNet
 JUDGES_DIR = WEIGHTS_DIR / "shapes32" / "judges"
 BUILTIN_JUDGES = {f"shapes32-{task}": JUDGES_DIR / task for task in TASKS}
 
-__all__ = ["Judge", "JudgeUNet", "load_judge", "list_judges", "BUILTIN_JUDGES", "JUDGES_DIR"]
+__all__ = ["Judge", "JudgeUNet", "Judges", "build_judges", "load_judge", "list_judges", "BUILTIN_JUDGES",
+           "JUDGES_DIR"]
 
 
 def list_judges(filter: str = "") -> list[str]:  # noqa: A002 - timm's name for it
@@ -129,6 +133,16 @@ def _import(path: str) -> Any:
 
 def _from_config(config_file: Path, **kwargs) -> Judge:
     cfg = json.loads(config_file.read_text())
+    if "class_path" not in cfg and "model_type" in cfg:  # a transformers save_pretrained directory
+        from .local_models import local_judge
+
+        archs = " ".join(cfg.get("architectures") or [])
+        task = kwargs.get("task") or ("depth" if "DepthEstimation" in archs else
+                                      "segmentation" if "Segmentation" in archs else None)
+        if task is None:
+            raise ValueError(f"judge {config_file.parent}: a transformers model ({archs or cfg['model_type']}) whose "
+                             f"task cannot be told from its architectures; pass task= one of {TASKS}")
+        return local_judge(config_file.parent, task, num_classes=kwargs.get("num_classes"))
     if "class_path" not in cfg:  # a JudgeUNet.save_pretrained directory
         model = JudgeUNet.from_pretrained(config_file.parent, use_safetensors=True)
         c = model.config
@@ -191,3 +205,6 @@ def load_judge(spec: str | Path | Any, task: str | None = None, num_classes: int
 
 def _task_missing(what: Any) -> str:
     raise ValueError(f"judge {what!r}: pass task= one of {TASKS} (the judge does not say which task it judges)")
+
+
+from .local_models import Judges, build_judges  # noqa: E402 - it builds on the names above
