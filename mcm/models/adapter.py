@@ -48,6 +48,10 @@ class Adapter(nn.Module):
     plugins: Mapping[str, Any]
     modality_names: list[str]
     default_strength: float = 1.0
+    #: True if ``controlled_prediction`` needs of the base only ``base_prediction()`` (it modulates ``p``), so
+    #: training can read ``p`` from cached predictions (``mcm data encode --predictions K``) and never run the
+    #: base; False for adapters that inject residuals into the base's forward (ControlNet, T2I-Adapter)
+    uses_base_prediction_only: bool = False
 
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
                           size: tuple[int, int], batch_size: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    uses_base_prediction_only = True  # it only modulates p: it trains from cached base predictions
 
     @register_to_config
     def __init__(self, latent_channels: int = 4, modalities: dict[str, dict[str, Any]] | None = None,
