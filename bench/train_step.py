@@ -10,6 +10,11 @@ For each bench model (``shapes32``, ``sd15``; see ``bench/common.py``):
 - D: one full fine-tuning step of the base UNet, AdamW (mixed precision when ``--base-dtype``
   is not fp32).
 
+B is measured twice more against each other, as the full step a data pipeline gives: *from raw
+images* (the batch has only images and captions: the VAE encoder and the text encoder run in the
+step) and *from cached latents* (``batch["latent"]`` / ``batch["text_emb"]`` as ``mcm data encode``
+shards give them: neither runs); both in units of A.
+
 A, B, C run interleaved (A B C A B C ...) in this process and report medians.  D needs the
 base's weights, gradients and AdamW state (4x the UNet: 14 GB for SD) and does not fit next to
 the ControlNet in RAM here, so a fresh child process times it interleaved with its own base
@@ -85,6 +90,11 @@ def measure_in_process(name: str, args) -> dict:
     encodes = {"vae_encode": lambda: m.base.encode_images(batch["image"]),  # data-side, same for every method
                "text_encode": lambda: m.base.encode_text(batch["caption"])}
     times.update(C.interleaved(encodes, 2, 1, args.device))
+    # the MCM step from raw images (VAE + text encoder inside) against the step from cached latents
+    raw_batch = {k: v for k, v in batch.items() if k not in ("latent", "text_emb")}
+    steps = {"mcm_step_from_raw": lambda: C.mcm_step(module, mcm_opt, raw_batch),
+             "mcm_step_from_cached": lambda: C.mcm_step(module, mcm_opt, batch)}
+    times.update(C.interleaved(steps, max(2, reps // 2), 1 if warmup else 0, args.device))
     unet_params = sum(p.numel() for p in m.base.unet.parameters())
     params = {"mcm": C.numel(module.mcm), "controlnet": C.numel(cn), "base_unet": unet_params,
               "base_all": m.base.num_parameters()}
@@ -149,6 +159,8 @@ def summarize(main: dict, kid: dict, batch: int) -> dict:
         # D was timed in the child against the child's own base forwards
         "finetune_step_over_base_forward": t["finetune_step"] / t["base_forward_child"],
         "data_encode_over_base_forward": (t["vae_encode"] + t["text_encode"]) / t["base_forward"],
+        "mcm_step_from_raw_over_base_forward": t["mcm_step_from_raw"] / t["base_forward"],
+        "mcm_step_from_cached_over_base_forward": t["mcm_step_from_cached"] / t["base_forward"],
         "mcm_peak_mem_over_base_inference": mem["mcm_step"] / mem["base_inference"],
         "controlnet_peak_mem_over_base_inference": mem["controlnet_step"] / mem["base_inference"],
         "finetune_peak_mem_over_base_inference": mem["finetune_step"] / mem["base_inference"],
@@ -170,11 +182,14 @@ def fmt(v) -> str:
 def print_table(results: dict) -> None:
     names = list(results)
     rows = ["mcm_step_over_base_forward", "controlnet_step_over_mcm_step", "controlnet_step_over_base_forward",
-            "finetune_step_over_base_forward", "data_encode_over_base_forward", "mcm_peak_mem_over_base_inference",
+            "finetune_step_over_base_forward", "data_encode_over_base_forward",
+            "mcm_step_from_raw_over_base_forward", "mcm_step_from_cached_over_base_forward",
+            "mcm_peak_mem_over_base_inference",
             "controlnet_peak_mem_over_base_inference", "finetune_peak_mem_over_base_inference",
             "mcm_params_over_base", "allreduce_bytes_mcm", "allreduce_bytes_controlnet", "samples_per_s_mcm"]
     print(f"{'':42s}" + "".join(f"{n:>21s}" for n in names))
-    for k in ("base_forward", "mcm_step", "controlnet_step", "finetune_step", "vae_encode", "text_encode"):
+    for k in ("base_forward", "mcm_step", "controlnet_step", "finetune_step", "vae_encode", "text_encode",
+              "mcm_step_from_raw", "mcm_step_from_cached"):
         print(f"{'time ' + k + ' [s]':42s}" + "".join(f"{results[n]['time_s'][k]:21.4f}" for n in names))
     for k in ("base_inference", "mcm_step", "controlnet_step", "finetune_step"):
         print(f"{'peak mem ' + k + ' [MiB]':42s}" + "".join(

@@ -2,6 +2,11 @@
 
 Batches are ``{"image": (B,3,H,W) in [-1,1], "<modality>": raw map, "caption": list[str],
 "key": list[str], "skipped": int tensor}`` (see ``modalities.base`` for raw map formats).
+
+Cached shards (``mcm data encode``) read with the same config add ``"latent"`` ``(B, C, h, w)``,
+``"text_emb"`` (a tensor, or the SDXL / SD3 dict) and the prediction arrays ``(B, K, ...)``; the
+training step then skips the VAE and text encoder (or the base).  ``cached_base`` is the base they
+were encoded for (``base.json``), which the LightningModule checks against its own.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from webdataset.shardlists import expand_urls
 
 import modalities as modality_registry
 
+from .cached_fields import read_base_json
 from .shard_stream import FixedLengthLoader, ShardStream, reader_share
 
 log = logging.getLogger(__name__)
@@ -87,7 +93,11 @@ class ShardDataModule(L.LightningDataModule):
             paper); the rest of the shards are ignored. ``None`` uses everything.
         shuffle_buffer: webdataset shuffle buffer (samples).
         hflip: probability of a horizontal flip (training).
-        crop_scale: area range of the random resized crop (training); ``[1, 1]`` disables cropping.
+        crop_scale: area range of the random resized crop (training); ``[1, 1]`` disables cropping (resize the
+            shorter side, centre crop, as evaluation does).  Cached shards: a latent cannot be cropped, so
+            cropping is off for them (one warning says so); ``hflip`` picks the cached ``latent_flip``.  With
+            cached predictions (``--predictions K``) neither crop nor flip applies: they were drawn for the
+            unflipped, uncropped image.
         seed: seeds shard order, shuffling and augmentation together with (epoch, rank, worker).
         max_bad_fraction: stop with an error when more than this share of samples is bad.
     """
@@ -103,6 +113,8 @@ class ShardDataModule(L.LightningDataModule):
         self.modality_spec = dict(modalities or {})
         self.plugins = modality_registry.build_all(self.modality_spec)
         self.loaders: dict[str, FixedLengthLoader] = {}
+        self._cached: dict[str, dict | None] = {}  # shard list -> its base.json record
+        self._warned_cached = False
 
     # ---- helpers -------------------------------------------------------------------------
     def _dist(self) -> tuple[int, int]:
@@ -135,6 +147,7 @@ class ShardDataModule(L.LightningDataModule):
     def _make_train(self, spec: str | None, n_samples: int | None, what: str) -> FixedLengthLoader:
         h = self.hparams
         urls = expand_shards(spec, what)
+        self._check_cached(urls, what, train=True)
         if h.limit_train_samples:
             urls, n_samples = self._limited(urls, h.limit_train_samples)
         n = n_samples if n_samples is not None else count_samples(urls, what)
@@ -155,6 +168,7 @@ class ShardDataModule(L.LightningDataModule):
         """One pass over every sample of the shards, split across ranks and workers (each sample read once)."""
         h = self.hparams
         urls = expand_shards(spec, what)
+        self._check_cached(urls, what, train=False)
         rank, world = self._dist()
         num_batches = None
         if not any(u.startswith(_REMOTE) for u in urls):
@@ -182,6 +196,65 @@ class ShardDataModule(L.LightningDataModule):
         if total > limit:
             log.info("limit_train_samples=%d: using %d shards holding %d samples", limit, len(kept), total)
         return kept, min(total, limit)
+
+    # ---- cached shards (mcm data encode) ----------------------------------------------------
+    def _cached_record(self, urls: list[str], what: str) -> dict | None:
+        """The ``base.json`` of the shards' folders (``None``: raw shards), the same for every folder."""
+        key = "\n".join(urls)
+        if key not in self._cached:
+            dirs = sorted({os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls
+                           if not u.startswith(_REMOTE)})
+            records = {d: read_base_json(d) for d in dirs}
+            found = {d: r for d, r in records.items() if r is not None}
+            if found and len(found) < len(records):
+                raw = sorted(d for d, r in records.items() if r is None)
+                raise ValueError(f"{what}: {sorted(found)} hold cached shards (base.json) but {raw} do not; expected "
+                                 f"all raw or all encoded (mcm data encode --base ... --out DIR)")
+            hashes = {r["hash"] for r in found.values()}
+            if len(hashes) > 1:
+                bases = "; ".join(f"{d}: '{r.get('source')}' ({r['hash'][:12]}...)" for d, r in found.items())
+                raise ValueError(f"{what}: the shard folders were encoded for different bases: {bases}")
+            d, rec = next(iter(found.items()), (None, None))
+            self._cached[key] = None if rec is None else {**rec, "shard_dir": d}
+        return self._cached[key]
+
+    def _check_cached(self, urls: list[str], what: str, train: bool) -> None:
+        rec = self._cached_record(urls, what)
+        if rec is None:
+            return
+        h = self.hparams
+        if rec.get("image_size") is not None and int(rec["image_size"]) != h.image_size:
+            raise ValueError(f"{what}: the shards in {rec['shard_dir']} were encoded at {rec['image_size']} px "
+                             f"(base.json) but data.image_size is {h.image_size}; set data.image_size: "
+                             f"{rec['image_size']} or re-encode with mcm data encode --image-size {h.image_size}")
+        if not train or self._warned_cached:
+            return
+        self._warned_cached = True
+        off, silence = [], []
+        if tuple(h.crop_scale) != (1.0, 1.0):
+            off.append(f"random crop (crop_scale={list(h.crop_scale)}: a latent cannot be cropped)")
+            silence.append("data.crop_scale: [1, 1]")
+        if h.hflip > 0 and (rec.get("predictions") or not rec.get("flip", True)):
+            why = "the cached predictions were drawn for the unflipped image" if rec.get("predictions") else \
+                "encoded with --no-flip, no latent_flip.npy"
+            off.append(f"horizontal flip ({why})")
+            silence.append("data.hflip: 0")
+        if off:
+            log.warning("%s: cached shards in %s: %s disabled; set %s to silence this", what, rec["shard_dir"],
+                        " and ".join(off), " and ".join(silence))
+
+    @property
+    def cached_base(self) -> dict | None:
+        """The base the shards were encoded for (``base.json``: ``source``, ``hash``, ``family``, ``image_size``,
+        ... plus ``shard_dir``), or ``None`` for raw shards.  From the training shards (else val / test)."""
+        h = self.hparams
+        for spec, what in ((h.train_shards, "train_shards"), (h.val_shards, "val_shards"),
+                           (h.test_shards, "test_shards")):
+            if spec:
+                rec = self._cached_record(expand_shards(spec, what), what)
+                if rec is not None:
+                    return rec
+        return None
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def train_dataloader(self) -> FixedLengthLoader:

@@ -18,6 +18,11 @@ batches.  The epoch cut is done by :class:`FixedLengthLoader` in the main proces
   :class:`~datamodules.sample_decoding.ShardDecodeError` (shard, key, field, what was expected;
   the original as ``__cause__``), logged, counted and skipped.  Any other exception is a bug in
   the code (ours or a plugin's) and stops the run with its traceback.
+* Cached shards (``mcm data encode``, :mod:`datamodules.cached_fields`): a sample's ``latent.npy`` /
+  text-embedding / prediction members land in the batch as ``latent``, ``text_emb`` and the prediction
+  names.  A latent cannot be cropped, so such a sample gets the evaluation presentation (resize + centre
+  crop, the one that was encoded); a flip picks ``latent_flip`` (no flip when the shard has none), and
+  with predictions (drawn for the unflipped image) there is no flip either.
 """
 from __future__ import annotations
 
@@ -35,10 +40,11 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 
 from modalities import Modality
 
+from .cached_fields import CACHED_KEYS, PREDICTION_KEYS, TEXT_KEY, decode_cached, has_predictions, member
 from .sample_decoding import (
     CAPTION_KEYS, CLASS_KEY, DATA_ERRORS, IMAGE_EXPECTED, IMAGE_KEYS, BadSampleError, ShardDecodeError,
-    SkipCounter, decode_caption, decode_class_label, decode_image, decode_modality, image_field, joint_transform,
-    modality_field, unwrap, wrap_for_transform,
+    SkipCounter, decode_caption, decode_class_label, decode_image, decode_modality, hflip_all, image_field,
+    joint_transform, modality_field, unwrap, wrap_for_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -88,7 +94,7 @@ class ShardStream(IterableDataset):
         self.hflip, self.crop_scale = hflip, tuple(crop_scale)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        wanted = set(IMAGE_KEYS) | set(CAPTION_KEYS) | {"json", CLASS_KEY}
+        wanted = set(IMAGE_KEYS) | set(CAPTION_KEYS) | {"json", CLASS_KEY} | {member(k) for k in CACHED_KEYS}
         for p in plugins.values():
             wanted |= set(p.shard_keys) | set(p.derive_keys)
         self.wanted_suffixes = tuple(sorted(wanted))
@@ -106,8 +112,11 @@ class ShardStream(IterableDataset):
             order = list(shards)
             if self.train:
                 # seeded by the shard list, not by (rank, worker): readers that share shards and split
-                # them by sample index (assign_shards' fallback) must see them in the same order
-                random.Random(_seed(self.seed, self.epoch, pass_no, *shards)).shuffle(order)
+                # them by sample index (assign_shards' fallback) must see them in the same order; by the
+                # shards' names, not their folders, so raw shards and their encoded copies (mcm data encode)
+                # are read in the same order
+                names = [u.rstrip("/").rsplit("/", 1)[-1] for u in shards]
+                random.Random(_seed(self.seed, self.epoch, pass_no, *names)).shuffle(order)
             for url in order:
                 yield {"url": url}
             if not self.train:  # eval: every sample once
@@ -133,19 +142,21 @@ class ShardStream(IterableDataset):
             yield {}  # end of shard: samples of different shards never merge
 
     def _decode_fields(self, sample: dict[str, Any], key: str, url: str
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int | None]:
-        """The image, each modality's raw map and the class label (if any); a data error becomes a
-        :class:`ShardDecodeError`."""
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int | None, dict[str, Any]]:
+        """The image, each modality's raw map, the class label (if any) and the cached members (``{}`` for
+        a raw sample); a data error becomes a :class:`ShardDecodeError`."""
         field, expected = image_field(sample), IMAGE_EXPECTED
         try:
             image = decode_image(sample)
             field, expected = "'cls' / json 'class_label'", "an integer class label"
             label = decode_class_label(sample)
+            field, expected = "cached .npy members", "plain .npy arrays written by mcm data encode"
+            cached = decode_cached(sample)
             raws = {}
             for n, p in self.plugins.items():
                 field, expected = modality_field(p, sample), p.shard_format()
                 raws[n] = decode_modality(p, sample, image)
-            return image, raws, label
+            return image, raws, label, cached
         except DATA_ERRORS as e:
             raise ShardDecodeError.of(url, key, field, expected, str(e)) from e
         except Exception as e:  # a bug (ours or a plugin's), never bad data: it stops the run, traceback kept
@@ -156,24 +167,36 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-        image, raws, label = self._decode_fields(sample, key, url)
-        tf = joint_transform(self.image_size, self.train, self.hflip, self.crop_scale)
+        image, raws, label, cached = self._decode_fields(sample, key, url)
+        # a cached latent cannot be cropped; predictions were drawn for the unflipped image
+        preds = has_predictions(cached)
+        can_crop = self.train and self.crop_scale != (1.0, 1.0) and "latent" not in cached and not preds
+        can_flip = self.train and not preds and ("latent" not in cached or "latent_flip" in cached)
+        tf = joint_transform(self.image_size, self.crop_scale if can_crop else None)
         wrapped = [wrap_for_transform(self.plugins[n], r) for n, r in raws.items()]
         if self.train:
-            # crop and flip from torch's global RNG (torchvision), seeded per sample and isolated, so
-            # what a sample becomes depends on (seed, epoch, key) only: not on the process, worker or
-            # position, and the training RNG of the main process (num_workers=0) is left untouched
+            # the crop from torch's global RNG (torchvision), seeded per sample and isolated, so what a
+            # sample becomes depends on (seed, epoch, key) only: not on the process, worker or position,
+            # and the training RNG of the main process (num_workers=0) is left untouched
             sample_seed = _seed(self.seed, self.epoch, key)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)
                 out = tf(tv_tensors.Image(image), *wrapped)
+            # the flip from its own draw, the same whether or not the sample is cropped (raw or cached shard)
+            flip_draw = torch.rand(1, generator=torch.Generator().manual_seed(_seed(sample_seed, "flip"))).item()
+            flip = can_flip and flip_draw < self.hflip
+            if flip:
+                out = hflip_all(out)
             gen = torch.Generator().manual_seed(_seed(sample_seed, "aug"))
         else:
-            out = tf(tv_tensors.Image(image), *wrapped)
+            out, flip = tf(tv_tensors.Image(image), *wrapped), False
         image_t = out[0].as_subclass(torch.Tensor) if wrapped else out.as_subclass(torch.Tensor)
         item = {"image": image_t.float() / 127.5 - 1.0, "caption": decode_caption(sample), "key": key}
         if label is not None:
             item["class_label"] = label
+        if "latent" in cached:
+            item["latent"] = cached["latent_flip"] if flip else cached["latent"]  # (C, h, w)
+        item.update({k: v for k, v in cached.items() if k == TEXT_KEY or k in PREDICTION_KEYS})
         for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
             raw = unwrap(p, t)
             raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
@@ -228,6 +251,13 @@ def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
         unlabelled = [it["key"] for it in items if "class_label" not in it][:5]
         raise ValueError(f"class labels: {labelled} of {len(items)} samples of a batch have one ('cls' or json "
                          f"'class_label') and {unlabelled} do not; expected every sample or none to carry one")
+    for k in ("latent", TEXT_KEY, *PREDICTION_KEYS):  # a mix of raw and cached shards (or of encodings)
+        n = sum(k in it for it in items)
+        if 0 < n < len(items):
+            without = [it["key"] for it in items if k not in it][:5]
+            raise ValueError(f"cached shards: {n} of {len(items)} samples of a batch have '{member(k)}' and "
+                             f"{without} do not; expected shards all encoded the same way (mcm data encode) or "
+                             f"all raw")
     out = default_collate(items)
     out["skipped"] = torch.tensor(skipped)
     return out

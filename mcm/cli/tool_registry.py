@@ -5,8 +5,8 @@ import argparse
 import importlib
 
 #: modules with an ``add_command(subparsers)``; ``datamodules.*`` ones attach under ``mcm data``
-COMMAND_MODULES = ("datamodules.pack", "mcm.training.export", "mcm.cli.demo", "mcm.evaluation.evaluate",
-                   "mcm.cli.sample_command", "mcm.cli.app")
+COMMAND_MODULES = ("datamodules.pack", "datamodules.encode", "mcm.training.export", "mcm.cli.demo",
+                   "mcm.evaluation.evaluate", "mcm.cli.sample_command", "mcm.cli.app")
 
 
 def add_commands(sub: argparse._SubParsersAction, data: argparse._SubParsersAction) -> None:

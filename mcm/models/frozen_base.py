@@ -199,11 +199,18 @@ class FrozenBase(nn.Module):
     # ---- the three things adapters need -----------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``(B,3,H,W)`` in [-1, 1] -> model space (identity for pixel bases)."""
+        """Images ``(B,3,H,W)`` in [-1, 1] -> model space (identity for pixel bases).
+
+        The VAE posterior's mean (deterministic, draws nothing from torch's RNG), so latents cached by
+        ``mcm data encode`` are exactly what training from raw images computes; with ``generator`` a sample
+        drawn from the posterior with it (what diffusers' train scripts use).
+        """
         if self.vae is None:
             return images
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return ((dist.sample(generator) - self.latent_shift) * self.vae.config.scaling_factor).float()
+        z = dist.sample(generator) if generator is not None else dist.mean
+        # contiguous: the mean is a view of the encoder's output, and randn_like(x0) follows x0's strides
+        return ((z - self.latent_shift) * self.vae.config.scaling_factor).float().contiguous()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:

@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 
 from mcm.diffusion.forward_process import forward_process_for
 from mcm.models.adapter import Adapter
-from mcm.models.frozen_base import FrozenBase, check_base
+from mcm.models.frozen_base import BaseMismatchError, FrozenBase, check_base
 from mcm.pipelines.grids import comparison_grid, comparison_labels
 from mcm.training.batch_checks import check_training_batch
 from mcm.training.image_logging import log_image_grid
@@ -316,12 +316,25 @@ class AdapterModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        self.check_cached_base(getattr(self._trainer, "datamodule", None))
         counts = {f"params/{k}": float(v) for k, v in self.param_counts.items()}
         for lg in self.loggers:
             lg.log_hyperparams({"params": self.param_counts, "base_source": self.base.source})
             lg.log_metrics(counts, step=0)
         if self.ema is not None:
             self.ema.to(self.device)
+
+    def check_cached_base(self, datamodule) -> None:
+        """Refuse cached shards (``mcm data encode``) made for another base: their latents / embeddings are not
+        this base's.  ``force_base`` trains on them anyway."""
+        cached = getattr(datamodule, "cached_base", None)
+        if not cached or self.hparams.get("force_base", False) or cached["hash"] == self.base.content_hash():
+            return
+        raise BaseMismatchError(
+            f"the cached shards in {cached.get('shard_dir')} were encoded for base '{cached.get('source')}' (sha256 "
+            f"{cached['hash'][:12]}...) but the model's base is '{self.base.source}' (sha256 "
+            f"{self.base.content_hash()[:12]}...); re-encode them with mcm data encode --base {self.base.source} "
+            f"SHARDS --out DIR, train on the raw shards, or pass model.init_args.force_base=true")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -1,0 +1,137 @@
+"""The members ``mcm data encode`` adds to a shard, and turning them back into batch entries.
+
+Member names (design.md §6), each one ``np.save``'d array per sample (never pickled):
+
+- ``latent.npy`` ``(C, h, w)``: model-space ``x0`` of the image as the DataModule presents it without
+  random augmentation (resize + centre crop); ``latent_flip.npy``: the same of the mirrored image.
+- text embeddings, what ``base.encode_context(caption)`` gives per image: SD 1.x/2.x ``text_emb.npy``
+  ``(L, D)``; for the dict contexts each entry its own member, named after its key except
+  ``prompt_embeds``, which is ``text_emb.npy`` in every family:
+
+  ======== ============================================ ===================================
+  family   members                                      ``batch["text_emb"]``
+  ======== ============================================ ===================================
+  sd       ``text_emb.npy``                             tensor ``(B, L, D)``
+  sdxl     ``text_emb.npy text_embeds.npy time_ids.npy`` ``{"prompt_embeds", "text_embeds", "time_ids"}``
+  sd3      ``text_emb.npy pooled.npy``                  ``{"prompt_embeds", "pooled"}``
+  dit      none (the ``cls`` member is the context)
+  ======== ============================================ ===================================
+
+- with ``--predictions K`` (``datamodules.prediction_cache``): ``pred_t.npy`` and ``noise_seed.npy``
+  (int64), ``xt.npy``, ``target.npy``, ``pred.npy``, ``pred_uncond.npy``, each ``(K, ...)``.
+
+Stored fp16 where the round trip is negligible (latents and embeddings: relative error <= 2^-11,
+measured in ``tests/test_encode.py``), fp32 otherwise (``time_ids``: pixel sizes, which fp16 holds
+exactly only up to 2048; any array fp16 would overflow).  Read back as float32 (int64 for
+``pred_t`` / ``noise_seed``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .sample_decoding import BadSampleError
+
+log = logging.getLogger(__name__)
+
+LATENT_KEYS = ("latent", "latent_flip")
+TEXT_KEY = "text_emb"  # the tensor context, or the dict context's "prompt_embeds"
+#: dict-context entries other than prompt_embeds, each stored under its own key
+CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled")
+PREDICTION_KEYS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
+INT_KEYS = ("pred_t", "noise_seed")
+CACHED_KEYS = LATENT_KEYS + (TEXT_KEY,) + CONTEXT_EXTRA_KEYS + PREDICTION_KEYS
+#: stored fp32: fp16 is exact for integers only up to 2048 (SDXL's time_ids are pixel sizes)
+FP32_KEYS = ("time_ids",)
+BASE_JSON = "base.json"
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def member(key: str) -> str:
+    """The shard member suffix of a cached key (``latent`` -> ``latent.npy``)."""
+    return f"{key}.npy"
+
+
+def array_bytes(key: str, x: torch.Tensor | np.ndarray) -> bytes:
+    """One sample's array as ``.npy`` bytes: fp16 unless ``key`` needs fp32 or the values do not fit."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype.kind == "f":
+        fits = key not in FP32_KEYS and (arr.size == 0 or float(np.abs(arr).max()) < FP16_MAX)
+        arr = arr.astype(np.float16 if fits else np.float32)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def context_members(context: Any) -> dict[str, Any]:
+    """``encode_context``'s output (batched) -> ``{cached key: batched tensor}`` (empty for ``None`` / labels)."""
+    if context is None:
+        return {}
+    if isinstance(context, Mapping):
+        unknown = sorted(set(context) - {"prompt_embeds", *CONTEXT_EXTRA_KEYS})
+        if unknown:  # a new family: give its entries names here and in the reader
+            raise ValueError(f"context entries {unknown}: no cached member name for them; known: "
+                             f"prompt_embeds, {', '.join(CONTEXT_EXTRA_KEYS)}")
+        return {(TEXT_KEY if k == "prompt_embeds" else k): v for k, v in context.items()}
+    if context.is_floating_point():
+        return {TEXT_KEY: context}
+    return {}  # class labels (DiT): the sample's own ``cls`` member is the context
+
+
+def _load(sample: Mapping[str, Any], key: str) -> torch.Tensor:
+    name = member(key)
+    try:
+        arr = np.load(io.BytesIO(sample[name]), allow_pickle=False)
+    except Exception as e:  # ValueError (object arrays, bad header), OSError / EOFError (junk)
+        raise BadSampleError(f"'{name}' is not a plain .npy array ({type(e).__name__}: {e})") from None
+    want_int = key in INT_KEYS
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in ("iu" if want_int else "f"):
+        raise BadSampleError(f"'{name}' holds {getattr(arr, 'dtype', type(arr))}; expected "
+                             f"{'an integer' if want_int else 'a float'} array (from mcm data encode)")
+    if not want_int and not np.isfinite(arr).all():
+        raise BadSampleError(f"'{name}' has {int((~np.isfinite(arr)).sum())} NaN/Inf values; expected finite")
+    return torch.from_numpy(arr.astype(np.int64 if want_int else np.float32))
+
+
+def decode_cached(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The cached members of a sample as tensors: ``latent``, ``latent_flip``, ``text_emb`` (a tensor, or the
+    dict ``encode_context`` gives for SDXL / SD3) and the prediction arrays; ``{}`` for a raw sample."""
+    out: dict[str, Any] = {}
+    for key in LATENT_KEYS + PREDICTION_KEYS:
+        if member(key) in sample:
+            out[key] = _load(sample, key)
+    extra = {k: _load(sample, k) for k in CONTEXT_EXTRA_KEYS if member(k) in sample}
+    if member(TEXT_KEY) in sample:
+        emb = _load(sample, TEXT_KEY)
+        out[TEXT_KEY] = {"prompt_embeds": emb, **extra} if extra else emb
+    elif extra:
+        raise BadSampleError(f"cached {sorted(member(k) for k in extra)} without '{member(TEXT_KEY)}'; expected "
+                             f"all text-embedding members of the sample (re-encode the shard)")
+    if "latent_flip" in out and "latent" in out and out["latent_flip"].shape != out["latent"].shape:
+        raise BadSampleError(f"'latent_flip.npy' is {tuple(out['latent_flip'].shape)} but 'latent.npy' is "
+                             f"{tuple(out['latent'].shape)}; expected the same shape")
+    return out
+
+
+def has_predictions(cached: Mapping[str, Any]) -> bool:
+    return any(k in cached for k in PREDICTION_KEYS)
+
+
+def read_base_json(shard_dir: str | Path) -> dict | None:
+    """``shard_dir/base.json`` (written by ``mcm data encode``) or ``None`` for raw shards."""
+    path = Path(shard_dir) / BASE_JSON
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected the record mcm data encode writes") from None
+    if not isinstance(info, dict) or not info.get("hash"):
+        raise ValueError(f"{path}: expected a JSON object with the base's 'source' and 'hash' (mcm data encode)")
+    return info
