@@ -1,7 +1,8 @@
 """Turning one webdataset sample (bytes per key) into tensors, and counting the ones that fail.
 
-Decoding uses PIL and plain text only; no key is ever unpickled (``.pyd``, ``.pth``,
-``.pickle`` members are ignored because nothing asks for them).
+Decoding uses PIL, plain text and, for the members of cached shards, ``np.load(allow_pickle=False)``
+(:mod:`datamodules.cached_fields`); no key is ever unpickled (``.pyd``, ``.pth``, ``.pickle``
+members are ignored because nothing asks for them).
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def decode_modality(plugin: Modality, sample: Mapping[str, Any], image: torch.Te
             raise BadSampleError(
                 f"modality '{plugin.name}' needs one of the keys {list(plugin.shard_keys + plugin.derive_keys)}; "
                 f"keys present: {sorted(k for k in sample if not k.startswith('__'))}")
-        raw = plugin.derive(image.float() / 255.0, sample)
+        raw = plugin.derive_for_data(image.float() / 255.0, sample)
     h, w = image.shape[-2:]
     if tuple(raw.shape[-2:]) != (h, w):
         raise BadSampleError(f"modality '{plugin.name}' map is {tuple(raw.shape[-2:])} but the image is {(h, w)}")
@@ -180,23 +181,34 @@ class _AlignedResize(v2.Resize):
         return super().transform(inpt, params)
 
 
-def joint_transform(image_size: int, train: bool, hflip: float, crop_scale: tuple[float, float]) -> v2.Transform:
-    """One geometric transform for the image and every spatial map (label maps resample nearest)."""
-    if train:
-        return v2.Compose([
-            _AlignedResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(hflip),
-        ])
+def joint_transform(image_size: int, crop_scale: tuple[float, float] | None) -> v2.Transform:
+    """One geometric transform for the image and every spatial map (label maps resample nearest).
+
+    ``crop_scale``: a random resized crop of that area range (training); ``None`` (evaluation, training with
+    ``crop_scale=[1, 1]``, cached latents): resize the shorter side to ``image_size`` and take the centre, the
+    presentation ``mcm data encode`` encodes.  The horizontal flip is separate (:func:`hflip_all`), decided
+    by its own draw so the raw and the cached path flip the same samples.
+    """
+    if crop_scale is not None:
+        return _AlignedResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True)
     return v2.Compose([_AlignedResize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
 
+def hflip_all(images_and_maps: Any) -> Any:
+    """Mirror the image and every map together (a tuple, as a joint transform returns them, or one tensor)."""
+    if isinstance(images_and_maps, tuple):
+        return tuple(TF.horizontal_flip(t) for t in images_and_maps)
+    return TF.horizontal_flip(images_and_maps)
+
+
 def wrap_for_transform(plugin: Modality, raw: torch.Tensor) -> tv_tensors.TVTensor:
-    # Mask -> nearest resampling; continuous maps ride as Image -> bilinear
-    if plugin.is_label_map:
+    # Mask -> nearest resampling; continuous maps (and soft class probabilities) ride as Image -> bilinear
+    if plugin.is_label_map and not raw.is_floating_point():
         return tv_tensors.Mask(raw[None])
     return tv_tensors.Image(raw)
 
 
 def unwrap(plugin: Modality, t: torch.Tensor) -> torch.Tensor:
+    hard = plugin.is_label_map and isinstance(t, tv_tensors.Mask)
     t = t.as_subclass(torch.Tensor)
-    return t[0].long() if plugin.is_label_map else t.float()
+    return t[0].long() if hard else t.float()

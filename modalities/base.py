@@ -8,8 +8,9 @@ registered through the ``mcm.modalities`` entry-point group.
 Formats used throughout (B = batch):
 
 * raw map — what a batch carries under the modality's name and what users pass to the
-  pipeline: label maps are ``(B, H, W)`` int64, continuous maps ``(B, C, H, W)`` float32;
-  a single sample drops the leading ``B``.
+  pipeline: label maps are ``(B, H, W)`` int64 (segmentation-like ones also take soft class
+  probabilities ``(B, K, H, W)`` float, see ``accepts_probabilities``), continuous maps
+  ``(B, C, H, W)`` float32; a single sample drops the leading ``B``.
 * channels — ``to_channels(raw)``: ``(B, channels, H, W)`` float32, the encoder's input.
   An absent modality is all zeros in this format (plus presence 0 in the MCM input).
 """
@@ -87,6 +88,8 @@ class Modality:
     shard_keys: ClassVar[tuple[str, ...]] = ()
     #: shard keys that, when the own key is missing, let ``derive`` build the map.
     derive_keys: ClassVar[tuple[str, ...]] = ()
+    #: a label map that also takes soft class probabilities ``(B, K, H, W)`` float (segmentation)
+    accepts_probabilities: ClassVar[bool] = False
 
     def __init__(self, feature_channels: int = 16, encoder_hidden: int = 32):
         self.feature_channels = feature_channels
@@ -128,6 +131,15 @@ class Modality:
             f"and '{self.name}' cannot be derived from the image"
         )
 
+    def derive_for_data(self, image: torch.Tensor, sample: Mapping[str, Any]) -> torch.Tensor:
+        """What the data pipeline derives when the shard lacks the map (default: :meth:`derive`).
+
+        A plugin may return several candidate maps stacked on the channel axis for :meth:`augment`
+        (training: one drawn per sample) and :meth:`eval_transform` (validation) to choose from;
+        both must then return the raw format.
+        """
+        return self.derive(image, sample)
+
     def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Training-only, per-sample, non-geometric augmentation of a raw map (default: none)."""
         return raw
@@ -160,6 +172,10 @@ class Modality:
         if x.dtype == torch.bool and not self.is_label_map:
             x = x.float()  # a boolean mask means 0 / 1, not 0 / (1 / 255)
         if self.is_label_map:
+            if self.accepts_probabilities and x.is_floating_point() and x.ndim in (3, 4):
+                x = x[None] if x.ndim == 3 else x  # class probabilities (K, H, W) / (B, K, H, W)
+                self.validate(x)
+                return x.float()
             if x.ndim == 2:
                 x = x[None]
         else:

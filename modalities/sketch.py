@@ -4,6 +4,11 @@ Shard key ``sketch.png`` (greyscale; dark-on-white drawings are inverted).  When
 sketch is derived from the image with kornia's Canny detector (Canny 1986, "A computational
 approach to edge detection"), run on each RGB channel so that outlines between colours of
 similar brightness are kept; :func:`detect_edges` is the same detector for evaluation.
+
+Sketches "with varying levels of detail" (Ham et al. 2023) are opt-in training augmentations:
+``detail_levels`` derives each training sketch at a Canny threshold pair drawn per sample (sparse
+to dense), ``stroke_width_range`` thins / thickens strokes (kornia morphology; the augmentation
+for shards that ship their own ``sketch.png``).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from kornia.filters import canny
+from kornia.morphology import dilation, erosion
 from torch.nn import functional as F
 
 from .base import Modality, png_bytes_to_array
@@ -51,6 +57,13 @@ class Sketch(Modality):
         max_dropout (float, default 0.3): training: stroke blocks are dropped with a probability
             drawn uniformly in [0, max_dropout] per sample.
         dilate_prob (float, default 0.3): training: probability of thickening strokes by a 3x3 dilation.
+        detail_levels (list of [low, high] Canny threshold pairs, default None = off): training, when the
+            shard has no ``sketch.png``: the sketch is derived at a pair drawn uniformly per sample from
+            this list (e.g. ``[[0.45, 0.9], [0.3, 0.6], [0.15, 0.3]]``: sparse, default, dense) instead of
+            at ``(low_threshold, high_threshold)``.  Validation always uses the fixed pair.
+        stroke_width_range (pair of int, default None = off): training: per sample, strokes are thickened
+            (``n > 0``: n 3x3 dilations) or thinned (``n < 0``: |n| 3x3 erosions) with ``n`` drawn uniformly
+            in ``[low, high]``; meant for drawn ``sketch.png`` strokes (erosion removes 1-pixel Canny edges).
     """
 
     name = "sketch"
@@ -65,6 +78,8 @@ class Sketch(Modality):
         sigma: float = 1.0,
         max_dropout: float = 0.3,
         dilate_prob: float = 0.3,
+        detail_levels: list[tuple[float, float]] | None = None,
+        stroke_width_range: tuple[int, int] | None = None,
     ):
         super().__init__(feature_channels, encoder_hidden)
         if not 0 < low_threshold < high_threshold:
@@ -76,6 +91,27 @@ class Sketch(Modality):
         self.sigma = sigma
         self.max_dropout = max_dropout
         self.dilate_prob = dilate_prob
+        self.detail_levels = None if detail_levels is None else [self._threshold_pair(p) for p in detail_levels]
+        if self.detail_levels == []:
+            raise ValueError(f"modality '{self.name}': detail_levels must hold at least one [low, high] pair "
+                             "(or be None: off)")
+        self.stroke_width_range = None
+        if stroke_width_range is not None:
+            lo, hi = (int(v) for v in stroke_width_range)
+            if lo > hi:
+                raise ValueError(f"modality '{self.name}': stroke_width_range must be (low, high) with low <= high, "
+                                 f"got {tuple(stroke_width_range)}")
+            self.stroke_width_range = (lo, hi)
+
+    def _threshold_pair(self, pair: Any) -> tuple[float, float]:
+        try:
+            lo, hi = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"modality '{self.name}': detail_levels: expected [low, high] pairs, "
+                             f"got {pair!r}") from None
+        if not 0 < lo < hi:
+            raise ValueError(f"modality '{self.name}': detail_levels: need 0 < low < high, got {pair!r}")
+        return lo, hi
 
     @property
     def channels(self) -> int:
@@ -89,6 +125,8 @@ class Sketch(Modality):
             "sigma": self.sigma,
             "max_dropout": self.max_dropout,
             "dilate_prob": self.dilate_prob,
+            "detail_levels": None if self.detail_levels is None else [list(p) for p in self.detail_levels],
+            "stroke_width_range": None if self.stroke_width_range is None else list(self.stroke_width_range),
         }
 
     # ---- data ---------------------------------------------------------------------------
@@ -112,9 +150,43 @@ class Sketch(Modality):
         """Canny edges of the RGB image ``(3, H, W)`` in [0, 1] -> ``(1, H, W)`` in {0, 1}."""
         return detect_edges(image[None], self.low_threshold, self.high_threshold, self.sigma)[0]
 
+    def derive_for_data(self, image: torch.Tensor, sample: Mapping[str, Any]) -> torch.Tensor:
+        """With ``detail_levels``: ``(1 + L, H, W)``, the sketch at the fixed pair then at each level (for
+        :meth:`augment` to draw from and :meth:`eval_transform` to take the first); else :meth:`derive`."""
+        if self.detail_levels is None:
+            return self.derive(image, sample)
+        pairs = [(self.low_threshold, self.high_threshold), *self.detail_levels]
+        return torch.cat([detect_edges(image[None], lo, hi, self.sigma)[0] for lo, hi in pairs])
+
+    def pick_detail_level(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``(1 + L, H, W)`` candidates -> ``(1, H, W)`` at a level drawn uniformly; a ``(1, H, W)`` sketch as is."""
+        if self.detail_levels is None or raw.ndim != 3 or raw.shape[0] == 1:  # levels off, or a sketch.png
+            return raw
+        i = 1 + int(torch.randint(0, raw.shape[0] - 1, (1,), generator=generator))
+        return raw[i:i + 1]
+
+    def change_stroke_width(self, raw: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` 3x3 dilations (> 0, thicker) or erosions (< 0, thinner) of ``(1, H, W)`` strokes."""
+        if steps == 0:
+            return raw
+        op = dilation if steps > 0 else erosion
+        kernel = torch.ones(3, 3, device=raw.device, dtype=raw.dtype)
+        x = raw[None]  # (1, 1, H, W)
+        for _ in range(abs(steps)):
+            x = op(x, kernel, border_type="constant", border_value=0.0)  # nothing beyond the border
+        return x[0]
+
+    def eval_transform(self, raw: torch.Tensor, key: str) -> torch.Tensor:
+        # derived candidates (detail_levels): the fixed pair; else the sketch itself
+        return raw[:1] if raw.ndim == 3 and raw.shape[0] > 1 else raw
+
     def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Occasional 3x3 dilation (thicker strokes), then dropout of random 2x2 stroke blocks."""
-        x = raw.float()
+        """A detail level (``detail_levels``), a stroke width (``stroke_width_range``), occasional 3x3 dilation
+        (thicker strokes), then dropout of random 2x2 stroke blocks."""
+        x = self.pick_detail_level(raw.float(), generator)
+        if self.stroke_width_range is not None:
+            lo, hi = self.stroke_width_range
+            x = self.change_stroke_width(x, int(torch.randint(lo, hi + 1, (1,), generator=generator)))
         if torch.rand(1, generator=generator).item() < self.dilate_prob:
             x = F.max_pool2d(x, 3, stride=1, padding=1)
         p = torch.rand(1, generator=generator).item() * self.max_dropout
