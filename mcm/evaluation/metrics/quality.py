@@ -65,12 +65,15 @@ class SeededKID(KernelInceptionDistance):
 
 def judge_fid(judge) -> FrechetInceptionDistance:
     """FID in ``judge.features`` space; ``update(images in [0, 1], real=bool)`` then ``compute()``."""
-    return FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True)
+    # sync_on_compute=False: one process holds the whole set (the alignment callback runs on rank 0 under DDP,
+    # where torchmetrics' default all-gather would wait forever for the other ranks)
+    return FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True, sync_on_compute=False)
 
 
 def judge_kid(judge, subset_size: int = 1000, subsets: int = 100, seed: int = 0) -> SeededKID:
     """KID in ``judge.features`` space; ``subset_size`` must not exceed either set's size."""
-    return SeededKID(feature=JudgeFeatures(judge), subsets=subsets, subset_size=subset_size, normalize=True, seed=seed)
+    return SeededKID(feature=JudgeFeatures(judge), subsets=subsets, subset_size=subset_size, normalize=True, seed=seed,
+                     sync_on_compute=False)  # as judge_fid
 
 
 def inception_fid(weights_path: str | Path) -> FrechetInceptionDistance:
