@@ -12,8 +12,10 @@ For each bench model (``shapes32``, ``sd15``; see ``bench/common.py``):
 
 B is measured twice more against each other, as the full step a data pipeline gives: *from raw
 images* (the batch has only images and captions: the VAE encoder and the text encoder run in the
-step) and *from cached latents* (``batch["latent"]`` / ``batch["text_emb"]`` as ``mcm data encode``
-shards give them: neither runs); both in units of A.
+step), *from cached latents* (``batch["latent"]`` / ``batch["text_emb"]`` as ``mcm data encode``
+shards give them: neither runs) and *from cached predictions* (``mcm data encode --predictions 1``:
+``x_t``, ``t``, the target and the base's ``p`` are read, so not even the base runs: the MCM's own cost);
+all in units of A.
 
 A, B, C run interleaved (A B C A B C ...) in this process and report medians.  D needs the
 base's weights, gradients and AdamW state (4x the UNet: 14 GB for SD) and does not fit next to
@@ -72,6 +74,15 @@ def build_cn(m, batch, args):
     return cn, opt, cond
 
 
+def cached_predictions(m, batch: dict) -> dict:
+    """The batch's entries of a ``mcm data encode --predictions 1`` shard (fp16 on disk, as encode writes them)."""
+    from datamodules.prediction_cache import prediction_batch, prediction_members
+
+    keys = [f"bench{i:06d}" for i in range(batch["latent"].shape[0])]
+    members = prediction_members(m.base, batch["latent"], batch["text_emb"], keys, 1)
+    return {k: v.to(batch["latent"].device) for k, v in prediction_batch(members).items()}
+
+
 def measure_in_process(name: str, args) -> dict:
     """A, B, C (+ the data-side VAE and text encodes) interleaved; parameter counts."""
     m, batch = setup(name, args)
@@ -92,8 +103,10 @@ def measure_in_process(name: str, args) -> dict:
     times.update(C.interleaved(encodes, 2, 1, args.device))
     # the MCM step from raw images (VAE + text encoder inside) against the step from cached latents
     raw_batch = {k: v for k, v in batch.items() if k not in ("latent", "text_emb")}
+    pred_batch = {**batch, **cached_predictions(m, batch)}
     steps = {"mcm_step_from_raw": lambda: C.mcm_step(module, mcm_opt, raw_batch),
-             "mcm_step_from_cached": lambda: C.mcm_step(module, mcm_opt, batch)}
+             "mcm_step_from_cached": lambda: C.mcm_step(module, mcm_opt, batch),
+             "mcm_step_from_cached_predictions": lambda: C.mcm_step(module, mcm_opt, pred_batch)}
     times.update(C.interleaved(steps, max(2, reps // 2), 1 if warmup else 0, args.device))
     unet_params = sum(p.numel() for p in m.base.unet.parameters())
     params = {"mcm": C.numel(module.mcm), "controlnet": C.numel(cn), "base_unet": unet_params,
@@ -161,6 +174,8 @@ def summarize(main: dict, kid: dict, batch: int) -> dict:
         "data_encode_over_base_forward": (t["vae_encode"] + t["text_encode"]) / t["base_forward"],
         "mcm_step_from_raw_over_base_forward": t["mcm_step_from_raw"] / t["base_forward"],
         "mcm_step_from_cached_over_base_forward": t["mcm_step_from_cached"] / t["base_forward"],
+        "mcm_step_from_cached_predictions_over_base_forward":
+            t["mcm_step_from_cached_predictions"] / t["base_forward"],
         "mcm_peak_mem_over_base_inference": mem["mcm_step"] / mem["base_inference"],
         "controlnet_peak_mem_over_base_inference": mem["controlnet_step"] / mem["base_inference"],
         "finetune_peak_mem_over_base_inference": mem["finetune_step"] / mem["base_inference"],
@@ -184,12 +199,12 @@ def print_table(results: dict) -> None:
     rows = ["mcm_step_over_base_forward", "controlnet_step_over_mcm_step", "controlnet_step_over_base_forward",
             "finetune_step_over_base_forward", "data_encode_over_base_forward",
             "mcm_step_from_raw_over_base_forward", "mcm_step_from_cached_over_base_forward",
-            "mcm_peak_mem_over_base_inference",
+            "mcm_step_from_cached_predictions_over_base_forward", "mcm_peak_mem_over_base_inference",
             "controlnet_peak_mem_over_base_inference", "finetune_peak_mem_over_base_inference",
             "mcm_params_over_base", "allreduce_bytes_mcm", "allreduce_bytes_controlnet", "samples_per_s_mcm"]
     print(f"{'':42s}" + "".join(f"{n:>21s}" for n in names))
     for k in ("base_forward", "mcm_step", "controlnet_step", "finetune_step", "vae_encode", "text_encode",
-              "mcm_step_from_raw", "mcm_step_from_cached"):
+              "mcm_step_from_raw", "mcm_step_from_cached", "mcm_step_from_cached_predictions"):
         print(f"{'time ' + k + ' [s]':42s}" + "".join(f"{results[n]['time_s'][k]:21.4f}" for n in names))
     for k in ("base_inference", "mcm_step", "controlnet_step", "finetune_step"):
         print(f"{'peak mem ' + k + ' [MiB]':42s}" + "".join(

@@ -20,7 +20,7 @@ variant_args() {  # the overrides of each variant (docs/ablations.yaml says why)
     min_snr) echo --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0 ;;
     min_snr_single) echo "$(variant_args min_snr) --model.init_args.single_modality_prob 0.5" ;;
     snr_sampling_single) echo --model.init_args.timestep_sampling snr --model.init_args.single_modality_prob 0.5 ;;
-    cubic_single) echo "$(variant_args min_snr_single) --model.init_args.timestep_sampling cubic" ;;
+    cubic_single) echo --model.init_args.timestep_sampling cubic --model.init_args.single_modality_prob 0.5 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -33,11 +33,16 @@ run() {
   if [[ -f docs/eval/ablation_$v/metrics.json ]]; then echo "skip $v"; return; fi
   mkdir -p runs
   local t0=$SECONDS
+  if [[ ${EVAL_ONLY:-} ]]; then evaluate "$v"; return; fi
   # shellcheck disable=SC2046
   mcm fit -c experiments/shapes32/multimodal.yaml \
     $(budget_args) --trainer.default_root_dir "$dir" \
     --trainer.logger.init_args.name "ablation_$v" $(variant_args "$v") > "runs/ablation_$v.log" 2>&1
   echo $((SECONDS - t0)) > "runs/ablation_$v.seconds"
+  evaluate "$v"
+}
+evaluate() {  # export the last checkpoint (EMA weights) and evaluate it on the held-out maps
+  local v=$1 dir=runs/ablation_$1
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
   mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
     --modalities segmentation sketch --per-modality --strength 1 2 3 --out "docs/eval/ablation_$v"

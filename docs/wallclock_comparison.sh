@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# MCM against ControlNet (and T2I-Adapter) at the same WALL-CLOCK budget (not the same steps): each job trains for
+# BUDGET (default 10 minutes) on the same 2,000 images, seeds and batch, one at a time on the otherwise idle
+# machine, then is exported and evaluated on the same 32 held-out maps at strengths 1 and 2
+# (docs/results.md, "Equal wall-clock"). Each method with its best known recipe: the MCM with the main job's
+# min-SNR-5 weighting (docs/ablations.md); ControlNet and T2I-Adapter with their experiments' own recipes.
+# Run from the repository root after `mcm data shapes --out data/shapes --train 2000 --val 200`:
+#   docs/wallclock_comparison.sh [JOB ...]     (default: all; a job already evaluated is skipped)
+set -euo pipefail
+BUDGET=${BUDGET:-00:00:10:00}
+job_args() {  # experiment and overrides of each job
+  case $1 in
+    mcm_segmentation|mcm_sketch) echo "${1#mcm_} --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0" ;;
+    controlnet_segmentation|controlnet_sketch|t2i_adapter_segmentation|t2i_adapter_sketch) echo "$1" ;;
+    *) echo "unknown job $1" >&2; exit 2 ;;
+  esac
+}
+run() {
+  local j=$1 dir=runs/wallclock_$1 out=docs/eval/wallclock_$1
+  if [[ -f $out/metrics.json ]]; then echo "skip $j"; return; fi
+  local args exp; args=$(job_args "$j"); exp=${args%% *}
+  mkdir -p runs
+  local t0=$SECONDS
+  # shellcheck disable=SC2046,SC2086
+  mcm fit -c "experiments/shapes32/$exp.yaml" --trainer.max_time "$BUDGET" --trainer.max_steps -1 \
+    --trainer.default_root_dir "$dir" --trainer.logger.init_args.name "wallclock_$j" ${args#"$exp"} \
+    > "runs/wallclock_$j.log" 2>&1
+  echo $((SECONDS - t0)) > "runs/wallclock_$j.seconds"
+  mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
+  mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
+    --strength 1 2 --out "$out"
+}
+ALL=(mcm_segmentation controlnet_segmentation mcm_sketch controlnet_sketch t2i_adapter_segmentation t2i_adapter_sketch)
+for j in "${@:-${ALL[@]}}"; do echo "== $j $(date +%T)"; run "$j"; done
