@@ -29,9 +29,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .cached_fields import INT_KEYS, PREDICTION_KEYS, decode_cached
+
 #: members a sample gains with ``--predictions K`` (``pred_uncond`` only for bases with guidance)
-PREDICTION_FIELDS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
-INT_FIELDS = ("pred_t", "noise_seed")
+PREDICTION_FIELDS, INT_FIELDS = PREDICTION_KEYS, INT_KEYS  # the member names the DataModule reads
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -130,13 +131,7 @@ def decode_npy(data: bytes, what: str) -> np.ndarray:
 
 def prediction_batch(samples: Sequence[Mapping[str, bytes]]) -> dict[str, torch.Tensor]:
     """Members of B samples -> the batch entries a training step reads: ``pred_t`` / ``noise_seed`` ``(B, K)``
-    int64, the rest ``(B, K, C, h, w)`` float32 (what the shard DataModule yields; for tests and benches)."""
-    batch = {}
-    for name in PREDICTION_FIELDS:
-        if f"{name}.npy" not in samples[0]:
-            continue
-        arrays = [decode_npy(s[f"{name}.npy"], f"{name}.npy") for s in samples]
-        dt = torch.int64 if name in INT_FIELDS else torch.float32
-        batch[name] = torch.stack([torch.from_numpy(a.astype(np.int64 if name in INT_FIELDS else np.float32))
-                                   for a in arrays]).to(dt)
-    return batch
+    int64, the rest ``(B, K, C, h, w)`` float32, decoded by the DataModule's own reader
+    (:func:`datamodules.cached_fields.decode_cached`), for tests and benches."""
+    decoded = [decode_cached(s) for s in samples]
+    return {name: torch.stack([d[name] for d in decoded]) for name in PREDICTION_FIELDS if name in decoded[0]}

@@ -86,6 +86,8 @@ def test_timestep_sampling_densities_by_hand(sampling):
     assert abs(u.double().mean().item() - 499.5) < 2.0
     with pytest.raises(ValueError, match="timestep_sampling"):
         ForwardProcess(sched.config, timestep_sampling="high")
+    with pytest.raises(ValueError, match="count twice"):  # importance sampling and the weight it samples by
+        ForwardProcess(sched.config, weighting="min_snr", timestep_sampling="snr")
 
 
 def test_flow_bases_refuse_a_vp_timestep_sampling():

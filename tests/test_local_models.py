@@ -260,14 +260,13 @@ def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
 
 # ---- mcm evaluate --segmenter --depth-model ----------------------------------------------------------------
 def _miou(pred: np.ndarray, target: np.ndarray, k: int) -> float:
-    """Dataset mIoU by hand, leaving out pixels the judge assigned to an ignored class."""
-    keep = pred != IGNORE
-    p, t = pred[keep], target[keep]
+    """Dataset mIoU by hand; a pixel the judge put in an ignored class (255) is a miss of its target class,
+    never skipped (else painting an ignored class where the map asks for a car would go unpunished)."""
     ious = []
     for c in range(k):
-        union = np.sum((p == c) | (t == c))
+        union = np.sum((pred == c) | (target == c))
         if union:
-            ious.append(np.sum((p == c) & (t == c)) / union)
+            ious.append(np.sum((pred == c) & (target == c)) / union)
     return float(np.mean(ious))
 
 
@@ -315,7 +314,7 @@ def test_evaluate_with_local_judges(seg_dir, depth_dir, tiny_pixel_base_dir, tmp
     target = data["segmentation"].numpy()
     for images, metrics in ((samples, setting["metrics"]), (data["image"], report["reference"]["metrics"])):
         ids = seg.segment(images).numpy()
-        assert 0 < (ids == IGNORE).mean() < 1  # "sky" pixels are left out of the score
+        assert 0 < (ids == IGNORE).mean() < 1  # "sky" pixels count as misses of their target class
         assert metrics["seg_miou"] == pytest.approx(_miou(ids, target, 6), abs=1e-6)
         d = depth_alignment(depth.depth(images), data["depth"])
         assert metrics["depth_ssi_rmse"] == pytest.approx(d["ssi_rmse"], abs=1e-6)

@@ -29,6 +29,16 @@ def test_segmentation_hand_computed():
     assert out["pixel_acc"] == pytest.approx(3 / 4)
 
 
+def test_segmentation_judge_other_label_counts_as_a_miss():
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    pred = torch.tensor([[[0, 1], [255, 1]]])  # the judge saw "none of the module's classes" at one class-1 pixel
+    # IoU0 = 1/1, IoU1 = 2/3 (the 255 pixel is a false negative of class 1, no false positive anywhere); acc 3/4
+    out = segmentation_alignment(pred, target, num_classes=2, pred_other=255)
+    assert out["miou"] == pytest.approx((1 + 2 / 3) / 2) and out["pixel_acc"] == pytest.approx(3 / 4)
+    part = partial_alignment(pred, torch.tensor([[[255, 1], [1, 1]]]), num_classes=2, pred_other=255)
+    assert part["miou"] == pytest.approx(2 / 3) and part["pixel_acc"] == pytest.approx(2 / 3)  # unknown skipped
+
+
 def test_segmentation_perfect_shifted_random():
     target = _blocks(0)
     perfect = segmentation_alignment(target, target, 6)

@@ -220,6 +220,10 @@ def test_bad_cached_batches_are_named(shapes32):
         module._common_step({k: v for k, v in good.items() if k != "pred_uncond"}, "train")
     with pytest.raises(ValueError, match=r"batch\['pred_t'\]: expected \(2, 3\)"):
         module._common_step({**good, "pred_t": torch.zeros(B, dtype=torch.long)}, "train")
+    # the cache's timesteps were drawn uniformly: a biased sampling cannot apply to them and is refused
+    biased = make_module(shapes32, timestep_sampling="cubic")
+    with pytest.raises(ValueError, match="drawn at uniform timesteps"):
+        biased._common_step(good, "train")
 
 
 @pytest.mark.parametrize("kind", ["controlnet", "t2i_adapter"])

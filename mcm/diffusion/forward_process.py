@@ -69,6 +69,9 @@ class ForwardProcess:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
+        if timestep_sampling == "snr" and weighting == "min_snr":
+            raise ValueError("timestep_sampling='snr' already draws timesteps in proportion to the min-SNR weight; with "
+                             "loss_weighting='min_snr' as well the weight would count twice (set loss_weighting: none)")
         self.scheduler = training_scheduler(scheduler_config)
         self.weighting, self.snr_gamma, self.timestep_sampling = weighting, snr_gamma, timestep_sampling
 

@@ -236,13 +236,13 @@ def score(images: torch.Tensor, data: dict, setting: dict, specs: dict, judges: 
         labels = torch.cat([seg_judge.predict(flat[i:i + 256]) for i in range(0, len(flat), 256)])
     K = seg_judge.num_classes if seg_judge is not None else None
     if labels is not None and "segmentation" in mods:
-        # pixels the judge gives a class its label map ignores (255) are left out of the score
-        target = torch.where(labels == IGNORE, IGNORE, rep(data["segmentation"]).long())
-        r = M.segmentation_alignment(labels, target, specs["segmentation"].get("num_classes", K), ignore_index=IGNORE)
+        # pixels the judge gives a class its label map ignores (255) count as wrong: none of the map's classes
+        target = rep(data["segmentation"]).long()
+        r = M.segmentation_alignment(labels, target, specs["segmentation"].get("num_classes", K), pred_other=IGNORE)
         out["seg_miou"], out["seg_pixel_acc"] = r["miou"], r["pixel_acc"]
     if labels is not None and "partial_mask" in mods:
-        target = torch.where(labels == IGNORE, IGNORE, rep(data["partial_mask"]).long())  # 255 = unknown as well
-        r = M.partial_alignment(labels, target, specs["partial_mask"].get("num_classes", K))
+        target = rep(data["partial_mask"]).long()  # 255 = unknown: those pixels are skipped
+        r = M.partial_alignment(labels, target, specs["partial_mask"].get("num_classes", K), pred_other=IGNORE)
         out["partial_miou"], out["partial_pixel_acc"] = r["miou"], r["pixel_acc"]
     if "sketch" in mods:
         import modalities

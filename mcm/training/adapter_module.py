@@ -202,7 +202,15 @@ class AdapterModule(L.LightningModule):
         """``(x_t, t, target, p)`` from the base's cached predictions (``mcm data encode --predictions K``):
         per sample one of its K draws, uniformly (torch's global RNG: seeded runs repeat), and ``pred_uncond``
         for the rows caption dropout sends to the unconditional branch; validation / test take draw 0 (fixed
-        per sample, as ``evaluation_noise`` is).  The base is not run."""
+        per sample like ``evaluation_noise``'s draw, but not the same draw: a validation loss on cached shards
+        compares with other runs on cached shards, not with one on raw shards).  The base is not run.
+        ``mcm data encode`` draws the cached timesteps uniformly, so a non-uniform ``timestep_sampling`` is
+        refused here rather than silently ignored (loss weighting, e.g. min-SNR, applies at the cached t)."""
+        sampling = getattr(self.forward_process, "timestep_sampling", "uniform")
+        if train and sampling != "uniform":
+            raise ValueError(f"timestep_sampling={sampling!r}: the cached predictions (`mcm data encode --predictions K`) "
+                             f"were drawn at uniform timesteps, so this sampling cannot be applied to them; train "
+                             f"with timestep_sampling: uniform (loss_weighting: min_snr still applies), or on raw shards")
         if not getattr(self.trainable, "uses_base_prediction_only", False):
             raise ValueError(f"batch['pred']: the batch holds cached base predictions, but "
                              f"{type(self.trainable).__name__} cannot train from them: it injects residuals into the "
@@ -280,8 +288,9 @@ class AdapterModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=not train, batch_size=B,
                  sync_dist=not train)
         if not train:  # the no-op reference: how far the base alone is from the target
-            self.log(f"{stage}/base_loss", F.mse_loss(base_prediction(), target), on_epoch=True, batch_size=B,
-                     sync_dist=True)
+            # with the loss's own weighting (min-SNR ...), so that the two curves compare
+            self.log(f"{stage}/base_loss", self.forward_process.loss(base_prediction(), target, t), on_epoch=True,
+                     batch_size=B, sync_dist=True)
         if "skipped" in batch:
             self.log(f"data/{stage}_skipped_samples", batch["skipped"].float().sum(), reduce_fx="sum",
                      on_step=False, on_epoch=True, batch_size=B, sync_dist=True)

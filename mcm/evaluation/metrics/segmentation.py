@@ -67,15 +67,28 @@ def pixel_accuracy_from_confusion(cm: torch.Tensor) -> float:
 
 
 def segmentation_alignment(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                           ignore_index: int | None = None) -> dict[str, float]:
-    """``{"miou", "pixel_acc"}`` of ``pred`` against ``target`` (functional form of :class:`SegmentationAlignment`)."""
-    cm = confusion_matrix(pred, target, num_classes, ignore_index)
-    return {"miou": miou_from_confusion(cm), "pixel_acc": pixel_accuracy_from_confusion(cm)}
+                           ignore_index: int | None = None, pred_other: int | None = None) -> dict[str, float]:
+    """``{"miou", "pixel_acc"}`` of ``pred`` against ``target`` (functional form of :class:`SegmentationAlignment`).
+
+    ``pred_other``: a predicted label meaning "none of the module's classes" (a judge's label-map ``ignore``,
+    255). Such pixels count as errors, never as skipped: they become an extra class K, so they are false
+    negatives of their target class, and the mean runs over the K real classes only.
+    """
+    if pred_other is None:
+        cm = confusion_matrix(pred, target, num_classes, ignore_index)
+        return {"miou": miou_from_confusion(cm), "pixel_acc": pixel_accuracy_from_confusion(cm)}
+    pred = _labels(pred)
+    cm = confusion_matrix(torch.where(pred == pred_other, num_classes, pred), target, num_classes + 1, ignore_index)
+    iou = iou_per_class(cm)[:num_classes]
+    valid = ~iou.isnan()
+    return {"miou": float(iou[valid].mean()) if valid.any() else float("nan"),
+            "pixel_acc": pixel_accuracy_from_confusion(cm)}
 
 
-def partial_alignment(pred: torch.Tensor, partial: torch.Tensor, num_classes: int) -> dict[str, float]:
+def partial_alignment(pred: torch.Tensor, partial: torch.Tensor, num_classes: int,
+                      pred_other: int | None = None) -> dict[str, float]:
     """Segmentation alignment on known pixels only (``partial`` is 255 where unknown)."""
-    return segmentation_alignment(pred, partial, num_classes, ignore_index=UNKNOWN)
+    return segmentation_alignment(pred, partial, num_classes, ignore_index=UNKNOWN, pred_other=pred_other)
 
 
 class SegmentationAlignment(Metric):
