@@ -82,3 +82,20 @@ def member_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """``name -> (start of data, end of data)`` byte offsets of each member in a tar."""
     with tarfile.open(path) as tf:
         return {m.name: (m.offset_data, m.offset_data + m.size) for m in tf.getmembers()}
+
+
+def read_shard_members(paths: list[str]) -> dict[str, dict[str, bytes]]:
+    """``{sample key: {member suffix: bytes}}`` of every sample in the tar shards ``paths``."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in paths:
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def png_array(data: bytes) -> np.ndarray:
+    """A PNG member's pixels as PIL decodes them (ids / 16-bit values kept)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)

@@ -3,16 +3,15 @@ saved with ``save_pretrained`` and loaded back through the code path a user's ch
 every value is recomputed here from the model's own output."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shard_fixtures import png_array, read_shard_members
 from torch.nn import functional as F
 
 from modalities.annotators import IGNORE, AnnotatorError, LabelMap, load_depth_model, load_segmenter
@@ -201,19 +200,8 @@ def test_depth_follows_the_documented_convention(depth_dir):
 
 
 # ---- mcm data pack --derive -----------------------------------------------------------------------------
-def _members(paths: list[str]) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    for path in paths:
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
 
 
-def _array(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
 
 
 def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
@@ -233,7 +221,7 @@ def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
     assert run_tool_command(["data", "pack", "--images", str(tmp_path / "images"), "--seg", str(tmp_path / "seg"),
                              "--out", str(out), "--derive", "segmentation,depth", "--segmenter", str(seg_dir),
                              "--label-map", str(labels), "--depth-model", str(depth_dir)]) == 0
-    samples = _members(sorted(str(p) for p in out.parent.glob("*.tar")))
+    samples = read_shard_members(sorted(str(p) for p in out.parent.glob("*.tar")))
     assert sorted(samples) == ["im0", "im1", "im2"]
     batch = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images.values()]).float() / 255
     ids = load_segmenter(seg_dir, labels).segment(batch)
@@ -241,10 +229,10 @@ def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
     estimator = load_depth_model(depth_dir)
     depth = torch.cat([estimator.depth(batch[i:i + 1]) for i in range(len(batch))])
     for i, stem in enumerate(images):
-        seg = _array(samples[stem]["seg.png"])
+        seg = png_array(samples[stem]["seg.png"])
         assert seg.dtype == np.uint8
         np.testing.assert_array_equal(seg, own_seg if stem == "im0" else ids[i].numpy())
-        d16 = _array(samples[stem]["depth.png"])
+        d16 = png_array(samples[stem]["depth.png"])
         assert d16.dtype == np.uint16
         np.testing.assert_array_equal(d16, np.round(depth[i, 0].double().numpy() * 65535).astype(np.uint16))
         meta = json.loads(samples[stem]["json"])

@@ -1,16 +1,15 @@
 """``mcm data pack`` and ``mcm data inspect``: exact counts on tiny folders and shards."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from shard_fixtures import png_array, read_shard_members
 
 from datamodules.inspect_shards import inspect_shards
 from datamodules.pack import load_captions, pack_folder
@@ -69,19 +68,8 @@ def folder(tmp_path: Path) -> dict:
     return {"root": root, "segs": segs, "depths": depths, "caps": caps}
 
 
-def _read_samples(paths: list[str]) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for path in paths:
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return samples
 
 
-def _array(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
 
 
 def _pack_args(root: Path, out: str) -> dict:
@@ -102,14 +90,14 @@ def test_pack_folder_skips_and_names_problems_packs_the_rest(folder: dict, tmp_p
     assert "packed 6 samples into 2 shards; skipped 3 (unpaired 1, unreadable 1, size mismatch 1)" in caplog.text
     assert not list((tmp_path / "shards").glob("*.tmp"))
 
-    samples = _read_samples(report.shards)
+    samples = read_shard_members(report.shards)
     assert sorted(samples) == ["a0", "a1", "a2", "a3", "a4", "b_v2"]
     assert set(samples["a1"]) == {"jpg", "seg.png", "depth.png", "txt", "json"}
     assert set(samples["a0"]) == {"png", "seg.png", "depth.png", "txt", "json"}
     assert samples["a1"]["jpg"] == (folder["root"] / "images" / "a1.jpg").read_bytes()  # no recompression
     for stem, key in [("a0", "a0"), ("a1", "a1"), ("a2", "a2"), ("a3", "a3"), ("a4", "a4"), ("b.v2", "b_v2")]:
-        np.testing.assert_array_equal(_array(samples[key]["seg.png"]), folder["segs"][stem])  # exact ids
-        depth = _array(samples[key]["depth.png"])
+        np.testing.assert_array_equal(png_array(samples[key]["seg.png"]), folder["segs"][stem])  # exact ids
+        depth = png_array(samples[key]["depth.png"])
         assert depth.dtype == np.uint16
         np.testing.assert_array_equal(depth, folder["depths"][stem])
         assert samples[key]["txt"].decode() == folder["caps"][stem]
@@ -126,7 +114,7 @@ def test_cli_pack_exit_codes(folder: dict, tmp_path: Path, caplog) -> None:
         main(argv + ["--out", str(tmp_path / "o" / "s-%03d.tar")])
     assert e.value.code == 0
     assert "images/x.png" in caplog.text and "images/a5.png" in caplog.text
-    assert len(_read_samples([str(tmp_path / "o" / "s-000.tar")])) == 6
+    assert len(read_shard_members([str(tmp_path / "o" / "s-000.tar")])) == 6
 
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
