@@ -113,7 +113,10 @@ def test_align_scalars_logged_at_validations_and_equal_mcm_evaluate(fitted, shar
         for key in KEYS:
             value = dict(logged(history, f"align/{key}"))[log_step]
             assert setting["metrics"][key] is not None, key
-            assert value == pytest.approx(setting["metrics"][key], abs=1e-6), (step, key)
+            # FID's matrix square root amplifies the float32 rounding of features computed with another thread
+            # count (the fit's default threads, evaluate's --threads 1): 1e-5 relative seen, 1e-4 allowed
+            tol = dict(rel=1e-4) if key == "fid_judge" else dict(abs=1e-6)
+            assert value == pytest.approx(setting["metrics"][key], **tol), (step, key)
 
 
 # ---- 2. the plot command -----------------------------------------------------------------------------------
