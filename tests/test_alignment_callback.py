@@ -74,6 +74,9 @@ def fitted(tmp_path_factory, shards, tiny_pixel_base_dir) -> Path:
             main(["fit", "-c", str(MULTIMODAL), "-c", str(root / "tiny.yaml")])
         finally:
             wandb.finish()
+            # and stop wandb's service: it resolves the next run's relative save_dir against the cwd it was
+            # started in, so a later in-process fit from another directory would write its run there
+            wandb.teardown()
     return root
 
 

@@ -102,6 +102,9 @@ def mcm(argv: list[str]) -> None:
         main(argv)
     finally:
         wandb.finish()
+        # and stop wandb's service: it resolves the next run's relative save_dir against the cwd it was
+        # started in, so a later in-process fit from another directory would write its run there
+        wandb.teardown()
 
 
 def overlay(path: Path, shards: Path, size: int = 16, **trainer) -> Path:

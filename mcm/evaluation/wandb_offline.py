@@ -67,11 +67,18 @@ def run_file(run_dir: str | Path) -> Path:
 def read_offline_run(run_dir: str | Path, timeout: float = 0.0) -> tuple[list[dict], dict]:
     """(history rows, config) of an offline run, values JSON-decoded.
 
-    ``wandb.finish()`` can return before wandb's core process has written the last records: with
-    ``timeout > 0``, wait that long for the run's ``exit`` record first.
+    ``wandb.finish()`` can return before wandb's core process has created the run file or written the last
+    records: with ``timeout > 0``, wait that long for the file and its ``exit`` record first.
     """
-    path = run_file(run_dir)
     deadline = time.monotonic() + timeout
+    while True:  # wandb's core process may create the run file only after wandb.finish() has returned
+        try:
+            path = run_file(run_dir)
+            break
+        except FileNotFoundError:
+            if timeout <= 0 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     while timeout > 0 and not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path}: no exit record after {timeout} s")
