@@ -23,7 +23,6 @@ from typing import Any, Mapping
 
 import torch
 from diffusers import ControlNetModel
-from torch import nn
 
 import modalities as modality_registry
 
@@ -57,19 +56,14 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
     wrapped_attribute = "controlnet"
     wrapped_class = ControlNetModel
     export_kind = "ControlNet adapter"
+    adapter_key = "controlnet"
+    method_name = "ControlNet"
 
     def __init__(self, controlnet: ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 1,
                  default_strength: float = 1.0):
         super().__init__()
-        self.default_strength = float(default_strength)
-        if not modalities:
-            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        channels = self.set_modalities(modalities, downsample, default_strength)
         self.controlnet = controlnet
-        # sorted: the channel layout of the conditioning image must not depend on the YAML's order
-        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
-        self.modality_names = list(self.plugins)
-        self.downsample = downsample
-        channels = sum(p.channels for p in self.plugins.values())
         if controlnet.config.conditioning_channels != channels:
             raise ValueError(f"controlnet: conditioning_channels={controlnet.config.conditioning_channels} but the "
                              f"modalities {self.modality_names} give {channels} channels")
@@ -104,12 +98,6 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
             base.unet, conditioning_embedding_out_channels=widths,
             conditioning_channels=sum(p.channels for p in plugins.values())).float()
         return cls(controlnet, modalities, base.downsample)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """What rebuilds the plugins around a saved ``ControlNetModel`` (``mcm_controlnet.json``)."""
-        return {"adapter": "controlnet", "modalities": {n: p.config() for n, p in self.plugins.items()},
-                "downsample": self.downsample, "default_strength": self.default_strength}
 
     # ---- conditions -> conditioning image ------------------------------------------------------------
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,

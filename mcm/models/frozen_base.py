@@ -11,7 +11,6 @@ shipped inside this package.  Nothing is ever fetched from a hub.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Iterator

@@ -40,20 +40,16 @@ class SD3ControlNetAdapter(WrappedModelExport, Adapter):
     wrapped_attribute = "controlnet"
     wrapped_class = SD3ControlNetModel
     export_kind = "SD3 ControlNet adapter"
+    adapter_key = "sd3_controlnet"
+    method_name = "ControlNet"
 
     def __init__(self, controlnet: SD3ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 8,
                  default_strength: float = 1.0):
         super().__init__()
-        if not modalities:
-            raise ValueError("modalities: ControlNet needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        channels = self.set_modalities(modalities, downsample, default_strength)
         self.controlnet = controlnet
-        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
-        self.modality_names = list(self.plugins)
-        self.downsample = downsample
-        self.default_strength = float(default_strength)
         cfg = controlnet.config
         self.cond_channels = cfg.in_channels + cfg.extra_conditioning_channels
-        channels = sum(p.channels for p in self.plugins.values())
         if channels > self.cond_channels:
             raise ValueError(f"controlnet: takes {self.cond_channels} conditioning channels but the modalities "
                              f"{self.modality_names} give {channels}")
@@ -71,11 +67,6 @@ class SD3ControlNetAdapter(WrappedModelExport, Adapter):
         controlnet = SD3ControlNetModel.from_transformer(base.unet, num_layers=layers,
                                                          num_extra_conditioning_channels=extra).float()
         return cls(controlnet, modalities, base.downsample)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {"adapter": "sd3_controlnet", "modalities": {n: p.config() for n, p in self.plugins.items()},
-                "downsample": self.downsample, "default_strength": self.default_strength}
 
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
                           size: tuple[int, int], batch_size: int) -> torch.Tensor:

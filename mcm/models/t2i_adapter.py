@@ -54,19 +54,15 @@ class T2IAdapterControl(WrappedModelExport, Adapter):
     wrapped_attribute = "adapter"
     wrapped_class = T2IAdapter
     export_kind = "T2I-Adapter"
+    adapter_key = "t2i_adapter"
+    method_name = "T2I-Adapter"
 
     def __init__(self, adapter: T2IAdapter, modalities: dict[str, dict[str, Any]], downsample: int = 1,
                  default_strength: float = 1.0, level_factors: list[int] | None = None):
         super().__init__()
         self.level_factors = list(level_factors) if level_factors is not None else None
-        if not modalities:
-            raise ValueError("modalities: T2I-Adapter needs at least one, e.g. {'segmentation': {'num_classes': 6}}")
+        channels = self.set_modalities(modalities, downsample, default_strength)
         self.adapter = adapter
-        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
-        self.modality_names = list(self.plugins)
-        self.downsample = downsample
-        self.default_strength = float(default_strength)
-        channels = sum(p.channels for p in self.plugins.values())
         if adapter.config.in_channels != channels:
             raise ValueError(f"adapter: in_channels={adapter.config.in_channels} but the modalities "
                              f"{self.modality_names} give {channels} channels")
@@ -89,9 +85,7 @@ class T2IAdapterControl(WrappedModelExport, Adapter):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"adapter": "t2i_adapter", "modalities": {n: p.config() for n, p in self.plugins.items()},
-                "downsample": self.downsample, "default_strength": self.default_strength,
-                "level_factors": self.level_factors}
+        return {**super().config, "level_factors": self.level_factors}
 
     # ---- the adapter protocol ------------------------------------------------------------------------
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,

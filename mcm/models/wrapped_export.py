@@ -1,4 +1,5 @@
-"""Export of an adapter that wraps one diffusers model (ControlNet, SD3 ControlNet, T2I-Adapter).
+"""What the adapters that wrap one diffusers model share (ControlNet, SD3 ControlNet, T2I-Adapter): their
+modality plugins and their export.
 
 The directory is the wrapped model's own ``save_pretrained`` output (``config.json`` + safetensors,
 loadable by diffusers alone) plus one JSON file of ours with what diffusers does not keep: the
@@ -10,19 +11,42 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+import modalities as modality_registry
+
 
 class WrappedModelExport:
     """Mixin: ``save_pretrained`` / ``read_export`` / ``is_export_dir`` for an adapter holding one diffusers model.
 
     Subclasses set ``export_file`` (our JSON's name), ``wrapped_attribute`` (where the diffusers model is),
-    ``wrapped_class`` (its class, for loading) and ``export_kind`` (for error messages), and keep a
-    ``config`` dict; their ``from_pretrained`` builds the adapter from :meth:`read_export`'s result.
+    ``wrapped_class`` (its class, for loading), ``export_kind`` (for error messages), ``adapter_key`` (the
+    config's ``"adapter"``) and ``method_name`` (for error messages); their ``__init__`` calls
+    :meth:`set_modalities` and their ``from_pretrained`` builds the adapter from :meth:`read_export`'s result.
     """
 
     export_file: ClassVar[str]
     wrapped_attribute: ClassVar[str]
     wrapped_class: ClassVar[type]
     export_kind: ClassVar[str]
+    adapter_key: ClassVar[str]
+    method_name: ClassVar[str]
+
+    def set_modalities(self, modalities: dict[str, dict[str, Any]], downsample: int, default_strength: float) -> int:
+        """Build the plugins and keep what the config records; returns the channels their maps give."""
+        if not modalities:
+            raise ValueError(f"modalities: {self.method_name} needs at least one, e.g. "
+                             f"{{'segmentation': {{'num_classes': 6}}}}")
+        # sorted: the channel layout of the conditioning image must not depend on the YAML's order
+        self.plugins = modality_registry.build_all({n: modalities[n] for n in sorted(modalities)})
+        self.modality_names = list(self.plugins)
+        self.downsample = downsample
+        self.default_strength = float(default_strength)
+        return sum(p.channels for p in self.plugins.values())
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What rebuilds the plugins around the saved diffusers model (the export's JSON file)."""
+        return {"adapter": self.adapter_key, "modalities": {n: p.config() for n, p in self.plugins.items()},
+                "downsample": self.downsample, "default_strength": self.default_strength}
 
     def save_pretrained(self, out: str | Path, safe_serialization: bool = True) -> Path:
         out = Path(out)
