@@ -28,17 +28,10 @@ from bench import common as C  # noqa: E402
 from datamodules.prediction_cache import prediction_batch, prediction_members  # noqa: E402
 
 
-def cached_batch(m: C.BenchModel, batch: dict, k: int) -> dict:
-    """``batch`` plus its cached predictions for ``k`` draws per sample (float16 storage, read back as float32)."""
-    keys = [f"bench{i:05d}" for i in range(batch["latent"].shape[0])]
-    members = prediction_members(m.base, batch["latent"], batch["text_emb"], keys, k)
-    return {**batch, **{n: v.to(batch["latent"].device) for n, v in prediction_batch(members).items()}}
-
-
 def measure_steps(args) -> dict:
     m = C.build_model("shapes32", args)
     batch = C.make_batch(m, args.batch, args.device)
-    cached = cached_batch(m, batch, args.k)
+    cached = C.cached_prediction_batch(m, batch, args.k)
     online_module = C.build_mcm_module(m)
     online_opt = online_module.configure_optimizers()["optimizer"]
     cached_module = C.build_mcm_module(m)

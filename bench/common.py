@@ -219,6 +219,16 @@ def base_forward(m: BenchModel, batch: dict) -> torch.Tensor:
     return m.base.predict(x_t, t, batch["text_emb"])
 
 
+def cached_prediction_batch(m: BenchModel, batch: dict, k: int) -> dict:
+    """``batch`` plus its cached base predictions for ``k`` draws per sample, as a ``mcm data encode
+    --predictions k`` shard gives them (float16 on disk, read back as float32)."""
+    from datamodules.prediction_cache import prediction_batch, prediction_members
+
+    keys = [f"bench{i:05d}" for i in range(batch["latent"].shape[0])]
+    members = prediction_members(m.base, batch["latent"], batch["text_emb"], keys, k)
+    return {**batch, **{n: v.to(batch["latent"].device) for n, v in prediction_batch(members).items()}}
+
+
 def mcm_step(module, opt, batch: dict) -> float:
     """One MCM training step: MCMModule's own step (base under no_grad), backward, AdamW."""
     loss = module._common_step(batch, "train")

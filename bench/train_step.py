@@ -74,15 +74,6 @@ def build_cn(m, batch, args):
     return cn, opt, cond
 
 
-def cached_predictions(m, batch: dict) -> dict:
-    """The batch's entries of a ``mcm data encode --predictions 1`` shard (fp16 on disk, as encode writes them)."""
-    from datamodules.prediction_cache import prediction_batch, prediction_members
-
-    keys = [f"bench{i:06d}" for i in range(batch["latent"].shape[0])]
-    members = prediction_members(m.base, batch["latent"], batch["text_emb"], keys, 1)
-    return {k: v.to(batch["latent"].device) for k, v in prediction_batch(members).items()}
-
-
 def measure_in_process(name: str, args) -> dict:
     """A, B, C (+ the data-side VAE and text encodes) interleaved; parameter counts."""
     m, batch = setup(name, args)
@@ -103,7 +94,7 @@ def measure_in_process(name: str, args) -> dict:
     times.update(C.interleaved(encodes, 2, 1, args.device))
     # the MCM step from raw images (VAE + text encoder inside) against the step from cached latents
     raw_batch = {k: v for k, v in batch.items() if k not in ("latent", "text_emb")}
-    pred_batch = {**batch, **cached_predictions(m, batch)}
+    pred_batch = C.cached_prediction_batch(m, batch, 1)
     steps = {"mcm_step_from_raw": lambda: C.mcm_step(module, mcm_opt, raw_batch),
              "mcm_step_from_cached": lambda: C.mcm_step(module, mcm_opt, batch),
              "mcm_step_from_cached_predictions": lambda: C.mcm_step(module, mcm_opt, pred_batch)}

@@ -238,9 +238,7 @@ class AlignmentCallback(L.Callback):
         from mcm.evaluation.judges.local_models import build_judges
 
         opts, base_name = dict(self.judges or {}), str(pl_module.base.source)
-        seg_plugin = next((pl_module.plugins[n] for n in ("segmentation", "partial_mask") if n in pl_module.plugins),
-                          None)
-        classes = getattr(seg_plugin, "num_classes", None) if opts.get("segmenter") else None  # label map check
+        classes = E.segmentation_classes([pl_module.trainable]) if opts.get("segmenter") else None  # label map check
         judges = build_judges(base_name=base_name, num_classes=classes, device=str(pl_module.device), **opts)
         if all(judges[k] is None for k in JUDGE_TASKS):
             log.warning("AlignmentCallback: no judge is available for the base '%s' (judges ship only with shapes32): "

@@ -61,9 +61,9 @@ def load_judges(a: argparse.Namespace, num_classes: int | None = None):
     return judges_from_args(a, num_classes)
 
 
-def segmentation_classes(pipe) -> int | None:
+def segmentation_classes(modules) -> int | None:
     """``num_classes`` of the first module's segmentation (or partial-mask) plugin; ``None`` if none has one."""
-    for m in pipe.modules:
+    for m in modules:
         for name in ("segmentation", "partial_mask"):
             if name in m.plugins and getattr(m.plugins[name], "num_classes", None):
                 return int(m.plugins[name].num_classes)
@@ -305,7 +305,7 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = build_pipeline(a.mcm, a.base, a.weights, a.device)
-    judges = load_judges(a, segmentation_classes(pipe))
+    judges = load_judges(a, segmentation_classes(pipe.modules))
     from datamodules.shard_datamodule import expand_shards
 
     available = available_modalities(expand_shards(a.data, "--data"))
