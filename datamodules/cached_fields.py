@@ -17,6 +17,8 @@ Member names (design.md §6), each one ``np.save``'d array per sample (never pic
   dit      none (the ``cls`` member is the context)
   ======== ============================================ ===================================
 
+- ``base_hash.txt``: the base's ``content_hash()``, so that shards read from a URL or ``pipe:`` (where no
+  ``base.json`` can be found next to them) are checked against the training base too, batch by batch.
 - with ``--predictions K`` (``datamodules.prediction_cache``): ``pred_t.npy`` and ``noise_seed.npy``
   (int64), ``xt.npy``, ``target.npy``, ``pred.npy``, ``pred_uncond.npy``, each ``(K, ...)``.
 
@@ -50,6 +52,8 @@ CACHED_KEYS = LATENT_KEYS + (TEXT_KEY,) + CONTEXT_EXTRA_KEYS + PREDICTION_KEYS
 #: stored fp32: fp16 is exact for integers only up to 2048 (SDXL's time_ids are pixel sizes)
 FP32_KEYS = ("time_ids",)
 BASE_JSON = "base.json"
+#: per-sample copy of base.json's hash (member ``base_hash.txt``), for shards whose folder cannot be read
+BASE_HASH_KEY, BASE_HASH_MEMBER = "base_hash", "base_hash.txt"
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -113,6 +117,9 @@ def decode_cached(sample: Mapping[str, Any]) -> dict[str, Any]:
     elif extra:
         raise BadSampleError(f"cached {sorted(member(k) for k in extra)} without '{member(TEXT_KEY)}'; expected "
                              f"all text-embedding members of the sample (re-encode the shard)")
+    if BASE_HASH_MEMBER in sample:
+        h = sample[BASE_HASH_MEMBER]
+        out[BASE_HASH_KEY] = (h.decode("ascii", "replace") if isinstance(h, bytes) else str(h)).strip()
     if "latent_flip" in out and "latent" in out and out["latent_flip"].shape != out["latent"].shape:
         raise BadSampleError(f"'latent_flip.npy' is {tuple(out['latent_flip'].shape)} but 'latent.npy' is "
                              f"{tuple(out['latent'].shape)}; expected the same shape")

@@ -43,14 +43,14 @@ import torch
 from torchvision import tv_tensors
 from webdataset.tariterators import base_plus_ext
 
-from .cached_fields import BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
+from .cached_fields import BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
 from .sample_decoding import (IMAGE_EXPECTED, BadSampleError, ShardDecodeError, SkipCounter, decode_caption,
                               decode_class_label, decode_image, image_field, joint_transform)
 from .shard_stream import TAR_ERRORS
 
 log = logging.getLogger(__name__)
 
-CACHED_SUFFIXES = tuple(member(k) for k in CACHED_KEYS)
+CACHED_SUFFIXES = tuple(member(k) for k in CACHED_KEYS) + (BASE_HASH_MEMBER,)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def base_record(base, settings: EncodeSettings) -> dict:
     return {"source": str(base.source), "hash": base.content_hash(), "family": base.family,
             "image_size": settings.image_size, "latent_shape": [base.latent_channels] + [
                 settings.image_size // base.downsample] * 2, "members": members, "context": context,
-            "flip": settings.flip, "predictions": settings.predictions, "format": 1}
+            "flip": settings.flip, "predictions": settings.predictions, "dtype": settings.dtype or "float32",
+            "format": 1}
 
 
 def _write_base_json(out: Path, record: dict) -> None:
@@ -109,7 +110,9 @@ def _write_base_json(out: Path, record: dict) -> None:
     path = out / BASE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("hash", "image_size", "flip", "predictions", "members")
+        keys = ("hash", "image_size", "flip", "predictions", "members", "dtype")
+        # a base.json written before "dtype" was recorded: those encodings ran in float32 or said nothing
+        old.setdefault("dtype", record["dtype"])
         diff = {k: (old.get(k), record[k]) for k in keys if old.get(k) != record[k]}
         if diff:
             raise ValueError(f"--out {out}: holds shards encoded for base '{old.get('source')}' "
@@ -184,7 +187,9 @@ def encode_batch(base, settings: EncodeSettings, images: list[torch.Tensor], cap
     if base.is_text_conditional:
         context = base.encode_context(captions, batch_size=B, image_size=(S, S))
         arrays.update(context_members(context))
-    out = [{member(k): array_bytes(k, v[i]) for k, v in arrays.items()} for i in range(B)]
+    base_hash = base.content_hash().encode("ascii")
+    out = [{member(k): array_bytes(k, v[i]) for k, v in arrays.items()} | {BASE_HASH_MEMBER: base_hash}
+           for i in range(B)]
     if settings.predictions > 0:
         from datamodules.prediction_cache import prediction_members  # written alongside; imported when asked
 

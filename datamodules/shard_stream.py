@@ -40,7 +40,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 
 from modalities import Modality
 
-from .cached_fields import CACHED_KEYS, PREDICTION_KEYS, TEXT_KEY, decode_cached, has_predictions, member
+from .cached_fields import (BASE_HASH_KEY, CACHED_KEYS, PREDICTION_KEYS, TEXT_KEY, decode_cached, has_predictions,
+                            member)
 from .sample_decoding import (
     CAPTION_KEYS, CLASS_KEY, DATA_ERRORS, IMAGE_EXPECTED, IMAGE_KEYS, BadSampleError, ShardDecodeError,
     SkipCounter, decode_caption, decode_class_label, decode_image, decode_modality, hflip_all, image_field,
@@ -196,7 +197,7 @@ class ShardStream(IterableDataset):
             item["class_label"] = label
         if "latent" in cached:
             item["latent"] = cached["latent_flip"] if flip else cached["latent"]  # (C, h, w)
-        item.update({k: v for k, v in cached.items() if k == TEXT_KEY or k in PREDICTION_KEYS})
+        item.update({k: v for k, v in cached.items() if k in (TEXT_KEY, BASE_HASH_KEY) or k in PREDICTION_KEYS})
         for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
             raw = unwrap(p, t)
             raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
@@ -258,7 +259,11 @@ def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
             raise ValueError(f"cached shards: {n} of {len(items)} samples of a batch have '{member(k)}' and "
                              f"{without} do not; expected shards all encoded the same way (mcm data encode) or "
                              f"all raw")
+    # per sample, None where a shard has no base_hash.txt (encoded before it was written): checked by the trainer
+    hashes = [it.pop(BASE_HASH_KEY, None) for it in items]
     out = default_collate(items)
+    if any(h is not None for h in hashes):
+        out[BASE_HASH_KEY] = hashes
     out["skipped"] = torch.tensor(skipped)
     return out
 

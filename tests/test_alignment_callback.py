@@ -110,7 +110,9 @@ def test_align_scalars_logged_at_validations_and_equal_mcm_evaluate(fitted, shar
         out = tmp_path / f"eval{step}"
         assert run_tool_command(["evaluate", "--mcm", str(export), "--data", str(shards / "val-*.tar"),
                                  "--n", str(N), "--seeds", "0", "--steps", str(STEPS), "--strength", str(STRENGTH),
-                                 "--batch-size", "2", "--threads", "1", "--out", str(out)]) == 0
+                                 "--batch-size", "2", "--threads", "1", "--out", str(out),
+                                 # the experiment's judges (a tiny base other than shapes32 ships none)
+                                 "--seg-judge", "shapes32-segmentation", "--depth-judge", "shapes32-depth"]) == 0
         (setting,) = json.loads((out / "metrics.json").read_text())["settings"]
         assert setting["strength"] == STRENGTH and len(setting["modalities"]) == 4
         for key in KEYS:

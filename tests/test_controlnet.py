@@ -222,6 +222,7 @@ def test_fit_with_trainer_then_export_and_evaluate(tiny_pixel_base_dir, tmp_path
     assert json.loads((out / "mcm_base.json").read_text())["hash"] == before
     assert run_tool_command(["evaluate", "--mcm", str(out), "--data", str(tmp_path / "data" / "val-*.tar"),
                              "--n", "4", "--steps", "2", "--seeds", "0", "--batch-size", "4", "--threads", "1",
+                             "--seg-judge", "shapes32-segmentation",  # a tiny base: no judge of its own
                              "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["settings"][0]["modalities"] == ["segmentation"]

@@ -90,7 +90,7 @@ def test_encode_round_trip(family, size, tmp_path, request):
     assert all(after[k] == v for k, v in before.items()), "original members must be copied unchanged"
     ctx_members = ["text_emb.npy"] + (["text_embeds.npy", "time_ids.npy"] if family == "sdxl" else [])
     assert set(after) - set(before) == {f"s0_{i:02d}.{m}" for i in range(3)
-                                        for m in ["latent.npy", "latent_flip.npy", *ctx_members]}
+                                        for m in ["latent.npy", "latent_flip.npy", "base_hash.txt", *ctx_members]}
     for i in range(3):
         key = f"s0_{i:02d}"
         image = _presented(before[f"{key}.png"], size)[None]  # (1, 3, S, S)
@@ -107,8 +107,9 @@ def test_encode_round_trip(family, size, tmp_path, request):
     import json
 
     rec = json.loads((tmp_path / "out" / "base.json").read_text())
-    assert (rec["hash"], rec["source"], rec["family"], rec["image_size"]) == (
-        base.content_hash(), str(base_dir), family, size)
+    assert (rec["hash"], rec["source"], rec["family"], rec["image_size"], rec["dtype"]) == (
+        base.content_hash(), str(base_dir), family, size, "float32")
+    assert {after[f"s0_{i:02d}.base_hash.txt"] for i in range(3)} == {base.content_hash().encode()}
     dm = _dm(str(tmp_path / "out" / raw[0].name), image_size=size, batch_size=3)
     batch = next(iter(dm.val_dataloader()))
     assert dm.cached_base["hash"] == base.content_hash()
@@ -188,6 +189,39 @@ def test_shards_of_another_base_are_refused(tiny_sd_dir, tmp_path):
         assert part in msg, (part, msg)
     MCMModule(base=str(tiny_sd_dir), force_base=True, **kw).check_cached_base(dm)  # forced: accepted
     MCMModule(base=str(other), **kw).check_cached_base(dm)  # the right base: accepted
+
+
+def test_remote_shards_of_another_base_are_refused_batch_by_batch(tiny_sd_dir, tmp_path):
+    """Shards read through ``pipe:`` have no readable folder (no base.json check): each sample's
+    base_hash.txt is checked by the training step instead, naming a sample key and both hashes."""
+    from mcm.models.frozen_base import BaseMismatchError
+    from mcm.training.mcm_module import MCMModule
+    from tiny_models import make_tiny_sd
+
+    other = make_tiny_sd(tmp_path / "other_sd", seed=5)
+    raw = _shards(tmp_path / "raw", 1, 4, 64, 64)
+    encode_shards(str(other), [str(raw[0])], tmp_path / "out")
+    dm = _dm(f"pipe:cat {tmp_path / 'out' / 'train-00.tar'}")
+    assert dm.cached_base is None  # nothing to read next to a pipe
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["base_hash"] == [_base_hash(other)] * 4
+    kw = dict(modalities={"segmentation": {"num_classes": 6}}, block_out_channels=(16, 32), layers_per_block=1,
+              attention_levels=(1,), norm_num_groups=8)
+    module = MCMModule(base=str(tiny_sd_dir), **kw)
+    with pytest.raises(BaseMismatchError) as e:
+        module.validation_step(batch, 0)
+    msg = str(e.value)
+    for part in ("4 of 4", "'s0_00'", _base_hash(other)[:12], module.base.content_hash()[:12],
+                 "mcm data encode --base"):
+        assert part in msg, (part, msg)
+    loss = MCMModule(base=str(other), **kw).validation_step(batch, 0)  # the right base: trains
+    assert torch.isfinite(loss)
+
+
+def _base_hash(path) -> str:
+    from mcm.models.frozen_base import FrozenBase
+
+    return FrozenBase.from_pretrained(path).content_hash()
 
 
 # ---- 4. resume -------------------------------------------------------------------------------------

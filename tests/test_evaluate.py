@@ -31,9 +31,14 @@ def tiny_setup(tiny_pixel_base_dir, tmp_path_factory):
     return mcm_dir, str(root / "data" / "val-*.tar")
 
 
+#: the tiny base here is not shapes32, so no judge is a default; its images are shapes, which these judge
+SHAPES_JUDGES = ("--seg-judge", "shapes32-segmentation", "--depth-judge", "shapes32-depth")
+
+
 def _evaluate(out, *args: str) -> dict:
-    assert run_tool_command(["evaluate", *args, "--n", "8", "--steps", "2", "--batch-size", "4", "--threads", "1",
-                             "--out", str(out)]) == 0
+    judges = () if "--seg-judge" in args else SHAPES_JUDGES
+    assert run_tool_command(["evaluate", *args, *judges, "--n", "8", "--steps", "2", "--batch-size", "4",
+                             "--threads", "1", "--out", str(out)]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,3 +220,24 @@ def test_text_encoder_without_tokenizer_is_reported(tmp_path, tiny_pixel_base_di
 def test_builtin_not_shipped_is_reported():
     with pytest.raises(FileNotFoundError, match="shapes32.*not shipped"):
         FrozenBase.from_pretrained("shapes32")
+
+
+def test_builtin_base_name_by_name_or_directory(tmp_path, tiny_pixel_base_dir, monkeypatch):
+    """Shipped things of a built-in base (its judges) follow it when it is loaded from its directory; a copy
+    elsewhere or another base is not it; the alignment callback and mcm evaluate pick judges by this name."""
+    from mcm.evaluation.evaluate import load_judges
+    from mcm.models.base_loading import builtin_base_name
+
+    shipped = BUILTIN_BASES["shapes32"]
+    assert builtin_base_name("shapes32") == "shapes32"
+    assert builtin_base_name(str(shipped)) == "shapes32"
+    assert builtin_base_name(shipped / ".." / "base") == "shapes32"
+    monkeypatch.chdir(shipped.parent)
+    assert builtin_base_name("base") == "shapes32"  # relative to the cwd
+    assert builtin_base_name(tiny_pixel_base_dir) is None
+    assert builtin_base_name(tmp_path / "missing") is None
+    args = SimpleNamespace()
+    judged = load_judges(args, 6, str(shipped))
+    assert judged["segmentation"] is not None and judged["depth"] is not None
+    other = load_judges(args, 6, str(tiny_pixel_base_dir))
+    assert other["segmentation"] is None and other["depth"] is None and other["features"] is None

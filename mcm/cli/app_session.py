@@ -139,10 +139,9 @@ class Session:
     @property
     def judged(self) -> bool:
         """Judges exist for the shapes32 base only (they were trained on its images)."""
-        from mcm.models.frozen_base import BUILTIN_BASES
+        from mcm.models.base_loading import builtin_base_name
 
-        src = self.base_name
-        return src == "shapes32" or Path(src).resolve() == Path(BUILTIN_BASES["shapes32"]).resolve()
+        return builtin_base_name(self.base_name) == "shapes32"
 
     def load_judges(self) -> dict[str, Any]:
         if self.judges is None:

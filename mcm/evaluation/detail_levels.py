@@ -98,7 +98,7 @@ def run_detail_levels(a: argparse.Namespace, ev: argparse.Namespace) -> dict:
     names = [n for n in ("segmentation", "sketch") if n in trained]
     if not names:
         raise ValueError(f"--mcm {ev.mcm}: the modules know {trained}; this measures 'segmentation' and 'sketch'")
-    judges = E.load_judges(ev, E.segmentation_classes(pipe.modules))
+    judges = E.load_judges(ev, E.segmentation_classes(pipe.modules), str(pipe.base.source))
     specs = E.plugin_specs(pipe, judges, names)
     size = pipe.base.unet.config.sample_size
     size = (size if isinstance(size, int) else size[0]) * pipe.base.downsample

@@ -51,14 +51,22 @@ def build_pipeline(mcm: Sequence[str], base: str | None, weights: Sequence[float
     return MCMPipeline.from_pretrained(base, modules=list(mcm), weights=weights or None, device=device)
 
 
-def load_judges(a: argparse.Namespace, num_classes: int | None = None):
+def load_judges(a: argparse.Namespace, num_classes: int | None = None, base_source: str = "shapes32"):
     """The ``Judges`` (a mapping ``{"segmentation", "depth", "features"}``, ``None`` when off): local models from
-    ``--segmenter`` / ``--label-map`` / ``--depth-model``, else ``--seg-judge`` / ``--depth-judge``, else shapes32's.
+    ``--segmenter`` / ``--label-map`` / ``--depth-model``, else ``--seg-judge`` / ``--depth-judge``, else the ones
+    shipped with the base (``shapes32``, by name or directory; other bases ship none: that judge is off).
 
     ``num_classes``: the modules' segmentation classes, checked against the label map or the segmenter."""
     from mcm.evaluation.judges.local_models import judges_from_args
+    from mcm.models.base_loading import builtin_base_name
 
-    return judges_from_args(a, num_classes)
+    judges = judges_from_args(a, num_classes, builtin_base_name(base_source))
+    flags = {"segmentation": "seg_judge", "depth": "depth_judge"}
+    off = [t for t, flag in flags.items() if judges[t] is None and getattr(a, flag, None) != "none"]  # not asked off
+    if off:
+        log.warning("no %s judge: the base '%s' ships none (judges ship with shapes32); give --segmenter / --depth-model "
+                    "(local models, docs/judges.md) or --seg-judge / --depth-judge", " or ".join(off), base_source)
+    return judges
 
 
 def segmentation_classes(modules) -> int | None:
@@ -305,7 +313,7 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = build_pipeline(a.mcm, a.base, a.weights, a.device)
-    judges = load_judges(a, segmentation_classes(pipe.modules))
+    judges = load_judges(a, segmentation_classes(pipe.modules), str(pipe.base.source))
     from datamodules.shard_datamodule import expand_shards
 
     available = available_modalities(expand_shards(a.data, "--data"))
@@ -392,9 +400,9 @@ def add_command(sub) -> None:
                    help="text-conditional bases: condition on the held-out captions or on '' (default caption)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seg-judge", default=None,
-                   help="judge name, dir, config or pkg.mod:attr; 'none' = off (default shapes32-segmentation)")
+                   help="judge name, dir, config or pkg.mod:attr; 'none' = off (default: the base's shipped judge, shapes32-segmentation for shapes32; other bases: off)")
     p.add_argument("--depth-judge", default=None,
-                   help="as --seg-judge, for depth; 'none' = off (default shapes32-depth)")
+                   help="as --seg-judge, for depth; 'none' = off (default: shapes32-depth for shapes32; other bases: off)")
     p.add_argument("--feature-judge", default=None,
                    help="judge whose features() FID/KID use (default: the segmentation judge)")
     p.add_argument("--segmenter", default=None, metavar="DIR",

@@ -34,6 +34,20 @@ def resolve_base_path(name_or_path: str | Path) -> Path:
     return path
 
 
+def builtin_base_name(name_or_path: str | Path) -> str | None:
+    """The built-in name (``shapes32``) a base source refers to, by name or by its directory; ``None`` for others.
+
+    Whatever is shipped for a built-in base (its judges) then applies when it is loaded from a path too."""
+    src = str(name_or_path)
+    if src in BUILTIN_BASES:
+        return src
+    try:
+        here = Path(src).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((n for n, p in BUILTIN_BASES.items() if Path(p).resolve() == here), None)
+
+
 def detect_family(path: Path) -> str:
     """``sd`` (SD 1.x/2.x, pixel UNets), ``sdxl``, ``dit`` or ``sd3``, from the denoiser's config class."""
     if (path / "transformer" / "config.json").is_file():

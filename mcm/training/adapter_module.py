@@ -251,6 +251,7 @@ class AdapterModule(L.LightningModule):
         check_training_batch(self.plugins, batch, 8 * self.base.downsample)  # 0. clear errors, not UNet shape errors
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         B = images.shape[0]
+        self.check_batch_base(batch)
         cache: list[torch.Tensor] = []  # the base's p, computed (without a graph) at most once
         if "pred" in batch:
             # 1-2. cached shards with the base's predictions: x_t, t, target and p are read, the base never runs
@@ -344,6 +345,22 @@ class AdapterModule(L.LightningModule):
             f"{cached['hash'][:12]}...) but the model's base is '{self.base.source}' (sha256 "
             f"{self.base.content_hash()[:12]}...); re-encode them with mcm data encode --base {self.base.source} "
             f"SHARDS --out DIR, train on the raw shards, or pass model.init_args.force_base=true")
+
+    def check_batch_base(self, batch: dict) -> None:
+        """Refuse a batch of cached samples encoded for another base (their ``base_hash.txt``): the check that
+        also covers shards read from URLs or ``pipe:``, where no ``base.json`` is found next to them."""
+        hashes = batch.get("base_hash")
+        if not hashes or self.hparams.get("force_base", False):
+            return
+        own = self.base.content_hash()
+        wrong = [(k, h) for k, h in zip(batch.get("key", ["?"] * len(hashes)), hashes) if h is not None and h != own]
+        if wrong:
+            key, h = wrong[0]
+            raise BaseMismatchError(
+                f"{len(wrong)} of {len(hashes)} cached samples of this batch (e.g. '{key}') were encoded for another "
+                f"base (sha256 {h[:12]}...) than the model's '{self.base.source}' (sha256 {own[:12]}...); re-encode "
+                f"the shards with mcm data encode --base {self.base.source} SHARDS --out DIR, train on the raw "
+                f"shards, or pass model.init_args.force_base=true")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -139,10 +139,11 @@ def build_judges(segmenter: str | Path | None = None, label_map: str | Path | Ma
     return Judges(seg, depth, feats, str(label_map) if isinstance(label_map, (str, Path)) else None)
 
 
-def judges_from_args(a: Any, num_classes: int | None = None) -> Judges:
-    """:func:`build_judges` from ``mcm evaluate``'s arguments."""
+def judges_from_args(a: Any, num_classes: int | None = None, base_name: str | None = "shapes32") -> Judges:
+    """:func:`build_judges` from ``mcm evaluate``'s arguments; ``base_name``: the base whose shipped judges are
+    the defaults."""
     return build_judges(getattr(a, "segmenter", None), getattr(a, "label_map", None),
-                        getattr(a, "depth_model", None), seg_judge=getattr(a, "seg_judge", None),
+                        getattr(a, "depth_model", None), base_name=base_name, seg_judge=getattr(a, "seg_judge", None),
                         depth_judge=getattr(a, "depth_judge", None), feature_judge=getattr(a, "feature_judge", None),
                         num_classes=num_classes, depth_kind=getattr(a, "depth_kind", "auto"),
                         device=getattr(a, "device", "cpu"))
