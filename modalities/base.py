@@ -210,6 +210,12 @@ class Modality:
         """The trainable encoder from ``to_channels`` output to ``feature_channels`` MCM features."""
         return ConvEncoder(self.channels, self.feature_channels, self.encoder_hidden, downsample)
 
+    def loss_weight_map(self, raw: torch.Tensor) -> torch.Tensor | None:
+        """Optional: ``(B, 1, H, W)`` in [0, 1], where this map says the most (training's ``map_loss_weight``
+        weighs the loss up there); ``None`` (the default): uniform.  A function of the map alone, so the
+        weighted loss has the same minimiser per pixel as the plain one."""
+        return None
+
     def resize(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Resize a batched raw map: nearest for label maps, bilinear (antialiased) for continuous."""
         if tuple(raw.shape[-2:]) == tuple(size):

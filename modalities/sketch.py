@@ -210,6 +210,10 @@ class Sketch(Modality):
     def to_channels(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.float().clamp(0, 1)  # (B, 1, H, W)
 
+    def loss_weight_map(self, raw: torch.Tensor) -> torch.Tensor:
+        """Within 1 pixel of a stroke (the sketch judge's tolerance): the few pixels a sketch decides."""
+        return F.max_pool2d(raw.float().clamp(0, 1), 3, stride=1, padding=1)
+
     def visualize(self, raw: torch.Tensor) -> torch.Tensor:
         # black strokes on white: (B, 1, H, W) -> (B, 3, H, W)
         return (1 - raw.float().clamp(0, 1)).expand(-1, 3, -1, -1).contiguous()

@@ -193,3 +193,39 @@ def test_real_images_score_as_perfectly_aligned(tmp_path):
     assert m["sketch_f1"] == 1.0  # the sketch was derived from these very images by the same detector
     assert m["depth_delta1"] > 0.7
     assert abs(m["fid_judge"]) < 1e-3 and m["diversity"] is None and m["clip_score"] is None
+
+
+# ---- does a module use its maps (python -m mcm.evaluation.condition_use) -------------------------------------
+def test_condition_use_compares_own_maps_with_another_samples(tiny_setup, tiny_pixel_base_dir, tmp_path, capsys):
+    """A zero-output MCM is the base exactly (own = other = base); a map-dependent one differs between its own
+    and another sample's maps, but not when every sample has the same map; the CLI writes the same rows."""
+    from mcm.evaluation import evaluate as E
+    from mcm.evaluation.condition_use import band_losses, main
+    from mcm.models.frozen_base import FrozenBase
+    from mcm.models.modulator import MultimodalConditioningModule
+
+    mcm_dir, data_glob = tiny_setup
+    base = FrozenBase.from_pretrained(tiny_pixel_base_dir)
+    module = MultimodalConditioningModule.from_pretrained(mcm_dir)
+    data = E.load_data(data_glob, {"sketch": {}}, 16, 8)
+    bands = [(0, 500), (500, 1000)]
+    rows = band_losses(base, module, data, ["sketch"], bands, seed=3, batch_size=4)
+    assert [r["band"] for r in rows] == [[0, 500], [500, 1000]]
+    assert all(r["own"] != r["other"] for r in rows)
+    same = {**data, "sketch": data["sketch"][:1].expand_as(data["sketch"]).clone()}
+    rows_same = band_losses(base, module, same, ["sketch"], bands, seed=3, batch_size=4)
+    assert all(r["own"] == r["other"] for r in rows_same)
+    assert [r["base"] for r in rows_same] == [r["base"] for r in rows]  # the same x_t for the same seed
+    zero = MultimodalConditioningModule.from_pretrained(mcm_dir)
+    with torch.no_grad():
+        zero.unet.conv_out.weight.zero_()
+        zero.unet.conv_out.bias.zero_()
+    rows_zero = band_losses(base, zero, data, ["sketch"], bands, seed=3, batch_size=4)
+    assert all(r["own"] == r["other"] == r["base"] for r in rows_zero)
+    assert [r["base"] for r in rows_zero] == [r["base"] for r in rows]
+    out = tmp_path / "use.json"
+    assert main(["--mcm", str(mcm_dir), "--data", data_glob, "--n", "8", "--modalities", "sketch", "--bands", "2",
+                 "--seed", "3", "--json", str(out)]) == 0
+    assert "| 500-1000 |" in capsys.readouterr().out
+    written = json.loads(out.read_text())["rows"]
+    assert [r["band"] for r in written] == [[0, 500], [500, 1000]] and all(r["base"] > 0 for r in written)

@@ -61,6 +61,24 @@ def test_min_snr_weighting_by_hand():
         ForwardProcess(sched.config, weighting="snr")
 
 
+def test_clamped_snr_weighting_by_hand():
+    """clamped_snr: x0-space weight clamp(snr, 1, gamma); for v-prediction divided by snr + 1, so the noisiest
+    steps keep a weight of 1 / (snr + 1) >= 1/2 where min-SNR's snr / (snr + 1) goes to 0."""
+    sched = DDPMScheduler(**SD, prediction_type="v_prediction")
+    t = torch.tensor([10, 300, 600, 990])
+    a = abar(t)
+    snr = a / (1 - a)
+    assert snr[0] > 5 and 1 < snr[1] < 5 and snr[2] < 1 and snr[3] < 0.01  # one t in each regime
+    fp = ForwardProcess(sched.config, weighting="clamped_snr", snr_gamma=5.0)
+    want = torch.tensor([5.0, snr[1].item(), 1.0, 1.0]) / (snr + 1)
+    assert torch.allclose(fp.loss_weights(t), want.float(), rtol=1e-4)
+    assert fp.loss_weights(t)[3] > 0.99 and ForwardProcess(sched.config, weighting="min_snr").loss_weights(t)[3] < 0.01
+    min_snr = ForwardProcess(sched.config, weighting="min_snr").loss_weights(t)
+    assert torch.allclose(fp.loss_weights(t)[:2], min_snr[:2])  # the same where snr >= 1
+    with pytest.raises(ValueError, match="count twice"):
+        ForwardProcess(sched.config, weighting="clamped_snr", timestep_sampling="snr")
+
+
 @pytest.mark.parametrize("sampling", ["uniform", "cubic", "snr"])
 def test_timestep_sampling_densities_by_hand(sampling):
     sched = DDPMScheduler(**SD, prediction_type="v_prediction")

@@ -130,6 +130,42 @@ def test_single_modality_dropout(module):
     assert torch.allclose(share, torch.full((M,), 0.25), atol=0.015)
 
 
+def test_map_loss_weight_weighs_pixels_near_present_strokes(module):
+    """map_loss_weight = lambda: weights 1 + lambda near a present sketch's strokes (3x3 dilation), 1 elsewhere and
+    for samples whose sketch is dropped, normalised to mean 1; the loss is the hand-weighted MSE; 0 = off."""
+    from mcm.diffusion.forward_process import ForwardProcess
+
+    B, size = 3, 8
+    batch = make_batch(B, size)
+    sketch = torch.zeros(B, 1, size, size)
+    sketch[0, 0, 2, 3] = 1.0  # one stroke pixel: its 3x3 neighbourhood is weighted
+    sketch[1, 0, :, 0] = 1.0  # a column at the border: columns 0 and 1
+    sketch[2, 0, 4, 4] = 1.0  # this sample's sketch is dropped below
+    batch["sketch"] = sketch
+    keep = torch.ones(B, 4)
+    keep[2, module.modality_names.index("sketch")] = 0.0
+    assert module.map_pixel_weights(batch, keep, (size, size)) is None  # default 0: off
+    module.hparams.map_loss_weight = 3.0
+    try:
+        w = module.map_pixel_weights(batch, keep, (size, size))
+        half = module.map_pixel_weights(batch, keep, (size // 2, size // 2))  # model space smaller than the maps
+    finally:
+        module.hparams.map_loss_weight = 0.0
+    raw0 = torch.ones(size, size)
+    raw0[1:4, 2:5] = 4.0
+    raw1 = torch.ones(size, size)
+    raw1[:, :2] = 4.0
+    for got, raw in ((w[0, 0], raw0), (w[1, 0], raw1), (w[2, 0], torch.ones(size, size))):
+        assert torch.allclose(got, raw / raw.mean())
+    assert half.shape == (B, 1, 4, 4) and torch.allclose(half[1, 0, :, 0], torch.full((4,), 4.0 / (1 + 3 * 0.25)))
+    fp = ForwardProcess({"num_train_timesteps": 1000, "prediction_type": "epsilon"})
+    pred, target = torch.randn(B, 3, size, size), torch.randn(B, 3, size, size)
+    t = torch.tensor([10, 500, 900])
+    want = ((pred - target) ** 2 * w).mean((1, 2, 3)).mean()
+    assert torch.allclose(fp.loss(pred, target, t, w), want)
+    assert torch.allclose(fp.loss(pred, target, t, torch.ones(B, 1, size, size)), fp.loss(pred, target, t))
+
+
 def test_checkpoint_records_base_and_refuses_another(module, tiny_uncond_dir, tiny_pixel_base_dir, tmp_path):
     ckpt = {"state_dict": module.state_dict(), "global_step": 3}
     module.on_save_checkpoint(ckpt)

@@ -15,7 +15,10 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-WEIGHTINGS = ("none", "min_snr")
+#: min_snr: Hang et al. 2023, the x0-space weight min(snr, gamma); clamped_snr: that weight also floored at 1,
+#: max(min(snr, gamma), 1) (the floor is Salimans & Ho's 2022 "truncated SNR" weighting): the same as min-SNR
+#: where snr >= 1, but noisier steps keep a v-space weight of 1 / (snr + 1) >= 1/2 instead of going to zero
+WEIGHTINGS = ("none", "min_snr", "clamped_snr")
 #: how training draws timesteps: uniform (diffusers' train scripts); cubic, biased to high noise as in
 #: T2I-Adapter (Mou et al. 2023, §3.4: t = (1 - u^3) T), where the layout is decided; snr, with probability
 #: proportional to the min-SNR-gamma weight (importance sampling of min-SNR: the same expected gradient as
@@ -40,10 +43,11 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, v_prediction or sample")
 
 
-def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 9) for epsilon, v or x0 targets."""
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float, floor: float | None = None) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 9) for epsilon, v or x0 targets;
+    ``floor``: the x0-space weight is also at least this (``clamped_snr``: 1)."""
     snr = compute_snr(scheduler, t)
-    w = torch.clamp(snr, max=gamma)
+    w = torch.clamp(snr, min=floor, max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "v_prediction":
         return w / (snr + 1)
@@ -52,12 +56,20 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return w  # x0 target: the weight is min(snr, gamma) itself
 
 
+def pixel_mse(pred: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` mean squared error per sample, each pixel (all channels) weighted by ``pixel_weights``."""
+    err = (pred.float() - target.float()).pow(2)
+    if pixel_weights is not None:
+        err = err * pixel_weights.to(err)
+    return err.flatten(1).mean(1)
+
+
 class ForwardProcess:
     """Variance-preserving training noise for epsilon / v / sample bases.
 
     Args:
         scheduler_config: the base's scheduler config (any diffusers scheduler).
-        weighting: per-sample loss weighting, ``"none"`` or ``"min_snr"``.
+        weighting: per-sample loss weighting, ``"none"``, ``"min_snr"`` or ``"clamped_snr"`` (:data:`WEIGHTINGS`).
         snr_gamma: gamma of min-SNR weighting (and of ``"snr"`` timestep sampling).
         timestep_sampling: how training draws ``t`` (:data:`TIMESTEP_SAMPLINGS`); validation always draws uniformly,
             so validation losses of runs that sample differently compare.
@@ -69,9 +81,10 @@ class ForwardProcess:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
-        if timestep_sampling == "snr" and weighting == "min_snr":
-            raise ValueError("timestep_sampling='snr' already draws timesteps in proportion to the min-SNR weight; with "
-                             "loss_weighting='min_snr' as well the weight would count twice (set loss_weighting: none)")
+        if timestep_sampling == "snr" and weighting != "none":
+            raise ValueError(f"timestep_sampling='snr' already draws timesteps in proportion to the min-SNR weight; with "
+                             f"loss_weighting={weighting!r} as well the weight would count twice (set loss_weighting: "
+                             f"none)")
         self.scheduler = training_scheduler(scheduler_config)
         self.weighting, self.snr_gamma, self.timestep_sampling = weighting, snr_gamma, timestep_sampling
 
@@ -128,11 +141,14 @@ class ForwardProcess:
         if self.weighting == "none":
             return None
         self.to(t.device)
-        return min_snr_weights(self.scheduler, t, self.snr_gamma).float()
+        floor = 1.0 if self.weighting == "clamped_snr" else None
+        return min_snr_weights(self.scheduler, t, self.snr_gamma, floor).float()
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Weighted MSE: the mean over pixels per sample, times its weight, mean over the batch."""
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted MSE: the mean over pixels per sample (times ``pixel_weights`` ``(B, 1, h, w)``, if given),
+        times the sample's weight, mean over the batch."""
+        per_sample = pixel_mse(pred, target, pixel_weights)
         w = self.loss_weights(t)
         return (per_sample * w).mean() if w is not None else per_sample.mean()
 
@@ -194,12 +210,14 @@ class FlowMatchingProcess:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         w = compute_loss_weighting_for_sd3(self.weighting if self.weighting != "none" else "logit_normal",
                                            self.sigmas(t, pred.ndim).to(pred.device))
-        return (w.float() * (pred.float() - target.float()).pow(2)).flatten(1).mean(1).mean()
+        # w is (B, 1, 1, 1): the same per-pixel error weighted per sample, as pixel_mse weighs it per pixel
+        return (pixel_mse(pred, target, pixel_weights) * w.float().flatten()).mean()
 
 
 def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0,

@@ -97,8 +97,12 @@ class AdapterModule(L.LightningModule):
             of 0.3 over four modalities a given map is alone in 0.7 x 0.3^3 = 1.9% of samples.
         caption_dropout: probability of conditioning the base on ``""`` instead of the caption.
         ema_decay: keep an EMA of the adapter (``None`` = off); used for grids and export.
-        loss_weighting / snr_gamma: ``"none"`` or ``"min_snr"`` (Hang et al. 2023) and its gamma.
+        loss_weighting / snr_gamma: ``"none"``, ``"min_snr"`` (Hang et al. 2023) or ``"clamped_snr"`` (min-SNR
+            floored at 1: noisy steps keep their weight) and its gamma.
         timestep_sampling: ``"uniform"``, ``"cubic"`` or ``"snr"`` (:mod:`mcm.diffusion.forward_process`).
+        map_loss_weight: ``lambda >= 0``: training weighs each pixel's squared error by ``1 + lambda w``, ``w``
+            the largest ``loss_weight_map`` of the maps present there (sketch: within 1 px of a stroke),
+            normalised to mean 1 per sample; 0 (default): off.  Validation losses stay unweighted.
         num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings.
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32.
@@ -175,6 +179,25 @@ class AdapterModule(L.LightningModule):
             which = torch.randint(0, M, (batch_size,), device=self.device)
             keep = torch.where(alone, F.one_hot(which, M).float(), keep)
         return keep * keep_any
+
+    def map_pixel_weights(self, batch: dict, keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
+        """``(B, 1, h, w)`` loss weights ``1 + lambda max_m keep_m w_m`` (model space, mean 1 per sample), or
+        ``None`` when ``map_loss_weight`` is 0 or no present map has a ``loss_weight_map``."""
+        lam = float(self.hparams.get("map_loss_weight", 0.0) or 0.0)
+        if lam <= 0:
+            return None
+        w = None
+        for j, (name, plugin) in enumerate(self.plugins.items()):
+            m = plugin.loss_weight_map(batch[name])
+            if m is None:
+                continue
+            m = F.adaptive_max_pool2d(m.float(), size) if tuple(m.shape[-2:]) != size else m.float()  # any stroke
+            m = m.to(keep.device) * keep[:, j, None, None, None]
+            w = m if w is None else torch.maximum(w, m)
+        if w is None:
+            return None
+        w = 1.0 + lam * w
+        return w / w.flatten(1).mean(1).view(-1, 1, 1, 1)
 
     def _context(self, batch: dict, batch_size: int, train: bool):
         """The base's conditioning for the batch, with caption / class dropout to the unconditional branch:
@@ -275,7 +298,8 @@ class AdapterModule(L.LightningModule):
             target = self.forward_process.target(x0, noise, t)
         # 3. conditions -> adapter state, with modality dropout
         conditions = {n: batch[n] for n in self.modality_names}
-        state = self.trainable.encode_conditions(conditions, self.presence(B, train), tuple(x_t.shape[-2:]), B)
+        keep = self.presence(B, train)
+        state = self.trainable.encode_conditions(conditions, keep, tuple(x_t.shape[-2:]), B)
         # 4. the controlled prediction; the base's own p is computed (without a graph) only if needed
 
         def base_prediction() -> torch.Tensor:
@@ -284,8 +308,10 @@ class AdapterModule(L.LightningModule):
             return cache[0]
 
         pred = self.trainable.controlled_prediction(self.base, x_t, t, text, state, 1.0, base_prediction)
-        # 5. (weighted) MSE against the target of the base's prediction type (min-SNR weights at the draw's t)
-        loss = self.forward_process.loss(pred, target, t)
+        # 5. (weighted) MSE against the target of the base's prediction type (min-SNR weights at the draw's t;
+        #    map_loss_weight: per-pixel weights where the present maps say the most)
+        pixels = self.map_pixel_weights(batch, keep, tuple(pred.shape[-2:])) if train else None
+        loss = self.forward_process.loss(pred, target, t, pixels)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=not train, batch_size=B,
                  sync_dist=not train)
         if not train:  # the no-op reference: how far the base alone is from the target
