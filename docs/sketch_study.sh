@@ -16,6 +16,7 @@ variant_args() {  # steps, then the overrides of each variant
     fast) echo 600 --model.init_args.lr 2.0e-3 --model.init_args.warmup_steps 0 \
       --data.init_args.modalities '{"sketch": {"max_dropout": 0.0, "dilate_prob": 0.0}}' ;;
     long) echo 1500 ;;
+    clamped_snr) echo 600 --model.init_args.loss_weighting clamped_snr ;;
     stroke_min_snr) echo 600 --model.init_args.loss_weighting min_snr --model.init_args.map_loss_weight 4.0 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
@@ -35,4 +36,4 @@ run() {
   python -m mcm.evaluation.condition_use --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 100 \
     --json "$out/condition_use.json" | tee "$out/condition_use.md"
 }
-for v in "${@:-cubic fast long stroke_min_snr}"; do for w in $v; do echo "== $w $(date +%T)"; run "$w"; done; done
+for v in "${@:-cubic fast long clamped_snr stroke_min_snr}"; do for w in $v; do echo "== $w $(date +%T)"; run "$w"; done; done

@@ -30,7 +30,7 @@ def test_rows_values_best_strength_and_kept_prose(tmp_path, monkeypatch):
                                     {"name": "c", "changed": "never run", "why": "z"}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "ablations.md"
-    out.write_text(f"intro\n{ablation_report.BEGIN}\nold table\n{ablation_report.END}\n\nreading\n")
+    out.write_text("intro\n<!-- ablation table -->\nold table\n<!-- /ablation table -->\n\nreading\n")
     ablation_report.main([str(tmp_path / "spec.yaml"), "--out", str(out)])
     text = out.read_text()
     assert text.startswith("intro\n") and text.endswith("\n\nreading\n") and "old table" not in text
@@ -40,3 +40,35 @@ def test_rows_values_best_strength_and_kept_prose(tmp_path, monkeypatch):
     assert a[2] == "`mcm fit -c experiments/shapes32/multimodal.yaml --trainer.max_time 00:00:10:00 --trainer.max_steps -1`"
     assert b[2].endswith("--trainer.max_steps 800 --m.lr 1`") and b[3:5] == ["800", "23.3"]
     assert "| c | never run | not run yet (metrics.json missing)" in text
+
+
+def test_sketch_study_spec_prefixes_reference_rows_and_condition_use(tmp_path, monkeypatch):
+    """Another spec (docs/sketch_study.yaml's kind): its own run / eval folders, command and markers, a reference
+    row with its own paths and command, '–' for a modality not evaluated, and condition_use gains per band."""
+    monkeypatch.chdir(tmp_path)
+    for run, ev, step in (("runs/sk_v", "docs/eval/sketch_v", 600), ("runs/ref", "docs/eval/ref", 589)):
+        (tmp_path / ev).mkdir(parents=True)
+        (tmp_path / run / "export").mkdir(parents=True)
+        settings = [_setting("sketch", 1.0, 0.45, 0.2), _setting("sketch", 3.0, 0.56, 0.3)]
+        (tmp_path / ev / "metrics.json").write_text(json.dumps({"settings": settings}))
+        (tmp_path / run / "export" / "mcm_base.json").write_text(json.dumps({"global_step": step}))
+        (tmp_path / f"{run}.seconds").write_text("600\n")
+    rows = [{"band": [400, 600], "own": 0.9, "other": 1.0, "base": 1.0},
+            {"band": [800, 1000], "own": 0.5, "other": 0.4, "base": 1.0}]
+    (tmp_path / "docs/eval/sketch_v/condition_use.json").write_text(json.dumps({"rows": rows}))
+    spec = {"budget": "B", "command": "mcm fit -c experiments/shapes32/sketch.yaml", "run_prefix": "sk_",
+            "eval_prefix": "sketch_", "marker": "sketch table", "condition_use": True,
+            "rows": [{"name": "v", "steps": 600, "changed": "x", "why": "y", "args": "--a 1"},
+                     {"name": "ref", "run": "runs/ref", "eval": "docs/eval/ref", "command": "other.sh ref",
+                      "changed": "r", "why": "z"}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study.md"
+    out.write_text("a\n<!-- sketch table -->\nold\n<!-- /sketch table -->\nb\n")
+    ablation_report.main([str(tmp_path / "spec.yaml"), "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("a\n") and text.endswith("b\n") and "old" not in text
+    v = next(line for line in text.splitlines() if line.startswith("| v |")).split(" | ")
+    ref = next(line for line in text.splitlines() if line.startswith("| ref |")).split(" | ")
+    assert v[2] == "`mcm fit -c experiments/shapes32/sketch.yaml --trainer.max_time 00:01:00:00 --trainer.max_steps 600 --a 1`"
+    assert v[3:14] == ["600", "10.0", "–", "–", "0.450", "0.560 (s=3)", "0.200", "+10.0%", "–", "-25.0%", "y |"]
+    assert ref[2] == "`other.sh ref`" and ref[3] == "589" and ref[10:13] == ["–", "–", "–"]
