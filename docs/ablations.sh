@@ -6,7 +6,8 @@
 # Run from the repository root after `mcm data shapes --out data/shapes --train 2000 --val 200`:
 #   docs/ablations.sh [VARIANT ...]      (default: all; a variant already evaluated is skipped)
 # docs/ablations.md was made by `docs/ablations.sh main lr1e-3 min_snr` on the idle machine, then
-# `STEPS=800 docs/ablations.sh min_snr_single snr_sampling_single cubic_single` while other jobs ran.
+# `STEPS=800 docs/ablations.sh min_snr_single snr_sampling_single cubic_single` while other jobs ran, and
+# `docs/ablations.sh clamped_snr` (idle machine, a later session).
 #   python -m mcm.evaluation.ablation_report docs/ablations.yaml --out docs/ablations.md
 set -euo pipefail
 BUDGET=${BUDGET:-00:00:10:00}
@@ -25,6 +26,7 @@ variant_args() {  # the overrides of each variant (docs/ablations.yaml says why)
     min_snr_single) echo "$(variant_args min_snr) --model.init_args.single_modality_prob 0.5" ;;
     snr_sampling_single) echo "$plain --model.init_args.timestep_sampling snr --model.init_args.single_modality_prob 0.5" ;;
     cubic_single) echo "$plain --model.init_args.timestep_sampling cubic --model.init_args.single_modality_prob 0.5" ;;
+    clamped_snr) echo --model.init_args.loss_weighting clamped_snr --model.init_args.snr_gamma 5.0 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
