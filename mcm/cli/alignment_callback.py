@@ -241,7 +241,8 @@ class AlignmentCallback(L.Callback):
         # shipped judges by the base's built-in name, also when it was loaded from its directory
         opts, source = dict(self.judges or {}), str(pl_module.base.source)
         classes = E.segmentation_classes([pl_module.trainable]) if opts.get("segmenter") else None  # label map check
-        judges = build_judges(base_name=builtin_base_name(source), num_classes=classes, device=str(pl_module.device), **opts)
+        judges = build_judges(base_name=builtin_base_name(source), num_classes=classes, device=str(pl_module.device),
+                              **opts)
         if all(judges[k] is None for k in JUDGE_TASKS):
             log.warning("AlignmentCallback: no judge is available for the base '%s' (judges ship only with shapes32): "
                         "logging only what needs no learned judge (sketch_f1, if the module has sketch). Give local "

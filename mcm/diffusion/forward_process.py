@@ -82,9 +82,9 @@ class ForwardProcess:
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
         if timestep_sampling == "snr" and weighting != "none":
-            raise ValueError(f"timestep_sampling='snr' already draws timesteps in proportion to the min-SNR weight; with "
-                             f"loss_weighting={weighting!r} as well the weight would count twice (set loss_weighting: "
-                             f"none)")
+            raise ValueError(f"timestep_sampling='snr' already draws timesteps in proportion to the min-SNR weight; "
+                             f"with loss_weighting={weighting!r} as well the weight would count twice (set "
+                             f"loss_weighting: none)")
         self.scheduler = training_scheduler(scheduler_config)
         self.weighting, self.snr_gamma, self.timestep_sampling = weighting, snr_gamma, timestep_sampling
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from mcm.evaluation.condition_use import gain
+
 COMMAND = "mcm fit -c experiments/shapes32/multimodal.yaml"
 TIME_BUDGET = "--trainer.max_time 00:00:10:00 --trainer.max_steps -1"
 
@@ -45,7 +47,7 @@ def _use_cells(path: Path) -> str:
     cells = []
     for band in USE_BANDS:
         r = rows.get(band)
-        cells.append(f"{100 * (1 - r['own'] / r['other']):+.1f}%" if r else "–")
+        cells.append(f"{100 * gain(r):+.1f}%" if r else "–")
     return " | ".join(cells) + " | "
 
 

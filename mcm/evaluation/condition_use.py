@@ -27,27 +27,34 @@ def band_losses(base, module, data: dict, names: Sequence[str], bands: Sequence[
     maps rolled by one sample in the batch (another sample's), and of the base alone."""
     from mcm.diffusion.forward_process import forward_process_for
 
+    if base.is_class_conditional:
+        raise ValueError(f"condition_use: the base '{base.source}' is class-conditional (DiT); this measure conditions "
+                         f"on captions or nothing, not on class labels")
     fp = forward_process_for(base.scheduler)
     images = data["image"] * 2 - 1  # [0, 1] -> [-1, 1]
     N, gen = images.shape[0], torch.Generator().manual_seed(seed)
     if N < 2:
         raise ValueError("condition_use: need at least 2 samples (the wrong maps are another sample's)")
+    # batches of >= 2 samples (the wrong maps are another sample's), each encoded once for every band
+    starts = [i for i in range(0, N, batch_size) if min(batch_size, N - i) >= 2]
+    caps = data.get("caption")
+    encoded = []
+    with torch.no_grad():
+        for i in starts:
+            x = images[i:i + batch_size].to(base.device)
+            B = x.shape[0]
+            prompts = list(caps[i:i + B]) if base.is_text_conditional and caps else None
+            encoded.append((i, base.encode_images(x), base.encode_context(prompts, batch_size=B,
+                                                                          image_size=tuple(x.shape[-2:]))))
+    used = sum(x0.shape[0] for _, x0, _ in encoded)
     rows = []
     for lo, hi in bands:
         sums = {"own": 0.0, "other": 0.0, "base": 0.0}
-        for i in range(0, N, batch_size):
-            x = images[i:i + batch_size].to(base.device)
-            B = x.shape[0]
-            if B < 2:
-                continue
-            x0 = base.encode_images(x)
+        for i, x0, context in encoded:
+            B = x0.shape[0]
             t = torch.randint(lo, hi, (B,), generator=gen).to(x0.device)
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             x_t, target = fp.add_noise(x0, noise, t), fp.target(x0, noise, t)
-            caps = data.get("caption")
-            context = base.encode_context(list(caps[i:i + B]) if base.is_text_conditional and caps else None,
-                                          batch_size=B, image_size=tuple(x.shape[-2:])) \
-                if not base.is_class_conditional else None
             with torch.no_grad():
                 p = base.predict(x_t, t, context)
                 sums["base"] += float(((p - target) ** 2).mean()) * B
@@ -56,18 +63,21 @@ def band_losses(base, module, data: dict, names: Sequence[str], bands: Sequence[
                     state = module.encode_conditions(conds, None, tuple(x_t.shape[-2:]), B)
                     pred = module.controlled_prediction(base, x_t, t, context, state, 1.0, lambda: p)
                     sums[which] += float(((pred - target) ** 2).mean()) * B
-        used = sum(min(batch_size, N - i) for i in range(0, N, batch_size) if min(batch_size, N - i) >= 2)
         rows.append({"band": [lo, hi], **{k: v / used for k, v in sums.items()}})
     return rows
+
+
+def gain(row: dict) -> float:
+    """How much lower a band's loss is with the samples' own maps than with another sample's (0.1 = 10%)."""
+    return 1 - row["own"] / row["other"] if row["other"] else 0.0
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| timesteps | own maps | another sample's maps | base alone | own vs another |",
              "|---|---|---|---|---|"]
     for r in rows:
-        gain = 1 - r["own"] / r["other"] if r["other"] else 0.0
         lines.append(f"| {r['band'][0]}-{r['band'][1]} | {r['own']:.4f} | {r['other']:.4f} | {r['base']:.4f} | "
-                     f"{100 * gain:+.1f}% |")
+                     f"{100 * gain(r):+.1f}% |")
     return "\n".join(lines)
 
 

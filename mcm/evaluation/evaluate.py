@@ -64,8 +64,9 @@ def load_judges(a: argparse.Namespace, num_classes: int | None = None, base_sour
     flags = {"segmentation": "seg_judge", "depth": "depth_judge"}
     off = [t for t, flag in flags.items() if judges[t] is None and getattr(a, flag, None) != "none"]  # not asked off
     if off:
-        log.warning("no %s judge: the base '%s' ships none (judges ship with shapes32); give --segmenter / --depth-model "
-                    "(local models, docs/judges.md) or --seg-judge / --depth-judge", " or ".join(off), base_source)
+        log.warning("no %s judge: the base '%s' ships none (judges ship with shapes32); give --segmenter / "
+                    "--depth-model (local models, docs/judges.md) or --seg-judge / --depth-judge", " or ".join(off),
+                    base_source)
     return judges
 
 
@@ -400,9 +401,11 @@ def add_command(sub) -> None:
                    help="text-conditional bases: condition on the held-out captions or on '' (default caption)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seg-judge", default=None,
-                   help="judge name, dir, config or pkg.mod:attr; 'none' = off (default: the base's shipped judge, shapes32-segmentation for shapes32; other bases: off)")
+                   help="judge name, dir, config or pkg.mod:attr; 'none' = off (default: the base's shipped judge, "
+                        "shapes32-segmentation for shapes32; other bases: off)")
     p.add_argument("--depth-judge", default=None,
-                   help="as --seg-judge, for depth; 'none' = off (default: shapes32-depth for shapes32; other bases: off)")
+                   help="as --seg-judge, for depth; 'none' = off (default: shapes32-depth for shapes32; other bases: "
+                        "off)")
     p.add_argument("--feature-judge", default=None,
                    help="judge whose features() FID/KID use (default: the segmentation judge)")
     p.add_argument("--segmenter", default=None, metavar="DIR",

@@ -183,7 +183,7 @@ class AdapterModule(L.LightningModule):
     def map_pixel_weights(self, batch: dict, keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
         """``(B, 1, h, w)`` loss weights ``1 + lambda max_m keep_m w_m`` (model space, mean 1 per sample), or
         ``None`` when ``map_loss_weight`` is 0 or no present map has a ``loss_weight_map``."""
-        lam = float(self.hparams.get("map_loss_weight", 0.0) or 0.0)
+        lam = float(self.hparams.map_loss_weight)
         if lam <= 0:
             return None
         w = None
@@ -231,9 +231,10 @@ class AdapterModule(L.LightningModule):
         refused here rather than silently ignored (loss weighting, e.g. min-SNR, applies at the cached t)."""
         sampling = getattr(self.forward_process, "timestep_sampling", "uniform")
         if train and sampling != "uniform":
-            raise ValueError(f"timestep_sampling={sampling!r}: the cached predictions (`mcm data encode --predictions K`) "
-                             f"were drawn at uniform timesteps, so this sampling cannot be applied to them; train "
-                             f"with timestep_sampling: uniform (loss_weighting: min_snr still applies), or on raw shards")
+            raise ValueError(f"timestep_sampling={sampling!r}: the cached predictions (`mcm data encode "
+                             f"--predictions K`) were drawn at uniform timesteps, so this sampling cannot be applied "
+                             f"to them; train with timestep_sampling: uniform (loss_weighting: min_snr still "
+                             f"applies), or on raw shards")
         if not getattr(self.trainable, "uses_base_prediction_only", False):
             raise ValueError(f"batch['pred']: the batch holds cached base predictions, but "
                              f"{type(self.trainable).__name__} cannot train from them: it injects residuals into the "
@@ -369,8 +370,12 @@ class AdapterModule(L.LightningModule):
         raise BaseMismatchError(
             f"the cached shards in {cached.get('shard_dir')} were encoded for base '{cached.get('source')}' (sha256 "
             f"{cached['hash'][:12]}...) but the model's base is '{self.base.source}' (sha256 "
-            f"{self.base.content_hash()[:12]}...); re-encode them with mcm data encode --base {self.base.source} "
-            f"SHARDS --out DIR, train on the raw shards, or pass model.init_args.force_base=true")
+            f"{self.base.content_hash()[:12]}...); {self._cached_base_fix()}")
+
+    def _cached_base_fix(self) -> str:
+        """The ways out of a base mismatch of cached shards, for both checks' errors."""
+        return (f"re-encode the shards with mcm data encode --base {self.base.source} SHARDS --out DIR, train on the "
+                f"raw shards, or pass model.init_args.force_base=true")
 
     def check_batch_base(self, batch: dict) -> None:
         """Refuse a batch of cached samples encoded for another base (their ``base_hash.txt``): the check that
@@ -384,9 +389,8 @@ class AdapterModule(L.LightningModule):
             key, h = wrong[0]
             raise BaseMismatchError(
                 f"{len(wrong)} of {len(hashes)} cached samples of this batch (e.g. '{key}') were encoded for another "
-                f"base (sha256 {h[:12]}...) than the model's '{self.base.source}' (sha256 {own[:12]}...); re-encode "
-                f"the shards with mcm data encode --base {self.base.source} SHARDS --out DIR, train on the raw "
-                f"shards, or pass model.init_args.force_base=true")
+                f"base (sha256 {h[:12]}...) than the model's '{self.base.source}' (sha256 {own[:12]}...); "
+                f"{self._cached_base_fix()}")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

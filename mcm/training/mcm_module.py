@@ -30,7 +30,8 @@ class MCMModule(AdapterModule):
                  weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
                  drop_all_prob: float = 0.1, single_modality_prob: float = 0.0, caption_dropout: float = 0.3,
                  ema_decay: float | None = None,
-                 loss_weighting: str = "none", snr_gamma: float = 5.0, timestep_sampling: str = "uniform", map_loss_weight: float = 0.0,
+                 loss_weighting: str = "none", snr_gamma: float = 5.0, timestep_sampling: str = "uniform",
+                 map_loss_weight: float = 0.0,
                  num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
                  val_strength: float | None = None, force_base: bool = False, base_dtype: str | None = None,
                  channels_last: bool = False, compile: bool | str = False):
