@@ -14,10 +14,12 @@ variant_args() {  # steps, then the overrides of each variant
   case $1 in
     cubic) echo 600 --model.init_args.timestep_sampling cubic ;;
     fast) echo 600 --model.init_args.lr 2.0e-3 --model.init_args.warmup_steps 0 \
-      --data.init_args.modalities '{"sketch": {"max_dropout": 0.0, "dilate_prob": 0.0}}' ;;
+      --data.init_args.modalities "'{\"sketch\": {\"max_dropout\": 0.0, \"dilate_prob\": 0.0}}'" ;;
     long) echo 1500 ;;
     clamped_snr) echo 600 --model.init_args.loss_weighting clamped_snr ;;
     stroke_min_snr) echo 600 --model.init_args.loss_weighting min_snr --model.init_args.map_loss_weight 4.0 ;;
+    regions_min_snr) echo 600 --model.init_args.loss_weighting min_snr \
+      --data.init_args.modalities "'{\"sketch\": {\"region_hints\": true}}'" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -26,10 +28,12 @@ run() {
   if [[ -f $out/metrics.json ]]; then echo "skip $v"; return; fi
   local args steps; args=$(variant_args "$v"); steps=${args%% *}; args=${args#"$steps"}
   mkdir -p runs "$out"
+  local t0=$SECONDS
   # shellcheck disable=SC2086
   eval mcm fit -c experiments/shapes32/sketch.yaml --trainer.max_steps "$steps" --trainer.max_time 00:01:30:00 \
     --trainer.default_root_dir "$dir" --trainer.logger.init_args.name "sk_$v" \
     --trainer.val_check_interval "$steps" $args > "runs/sk_$v.log" 2>&1
+  echo $((SECONDS - t0)) > "runs/sk_$v.seconds"
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
   mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
     --strength 1 2 3 --out "$out"

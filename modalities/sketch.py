@@ -21,6 +21,7 @@ from kornia.morphology import dilation, erosion
 from torch.nn import functional as F
 
 from .base import Modality, png_bytes_to_array
+from .sketch_regions import region_hints
 
 #: slack on the [0, 1] range for values that went through resampling or float16
 RANGE_EPS = 1e-4
@@ -64,6 +65,9 @@ class Sketch(Modality):
         stroke_width_range (pair of int, default None = off): training: per sample, strokes are thickened
             (``n > 0``: n 3x3 dilations) or thinned (``n < 0``: |n| 3x3 erosions) with ``n`` drawn uniformly
             in ``[low, high]``; meant for drawn ``sketch.png`` strokes (erosion removes 1-pixel Canny edges).
+        region_hints (bool, default False): the encoder also sees two fixed inside tests of the strokes
+            (:mod:`modalities.sketch_regions`: flood-fill enclosure, ray-crossing parity), 3 input channels
+            instead of 1.  Off by default so modules trained before it load unchanged.
     """
 
     name = "sketch"
@@ -80,8 +84,10 @@ class Sketch(Modality):
         dilate_prob: float = 0.3,
         detail_levels: list[tuple[float, float]] | None = None,
         stroke_width_range: tuple[int, int] | None = None,
+        region_hints: bool = False,
     ):
         super().__init__(feature_channels, encoder_hidden)
+        self.region_hints = bool(region_hints)
         if not 0 < low_threshold < high_threshold:
             raise ValueError(
                 f"modality '{self.name}': need 0 < low_threshold < high_threshold, got {low_threshold}, {high_threshold}"
@@ -115,7 +121,11 @@ class Sketch(Modality):
 
     @property
     def channels(self) -> int:
-        return 1
+        return 3 if self.region_hints else 1
+
+    @property
+    def raw_channels(self) -> int:
+        return 1  # the strokes; region hints are computed from them
 
     def config(self) -> dict[str, Any]:
         return {
@@ -127,6 +137,7 @@ class Sketch(Modality):
             "dilate_prob": self.dilate_prob,
             "detail_levels": None if self.detail_levels is None else [list(p) for p in self.detail_levels],
             "stroke_width_range": None if self.stroke_width_range is None else list(self.stroke_width_range),
+            "region_hints": self.region_hints,
         }
 
     # ---- data ---------------------------------------------------------------------------
@@ -208,7 +219,8 @@ class Sketch(Modality):
             self._fail("strokes in [0, 1] (strokes = 1, background = 0)", f"values in [{lo:.4g}, {hi:.4g}]")
 
     def to_channels(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw.float().clamp(0, 1)  # (B, 1, H, W)
+        x = raw.float().clamp(0, 1)  # (B, 1, H, W)
+        return torch.cat([x, region_hints(x)], dim=1) if self.region_hints else x
 
     def loss_weight_map(self, raw: torch.Tensor) -> torch.Tensor:
         """Within 1 pixel of a stroke (the sketch judge's tolerance): the few pixels a sketch decides."""
