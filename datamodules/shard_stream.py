@@ -41,7 +41,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from modalities import Modality
 
 from .cached_fields import (BASE_HASH_KEY, CACHED_KEYS, PREDICTION_KEYS, TEXT_KEY, decode_cached, has_predictions,
-                            member)
+                            member, pick_prediction_draw)
 from .sample_decoding import (
     CAPTION_KEYS, CLASS_KEY, DATA_ERRORS, IMAGE_EXPECTED, IMAGE_KEYS, BadSampleError, ShardDecodeError,
     SkipCounter, decode_caption, decode_class_label, decode_image, decode_modality, hflip_all, image_field,
@@ -171,6 +171,12 @@ class ShardStream(IterableDataset):
         image, raws, label, cached = self._decode_fields(sample, key, url)
         # a cached latent cannot be cropped; predictions were drawn for the unflipped image
         preds = has_predictions(cached)
+        if preds:  # one of the K draws per (seed, epoch, key); draw 0 for validation
+            gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key, "draw")) if self.train else None
+            try:
+                cached = pick_prediction_draw(cached, gen)
+            except DATA_ERRORS as e:
+                raise ShardDecodeError.of(url, key, "cached prediction members", "K draws in each", str(e)) from e
         can_crop = self.train and self.crop_scale != (1.0, 1.0) and "latent" not in cached and not preds
         can_flip = self.train and not preds and ("latent" not in cached or "latent_flip" in cached)
         tf = joint_transform(self.image_size, self.crop_scale if can_crop else None)

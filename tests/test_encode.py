@@ -314,9 +314,13 @@ def test_reader_with_predictions_no_flip_and_a_pickled_member(tmp_path):
     write_tar(tmp_path / "noflip.tar", no_flip + pickled)
     left_bright = lambda b: bool((b["image"][:, :, :, :32].mean() > b["image"][:, :, :, 32:].mean()))  # noqa: E731
     b = next(iter(_dm(str(tmp_path / "preds.tar"), hflip=1.0).train_dataloader()))
-    assert b["pred_t"].dtype == torch.int64 and b["pred_t"].tolist() == [[5, 900]] * 4
-    assert b["xt"].dtype == torch.float32 and b["xt"].shape == (4, 2, 4, 8, 8)
+    # one of the K = 2 draws per sample (the K axis kept), the same draw in every member
+    assert b["pred_t"].dtype == torch.int64 and b["pred_t"].shape == (4, 1)
+    assert set(b["pred_t"].flatten().tolist()) <= {5, 900}
+    assert b["xt"].dtype == torch.float32 and b["xt"].shape == b["pred"].shape == (4, 1, 4, 8, 8)
     assert sorted(b["xt"][:, 0, 0, 0, 0].tolist()) == [0.0, 1.0, 2.0, 3.0] and left_bright(b)
+    val = next(iter(_dm(str(tmp_path / "preds.tar"), batch_size=4).val_dataloader()))
+    assert val["pred_t"].tolist() == [[5]] * 4  # validation: draw 0
     loader = _dm(str(tmp_path / "noflip.tar"), hflip=1.0).val_dataloader()
     batches = list(loader)
     assert sum(int(x["skipped"]) for x in batches) == 1 and all("bad" not in x["key"] for x in batches)
@@ -335,10 +339,31 @@ def test_predictions_are_cached_for_the_stored_latent_and_text(tiny_sd_dir, tmp_
         b = next(iter(_dm(str(tmp_path / "out" / raw[0].name), batch_size=3, hflip=1.0,
                           crop_scale=(0.5, 0.9)).train_dataloader()))
     assert "random crop" in caplog.text and "horizontal flip (the cached predictions" in caplog.text
-    assert b["pred_t"].shape == (3, 2) and b["xt"].shape == b["pred"].shape == b["pred_uncond"].shape == (3, 2, 4, 8, 8)
+    assert b["pred_t"].shape == (3, 1) and b["xt"].shape == b["pred"].shape == b["pred_uncond"].shape == (3, 1, 4, 8, 8)
     base = FrozenBase.from_pretrained(tiny_sd_dir)
-    for j in range(2):
-        want = base.predict(b["xt"][:, j], b["pred_t"][:, j], b["text_emb"])
-        _assert_fp16_close(b["pred"][:, j], want, f"pred draw {j}")
+    want = base.predict(b["xt"][:, 0], b["pred_t"][:, 0], b["text_emb"])  # the draw each sample kept
+    _assert_fp16_close(b["pred"][:, 0], want, "pred of the kept draw")
     unflipped = torch.stack([_presented(png_for(tmp_path / "raw", k), 64) for k in b["key"]])
     assert torch.equal(b["image"], unflipped)  # hflip=1.0, but the predictions are for the unflipped image
+
+
+def test_pick_prediction_draw_keeps_one_draw_of_every_member():
+    from datamodules.cached_fields import pick_prediction_draw
+    from datamodules.sample_decoding import BadSampleError
+
+    K = 8
+    cached = {"pred_t": torch.arange(K) * 100, "xt": torch.arange(K, dtype=torch.float32).view(K, 1, 1, 1),
+              "pred": -torch.arange(K, dtype=torch.float32).view(K, 1, 1, 1), "latent": torch.zeros(4, 2, 2)}
+    seen = set()
+    for seed in range(40):
+        out = pick_prediction_draw(cached, torch.Generator().manual_seed(seed))
+        j = int(out["pred_t"][0]) // 100
+        assert out["pred_t"].shape == (1,) and out["xt"].shape == (1, 1, 1, 1)
+        assert out["xt"].item() == j and out["pred"].item() == -j and out["latent"] is cached["latent"]
+        seen.add(j)
+    assert seen == set(range(K))  # uniform over the K draws: all eight appear in 40 picks
+    again = pick_prediction_draw(cached, torch.Generator().manual_seed(7))
+    assert torch.equal(again["xt"], pick_prediction_draw(cached, torch.Generator().manual_seed(7))["xt"])
+    assert pick_prediction_draw(cached, None)["pred_t"].tolist() == [0]  # evaluation: draw 0
+    with pytest.raises(BadSampleError, match=r"'pred_t': 8, 'xt': 8, 'pred': 3.*same K"):
+        pick_prediction_draw({**cached, "pred": torch.zeros(3, 1, 1, 1)}, None)

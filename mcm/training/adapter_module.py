@@ -223,7 +223,9 @@ class AdapterModule(L.LightningModule):
     def _cached_draw(self, batch: dict, batch_size: int, train: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, t, target, p)`` from the base's cached predictions (``mcm data encode --predictions K``):
-        per sample one of its K draws, uniformly (torch's global RNG: seeded runs repeat), and ``pred_uncond``
+        per sample one of the batch's K draws, uniformly (torch's global RNG: seeded runs repeat; the
+        DataModule already keeps one draw per sample, drawn per (seed, epoch, key), so its batches have
+        K = 1), and ``pred_uncond``
         for the rows caption dropout sends to the unconditional branch; validation / test take draw 0 (fixed
         per sample like ``evaluation_noise``'s draw, but not the same draw: a validation loss on cached shards
         compares with other runs on cached shards, not with one on raw shards).  The base is not run.
