@@ -3,7 +3,8 @@
 # BUDGET (default 10 minutes) on the same 2,000 images, seeds and batch, one at a time on the otherwise idle
 # machine, then is exported and evaluated on the same 32 held-out maps at strengths 1 and 2
 # (docs/results.md, "Equal wall-clock"). Each method with its best known recipe: the MCM with the main job's
-# min-SNR-5 weighting (docs/ablations.md); ControlNet and T2I-Adapter with their experiments' own recipes.
+# min-SNR-5 weighting (docs/ablations.md) and, for the sketch, also with its region hints (mcm_sketch_regions);
+# ControlNet and T2I-Adapter with their experiments' own recipes.
 # Run from the repository root after `mcm data shapes --out data/shapes --train 2000 --val 200`:
 #   docs/wallclock_comparison.sh [JOB ...]     (default: all; a job already evaluated is skipped)
 set -euo pipefail
@@ -11,6 +12,9 @@ BUDGET=${BUDGET:-00:00:10:00}
 job_args() {  # experiment and overrides of each job
   case $1 in
     mcm_segmentation|mcm_sketch) echo "${1#mcm_} --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0" ;;
+    # the sketch with the main job's region hints (docs/ablations.md); the JSON has no spaces: it is word-split
+    mcm_sketch_regions) echo 'sketch --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0' \
+      '--data.init_args.modalities {"sketch":{"region_hints":true}}' ;;
     controlnet_segmentation|controlnet_sketch|t2i_adapter_segmentation|t2i_adapter_sketch) echo "$1" ;;
     *) echo "unknown job $1" >&2; exit 2 ;;
   esac

@@ -44,7 +44,7 @@ def enclosed(strokes: torch.Tensor, check_every: int = 16) -> torch.Tensor:
     reach[..., :, 0] = reach[..., :, -1] = 1
     reach = reach * free
     h, w = strokes.shape[-2:]
-    for i in range(0, h * w, check_every):
+    for _ in range(0, h * w, check_every):
         before = reach
         for _ in range(check_every):
             reach = _dilate4(reach) * free

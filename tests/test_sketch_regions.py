@@ -48,7 +48,8 @@ def test_plugin_option_adds_two_channels_and_round_trips():
     assert (plain.channels, hinted.channels, hinted.raw_channels) == (1, 3, 1)
     x = _square().expand(2, 1, 16, 16)
     c = hinted.to_channels(x)
-    assert torch.equal(c[:, :1], x) and torch.equal(c[:, 1:2], enclosed(x)) and torch.equal(c[:, 2:], crossing_parity(x))
+    assert torch.equal(c[:, :1], x) and torch.equal(c[:, 1:2], enclosed(x))
+    assert torch.equal(c[:, 2:], crossing_parity(x))
     assert modalities.create("sketch", **hinted.config()).region_hints
     # an MCM built with the option takes 1-channel sketches and starts as an exact no-op
     mcm = MultimodalConditioningModule(latent_channels=3, modalities={"sketch": {"region_hints": True}},
