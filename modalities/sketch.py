@@ -87,7 +87,9 @@ class Sketch(Modality):
         region_hints: bool = False,
     ):
         super().__init__(feature_channels, encoder_hidden)
-        self.region_hints = bool(region_hints)
+        if not isinstance(region_hints, bool):
+            raise ValueError(f"modality '{self.name}': region_hints must be true or false, got {region_hints!r}")
+        self.region_hints = region_hints
         if not 0 < low_threshold < high_threshold:
             raise ValueError(
                 f"modality '{self.name}': need 0 < low_threshold < high_threshold, got {low_threshold}, {high_threshold}"

@@ -1,4 +1,5 @@
 """The sketch plugin's region hints (modalities/sketch_regions.py): the two inside tests, computed by hand."""
+import pytest
 import torch
 
 import modalities
@@ -51,6 +52,8 @@ def test_plugin_option_adds_two_channels_and_round_trips():
     assert torch.equal(c[:, :1], x) and torch.equal(c[:, 1:2], enclosed(x))
     assert torch.equal(c[:, 2:], crossing_parity(x))
     assert modalities.create("sketch", **hinted.config()).region_hints
+    with pytest.raises(ValueError, match="region_hints must be true or false, got 'no'"):
+        modalities.create("sketch", region_hints="no")
     # an MCM built with the option takes 1-channel sketches and starts as an exact no-op
     mcm = MultimodalConditioningModule(latent_channels=3, modalities={"sketch": {"region_hints": True}},
                                        block_out_channels=(32, 32), attention_levels=())
