@@ -145,7 +145,7 @@ class ShardStream(IterableDataset):
     def _decode_fields(self, sample: dict[str, Any], key: str, url: str
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int | None, dict[str, Any]]:
         """The image, each modality's raw map, the class label (if any) and the cached members (``{}`` for
-        a raw sample); a data error becomes a :class:`ShardDecodeError`."""
+        a raw sample; of cached predictions, one draw); a data error becomes a :class:`ShardDecodeError`."""
         field, expected = image_field(sample), IMAGE_EXPECTED
         try:
             image = decode_image(sample)
@@ -153,6 +153,10 @@ class ShardStream(IterableDataset):
             label = decode_class_label(sample)
             field, expected = "cached .npy members", "plain .npy arrays written by mcm data encode"
             cached = decode_cached(sample)
+            if has_predictions(cached):  # one of the K draws per (seed, epoch, key); draw 0 for validation
+                field, expected = "cached prediction members", "the same K draws in each"
+                gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key, "draw")) if self.train else None
+                cached = pick_prediction_draw(cached, gen)
             raws = {}
             for n, p in self.plugins.items():
                 field, expected = modality_field(p, sample), p.shard_format()
@@ -171,12 +175,6 @@ class ShardStream(IterableDataset):
         image, raws, label, cached = self._decode_fields(sample, key, url)
         # a cached latent cannot be cropped; predictions were drawn for the unflipped image
         preds = has_predictions(cached)
-        if preds:  # one of the K draws per (seed, epoch, key); draw 0 for validation
-            gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, key, "draw")) if self.train else None
-            try:
-                cached = pick_prediction_draw(cached, gen)
-            except DATA_ERRORS as e:
-                raise ShardDecodeError.of(url, key, "cached prediction members", "K draws in each", str(e)) from e
         can_crop = self.train and self.crop_scale != (1.0, 1.0) and "latent" not in cached and not preds
         can_flip = self.train and not preds and ("latent" not in cached or "latent_flip" in cached)
         tf = joint_transform(self.image_size, self.crop_scale if can_crop else None)

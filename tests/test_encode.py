@@ -367,3 +367,20 @@ def test_pick_prediction_draw_keeps_one_draw_of_every_member():
     assert pick_prediction_draw(cached, None)["pred_t"].tolist() == [0]  # evaluation: draw 0
     with pytest.raises(BadSampleError, match=r"'pred_t': 8, 'xt': 8, 'pred': 3.*same K"):
         pick_prediction_draw({**cached, "pred": torch.zeros(3, 1, 1, 1)}, None)
+
+
+def test_a_sample_whose_prediction_members_disagree_on_k_is_skipped_by_name(tmp_path, caplog):
+    image, seg = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8)
+    members = []
+    for i in range(3):
+        k_pred = 3 if i == 1 else 2  # sample p1: pred.npy holds 3 draws, the others 2
+        members += sample_members(f"p{i}", image, seg) + [
+            (f"p{i}.pred_t.npy", _npy_bytes(np.array([5, 900], np.int64))),
+            (f"p{i}.xt.npy", _npy_bytes(np.zeros((2, 4, 8, 8), np.float16))),
+            (f"p{i}.pred.npy", _npy_bytes(np.zeros((k_pred, 4, 8, 8), np.float16)))]
+    write_tar(tmp_path / "k.tar", members)
+    with caplog.at_level(logging.WARNING):
+        batches = list(_dm(str(tmp_path / "k.tar"), batch_size=1).val_dataloader())
+    assert sorted(k for b in batches for k in b["key"]) == ["p0", "p2"]
+    assert sum(int(b["skipped"]) for b in batches) == 1
+    assert "p1" in caplog.text and "cached prediction members" in caplog.text and "same K" in caplog.text
