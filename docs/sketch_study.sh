@@ -20,6 +20,8 @@ variant_args() {  # steps, then the overrides of each variant
     stroke_min_snr) echo 600 --model.init_args.loss_weighting min_snr --model.init_args.map_loss_weight 4.0 ;;
     regions_min_snr) echo 600 --model.init_args.loss_weighting min_snr \
       --data.init_args.modalities "'{\"sketch\": {\"region_hints\": true}}'" ;;
+    regions_open_min_snr) echo 600 --model.init_args.loss_weighting min_snr --data.init_args.modalities \
+      "'{\"sketch\": {\"region_hints\": [\"enclosed\", \"crossing_parity\", \"enclosed_open_border\"]}}'" ;;
     regions_levels) echo 600 --model.init_args.loss_weighting min_snr --data.init_args.modalities \
       "'{\"sketch\": {\"region_hints\": true, \"detail_levels\": [[0.45, 0.9], [0.3, 0.6], [0.15, 0.3]]}}'" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;

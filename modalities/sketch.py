@@ -21,7 +21,7 @@ from kornia.morphology import dilation, erosion
 from torch.nn import functional as F
 
 from .base import Modality, png_bytes_to_array
-from .sketch_regions import region_hints
+from .sketch_regions import DEFAULT_HINTS, HINTS, region_hints
 
 #: slack on the [0, 1] range for values that went through resampling or float16
 RANGE_EPS = 1e-4
@@ -65,9 +65,12 @@ class Sketch(Modality):
         stroke_width_range (pair of int, default None = off): training: per sample, strokes are thickened
             (``n > 0``: n 3x3 dilations) or thinned (``n < 0``: |n| 3x3 erosions) with ``n`` drawn uniformly
             in ``[low, high]``; meant for drawn ``sketch.png`` strokes (erosion removes 1-pixel Canny edges).
-        region_hints (bool, default False): the encoder also sees two fixed inside tests of the strokes
-            (:mod:`modalities.sketch_regions`: flood-fill enclosure, ray-crossing parity), 3 input channels
-            instead of 1.  Off by default so modules trained before it load unchanged.
+        region_hints (bool or list of names, default False): the encoder also sees fixed inside tests of the
+            strokes (:mod:`modalities.sketch_regions`), one input channel each: ``true`` is
+            ``["enclosed", "crossing_parity"]`` (flood-fill enclosure, ray-crossing parity); a list names them
+            from :data:`~modalities.sketch_regions.HINTS` (also ``"enclosed_open_border"``: the flood with two
+            adjacent border sides closed, for shapes the border cuts).  Off by default so modules trained
+            before it load unchanged.
     """
 
     name = "sketch"
@@ -84,12 +87,11 @@ class Sketch(Modality):
         dilate_prob: float = 0.3,
         detail_levels: list[tuple[float, float]] | None = None,
         stroke_width_range: tuple[int, int] | None = None,
-        region_hints: bool = False,
+        region_hints: bool | list[str] = False,
     ):
         super().__init__(feature_channels, encoder_hidden)
-        if not isinstance(region_hints, bool):
-            raise ValueError(f"modality '{self.name}': region_hints must be true or false, got {region_hints!r}")
         self.region_hints = region_hints
+        self.hint_names = self._hint_names(region_hints)
         if not 0 < low_threshold < high_threshold:
             raise ValueError(
                 f"modality '{self.name}': need 0 < low_threshold < high_threshold, got {low_threshold}, {high_threshold}"
@@ -121,9 +123,18 @@ class Sketch(Modality):
             raise ValueError(f"modality '{self.name}': detail_levels: need 0 < low < high, got {pair!r}")
         return lo, hi
 
+    def _hint_names(self, region_hints: Any) -> tuple[str, ...]:
+        if isinstance(region_hints, bool):
+            return DEFAULT_HINTS if region_hints else ()
+        if isinstance(region_hints, (list, tuple)) and region_hints and all(n in HINTS for n in region_hints) \
+                and len(set(region_hints)) == len(region_hints):
+            return tuple(region_hints)
+        raise ValueError(f"modality '{self.name}': region_hints must be true, false or a list of distinct hint "
+                         f"names from {sorted(HINTS)}, got {region_hints!r}")
+
     @property
     def channels(self) -> int:
-        return 3 if self.region_hints else 1
+        return 1 + len(self.hint_names)
 
     @property
     def raw_channels(self) -> int:
@@ -139,7 +150,7 @@ class Sketch(Modality):
             "dilate_prob": self.dilate_prob,
             "detail_levels": None if self.detail_levels is None else [list(p) for p in self.detail_levels],
             "stroke_width_range": None if self.stroke_width_range is None else list(self.stroke_width_range),
-            "region_hints": self.region_hints,
+            "region_hints": self.region_hints if isinstance(self.region_hints, bool) else list(self.hint_names),
         }
 
     # ---- data ---------------------------------------------------------------------------
@@ -222,7 +233,7 @@ class Sketch(Modality):
 
     def to_channels(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw.float().clamp(0, 1)  # (B, 1, H, W)
-        return torch.cat([x, region_hints(x)], dim=1) if self.region_hints else x
+        return torch.cat([x, region_hints(x, self.hint_names)], dim=1) if self.hint_names else x
 
     def loss_weight_map(self, raw: torch.Tensor) -> torch.Tensor:
         """Within 1 pixel of a stroke (the sketch judge's tolerance): the few pixels a sketch decides."""

@@ -4,7 +4,7 @@ import torch
 
 import modalities
 from mcm.models.modulator import MultimodalConditioningModule
-from modalities.sketch_regions import crossing_parity, enclosed
+from modalities.sketch_regions import crossing_parity, enclosed, enclosed_open_border
 
 
 def _square(gap: bool = False, size: int = 16) -> torch.Tensor:
@@ -44,6 +44,34 @@ def test_crossing_parity_votes_per_ray():
     assert torch.all(g[7, 5:11] == 0.75) and torch.all(g[8, 5:11] == 1)
 
 
+def test_enclosed_open_border_counts_a_shape_the_border_cuts():
+    # an "L" of strokes cutting off the top-left corner: rows 0..5 x cols 0..5 are closed by the border only
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 6, 0:7] = x[..., 0:7, 6] = 1
+    assert enclosed(x)[0, 0, 2, 2] == 0  # the whole-border flood enters the corner
+    o = enclosed_open_border(x)[0, 0]
+    # of the floods from (bottom, right), (bottom, left), (top, right), (top, left) only the first leaves it dry
+    assert o[2, 2] == 0.25 and o[12, 12] == 0 and o[6, 3] == 1  # a stroke is 1
+    # a square cut by the left side: the floods from (bottom, right) and (top, right) do not enter it
+    y = torch.zeros(1, 1, 16, 16)
+    y[..., 4, 0:8] = y[..., 11, 0:8] = 1
+    y[..., 4:12, 7] = 1
+    assert enclosed_open_border(y)[0, 0, 7, 3] == 0.5 and enclosed_open_border(y)[0, 0, 1, 1] == 0
+    # a closed outline inside the map: no flood reaches its interior
+    assert torch.all(enclosed_open_border(_square())[0, 0, 5:11, 5:11] == 1)
+    # batched: each map gets its own fills
+    assert torch.equal(enclosed_open_border(torch.cat([x, y]))[1], enclosed_open_border(y)[0])
+
+
+def test_plugin_option_names_its_hints():
+    named = modalities.create("sketch", region_hints=["enclosed_open_border", "crossing_parity"])
+    assert named.channels == 3 and named.config()["region_hints"] == ["enclosed_open_border", "crossing_parity"]
+    x = _square().expand(2, 1, 16, 16)
+    c = named.to_channels(x)
+    assert torch.equal(c[:, 1:2], enclosed_open_border(x)) and torch.equal(c[:, 2:], crossing_parity(x))
+    assert modalities.create("sketch", **named.config()).channels == 3
+
+
 def test_plugin_option_adds_two_channels_and_round_trips():
     plain, hinted = modalities.create("sketch"), modalities.create("sketch", region_hints=True)
     assert (plain.channels, hinted.channels, hinted.raw_channels) == (1, 3, 1)
@@ -52,8 +80,9 @@ def test_plugin_option_adds_two_channels_and_round_trips():
     assert torch.equal(c[:, :1], x) and torch.equal(c[:, 1:2], enclosed(x))
     assert torch.equal(c[:, 2:], crossing_parity(x))
     assert modalities.create("sketch", **hinted.config()).region_hints
-    with pytest.raises(ValueError, match="region_hints must be true or false, got 'no'"):
-        modalities.create("sketch", region_hints="no")
+    for bad in ("no", [], ["enclosed", "enclosed"], ["inside"]):
+        with pytest.raises(ValueError, match=r"region_hints must be true, false or a list of distinct hint names"):
+            modalities.create("sketch", region_hints=bad)
     # an MCM built with the option takes 1-channel sketches and starts as an exact no-op
     mcm = MultimodalConditioningModule(latent_channels=3, modalities={"sketch": {"region_hints": True}},
                                        block_out_channels=(32, 32), attention_levels=())
