@@ -21,7 +21,7 @@ STEPS=${STEPS:-}
 # the main job's four maps before region hints were adopted (every variant but `regions` ran with them)
 MAPS_BEFORE='--data.init_args.modalities {"segmentation":{"num_classes":6},"sketch":{},"depth":{},"partial_mask":{"num_classes":6}}'
 variant_args() {  # the overrides of each variant (docs/ablations.yaml says why)
-  if [[ $1 != regions ]]; then echo "$MAPS_BEFORE"; fi
+  if [[ $1 != regions* ]]; then echo "$MAPS_BEFORE"; fi
   variant_overrides "$1"
 }
 variant_overrides() {
@@ -37,6 +37,10 @@ variant_overrides() {
     clamped_snr) echo --model.init_args.loss_weighting clamped_snr --model.init_args.snr_gamma 5.0 ;;
     regions) echo "$(variant_overrides min_snr) --data.init_args.modalities" \
       '{"segmentation":{"num_classes":6},"sketch":{"region_hints":true},"depth":{},"partial_mask":{"num_classes":6}}' ;;
+    # the main job as it is now (min-SNR, region hints) with one change each
+    regions_single) echo "$(variant_overrides regions) --model.init_args.single_modality_prob 0.5" ;;
+    regions_open) echo "$(variant_overrides min_snr) --data.init_args.modalities" \
+      '{"segmentation":{"num_classes":6},"sketch":{"region_hints":["enclosed","crossing_parity","enclosed_open_border"]},"depth":{},"partial_mask":{"num_classes":6}}' ;;
     # the main job (min-SNR) trained from cached base predictions, K draws per image (mcm data encode, below);
     # crop and flip cannot apply to cached draws (the DataModule would turn them off and warn)
     cached_k4 | cached_k16 | cached_k64) echo "$(variant_overrides min_snr) --data.init_args.train_shards" \
