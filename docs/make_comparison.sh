@@ -16,11 +16,11 @@ one() {
   case $1 in
     base) ev base ;;
     # the multimodal run as trained (export without --strength): every modality alone and all four,
-    # at strength 1 and 2, and a strength sweep on segmentation that picks the default_strength recorded in
+    # at strength 1 and 2, and a strength sweep (segmentation, sketch, both) that picks the default_strength recorded in
     # the shipped module (mcm export --strength, see mcm/weights/shapes32/mcm_multimodal/README.md)
-    mcm_multimodal) ev mcm_multimodal --mcm runs/shapes32_multimodal/export --per-modality --strength 1 2 ;;
-    strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal/export --modalities segmentation \
-                      --strength 1 1.5 2 2.5 3 ;;
+    mcm_multimodal) ev mcm_multimodal --mcm runs/shapes32_multimodal_4000/export --per-modality --strength 1 2 ;;
+    strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal_4000/export --modalities segmentation sketch \
+                      --per-modality --strength 1 1.5 2 2.5 3 ;;
     mcm_*|controlnet_*|t2i_adapter_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" --strength 1 2 ;;
     regional) python -m mcm.evaluation.regional --data "$DATA" --n 64 --seeds 0 1 --out docs/eval/regional ;;
     compose) ev compose_segmentation_sketch --mcm shapes32_compose_segmentation shapes32_compose_sketch \
