@@ -80,7 +80,7 @@ def test_plugin_option_adds_two_channels_and_round_trips():
     assert torch.equal(c[:, :1], x) and torch.equal(c[:, 1:2], enclosed(x))
     assert torch.equal(c[:, 2:], crossing_parity(x))
     assert modalities.create("sketch", **hinted.config()).region_hints
-    for bad in ("no", [], ["enclosed", "enclosed"], ["inside"]):
+    for bad in ("no", [], ["enclosed", "enclosed"], ["inside"], [{"enclosed": 1}]):
         with pytest.raises(ValueError, match=r"region_hints must be true, false or a list of distinct hint names"):
             modalities.create("sketch", region_hints=bad)
     # an MCM built with the option takes 1-channel sketches and starts as an exact no-op
