@@ -88,3 +88,11 @@ def test_plugin_option_adds_two_channels_and_round_trips():
                                        block_out_channels=(32, 32), attention_levels=())
     gamma, beta = mcm(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), {"sketch": x})
     assert gamma.abs().max() == 0 and beta.abs().max() == 0
+
+
+def test_the_app_draws_a_hinted_sketch_as_strokes():
+    # the canvas is of the raw map (1 channel), not of the 3 channels the encoder is fed
+    from mcm.cli.app_maps import canvas_spec
+
+    spec = canvas_spec("sketch", modalities.create("sketch", region_hints=True))
+    assert spec.kind == "continuous" and spec.binary

@@ -102,7 +102,8 @@ def canvas_spec(name: str, plugin) -> CanvasSpec:
             blank = float(UNKNOWN)
         return CanvasSpec(name, plugin, "labels", np.array(values), colors, legend, blank)
     ramp = torch.linspace(0, 1, RAMP)
-    if getattr(plugin, "channels", None) != 1 or not _accepts(plugin, ramp.reshape(1, 1, 1, RAMP)):
+    # the drawn map is the raw one (a sketch with region hints feeds its encoder 3 channels, computed from 1)
+    if getattr(plugin, "raw_channels", None) != 1 or not _accepts(plugin, ramp.reshape(1, 1, 1, RAMP)):
         return CanvasSpec(name, plugin, "upload", np.zeros(0), np.zeros((0, 3), np.uint8))
     colors = _vis(plugin, ramp.reshape(1, 1, 1, RAMP))[0, 0]
     example = plugin.example(2, 8, 8, torch.Generator().manual_seed(0))
