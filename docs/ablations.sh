@@ -20,11 +20,11 @@ BUDGET=${BUDGET:-00:00:10:00}
 STEPS=${STEPS:-}
 # the main job's four maps before region hints were adopted (every variant but `regions` ran with them)
 MAPS_BEFORE='--data.init_args.modalities {"segmentation":{"num_classes":6},"sketch":{},"depth":{},"partial_mask":{"num_classes":6}}'
-# every variant but regions_single ran before the main job adopted single-modality dropout 0.5
+# every variant but the *_single ones (they set their own) ran before the main job adopted single-modality dropout 0.5
 SINGLE_BEFORE='--model.init_args.single_modality_prob 0.0'
 variant_args() {  # the overrides of each variant (docs/ablations.yaml says why)
   if [[ $1 != regions* ]]; then echo "$MAPS_BEFORE"; fi
-  if [[ $1 != regions_single && $1 != *_single ]]; then echo "$SINGLE_BEFORE"; fi
+  if [[ $1 != *_single ]]; then echo "$SINGLE_BEFORE"; fi
   variant_overrides "$1"
 }
 variant_overrides() {
