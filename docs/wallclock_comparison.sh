@@ -21,6 +21,7 @@ job_args() {  # experiment and overrides of each job
 }
 run() {
   local j=$1 dir=runs/wallclock_$1 out=docs/eval/wallclock_$1
+  if [[ -n ${EXTRA_STRENGTH:-} ]]; then extra "$j"; return; fi
   if [[ -f $out/metrics.json ]]; then echo "skip $j"; return; fi
   local args exp; args=$(job_args "$j"); exp=${args%% *}
   mkdir -p runs
@@ -33,6 +34,14 @@ run() {
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
   mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
     --strength 1 2 --out "$out"
+}
+# EXTRA_STRENGTH=S: the same evaluation of an already trained job's export at one more strength, into
+# docs/eval/wallclock_JOB/strength_S (the best strength of a sketch module can lie above 2)
+extra() {
+  local out=docs/eval/wallclock_$1/strength_$EXTRA_STRENGTH
+  if [[ -f $out/metrics.json ]]; then echo "skip $1 at $EXTRA_STRENGTH"; return; fi
+  mcm evaluate --mcm "runs/wallclock_$1/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
+    --strength "$EXTRA_STRENGTH" --out "$out"
 }
 ALL=(mcm_segmentation controlnet_segmentation mcm_sketch controlnet_sketch t2i_adapter_segmentation t2i_adapter_sketch)
 for j in "${@:-${ALL[@]}}"; do echo "== $j $(date +%T)"; run "$j"; done

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import socket
@@ -80,6 +81,10 @@ def app_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # SIGTERM ends the app cleanly: the session's files (logged at start) are removed
+    workdirs = re.findall(r"this session's files in (\S+)", log.read_text())
+    assert len(workdirs) == 1, log.read_text()[-3000:]
+    assert not Path(workdirs[0]).exists(), f"mcm app left {workdirs[0]} behind after SIGTERM"
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def build_app(session, title: str = "MCM: control a frozen diffusion model"):
     held_out = M.HeldOut(plugins, size, session.data)
     workdir = Path(tempfile.mkdtemp(prefix="mcm_app_"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    log.info("mcm app: this session's files in %s (removed on exit)", workdir)
 
     def editor_value(img: np.ndarray) -> dict:
         return {"background": img, "layers": [], "composite": img}
@@ -281,6 +283,9 @@ def serve(a: argparse.Namespace) -> None:
     import gradio as gr
 
     demo = build_app(session)
+    # SIGTERM (a service manager, `kill`) would end the process without running atexit, leaving the session's
+    # files behind: treat it as Ctrl-C, which Gradio's launch loop answers by closing the server and returning
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     log.info("mcm app: %s + %d module(s) ready in %.1f s", session.base_name, len(session.modules), time.time() - t0)
     demo.queue(default_concurrency_limit=1).launch(
         server_name=a.host, server_port=a.port, share=a.share, inbrowser=False, show_error=True, ssr_mode=False,
