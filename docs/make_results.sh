@@ -9,8 +9,7 @@ mcm data shapes --out data/shapes --train 2000 --val 200
 
 # 1. the shipped multimodal MCM: the README main job's recipe run to 4,000 steps (~60 min on the idle machine),
 #    exported as trained, its strength sweep, then the export that records the chosen strength (model card)
-mcm fit -c experiments/shapes32/multimodal.yaml --model.init_args.single_modality_prob 0.0 \
-  --trainer.max_steps 4000 --trainer.max_time null \
+mcm fit -c experiments/shapes32/multimodal.yaml --trainer.max_steps 4000 --trainer.max_time null \
   --trainer.default_root_dir runs/shapes32_multimodal_4000 --trainer.logger.init_args.name shapes32_multimodal_4000
 mcm export runs/shapes32_multimodal_4000/checkpoints/last.ckpt runs/shapes32_multimodal_4000/export   # as trained
 docs/make_comparison.sh strength_sweep
