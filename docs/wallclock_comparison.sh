@@ -16,6 +16,9 @@ job_args() {  # experiment and overrides of each job
     mcm_sketch_regions) echo 'sketch --model.init_args.loss_weighting min_snr --model.init_args.snr_gamma 5.0' \
       '--data.init_args.modalities {"sketch":{"region_hints":true}}' ;;
     controlnet_segmentation|controlnet_sketch|t2i_adapter_segmentation|t2i_adapter_sketch) echo "$1" ;;
+    # the README main job's recipe as it is (four maps, single-modality dropout), scored per map alone:
+    # does training with the other maps make a better sketch module in the same time?
+    mcm_multimodal) echo multimodal ;;
     *) echo "unknown job $1" >&2; exit 2 ;;
   esac
 }
@@ -32,8 +35,12 @@ run() {
     > "runs/wallclock_$j.log" 2>&1
   echo $((SECONDS - t0)) > "runs/wallclock_$j.seconds"
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
+  # shellcheck disable=SC2046
   mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
-    --strength 1 2 --out "$out"
+    --strength 1 2 $(eval_args "$j") --out "$out"
+}
+eval_args() {  # a multimodal module: each of segmentation and sketch alone, and at strength 3 too
+  if [[ $1 == mcm_multimodal ]]; then echo 3 --modalities segmentation sketch --per-modality; fi
 }
 # EXTRA_STRENGTH=S: the same evaluation of an already trained job's export at one more strength, into
 # docs/eval/wallclock_JOB/strength_S (the best strength of a sketch module can lie above 2)
