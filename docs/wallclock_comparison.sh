@@ -36,19 +36,21 @@ run() {
   echo $((SECONDS - t0)) > "runs/wallclock_$j.seconds"
   mcm export "$dir/checkpoints/last.ckpt" "$dir/export"
   # shellcheck disable=SC2046
-  mcm evaluate --mcm "$dir/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
-    --strength 1 2 $(eval_args "$j") --out "$out"
+  evaluate "$j" "$out" 1 2 $([[ $j == mcm_multimodal ]] && echo 3)
 }
-eval_args() {  # a multimodal module: each of segmentation and sketch alone, and at strength 3 too
-  if [[ $1 == mcm_multimodal ]]; then echo 3 --modalities segmentation sketch --per-modality; fi
+evaluate() {  # JOB OUT STRENGTH...: the job's export on the same 32 held-out maps; a multimodal module per map alone
+  local j=$1 out=$2; shift 2
+  # shellcheck disable=SC2046
+  mcm evaluate --mcm "runs/wallclock_$j/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
+    --strength "$@" $([[ $j == mcm_multimodal ]] && echo --modalities segmentation sketch --per-modality) \
+    --out "$out"
 }
 # EXTRA_STRENGTH=S: the same evaluation of an already trained job's export at one more strength, into
 # docs/eval/wallclock_JOB/strength_S (the best strength of a sketch module can lie above 2)
 extra() {
   local out=docs/eval/wallclock_$1/strength_$EXTRA_STRENGTH
   if [[ -f $out/metrics.json ]]; then echo "skip $1 at $EXTRA_STRENGTH"; return; fi
-  mcm evaluate --mcm "runs/wallclock_$1/export" --data "data/shapes/val-*.tar" --n 32 --seeds 0 --steps 20 \
-    --strength "$EXTRA_STRENGTH" --out "$out"
+  evaluate "$1" "$out" "$EXTRA_STRENGTH"
 }
 ALL=(mcm_segmentation controlnet_segmentation mcm_sketch controlnet_sketch t2i_adapter_segmentation t2i_adapter_sketch)
 for j in "${@:-${ALL[@]}}"; do echo "== $j $(date +%T)"; run "$j"; done

@@ -126,9 +126,9 @@ class Sketch(Modality):
     def _hint_names(self, region_hints: Any) -> tuple[str, ...]:
         if isinstance(region_hints, bool):
             return DEFAULT_HINTS if region_hints else ()
-        if isinstance(region_hints, (list, tuple)) and region_hints and all(isinstance(n, str) and n in HINTS for n in region_hints) \
-                and len(set(region_hints)) == len(region_hints):
-            return tuple(region_hints)
+        names = region_hints if isinstance(region_hints, (list, tuple)) else ()
+        if names and all(isinstance(n, str) and n in HINTS for n in names) and len(set(names)) == len(names):
+            return tuple(names)
         raise ValueError(f"modality '{self.name}': region_hints must be true, false or a list of distinct hint "
                          f"names from {sorted(HINTS)}, got {region_hints!r}")
 
