@@ -50,7 +50,7 @@ def controlnet_denoiser(m: C.BenchModel, cn, cond: torch.Tensor, text, uncond, g
     cond = torch.cat([cond, cond]) if use_cfg else cond
 
     @torch.no_grad()
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(x: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         x = torch.cat([x, x]) if use_cfg else x
         with C.autocast_for(m):
             down, mid = cn(x, t, encoder_hidden_states=emb.float(), controlnet_cond=cond, return_dict=False)

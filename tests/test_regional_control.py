@@ -2,6 +2,8 @@
 must hold exactly, the formula at one denoising step, the baselines' residual scaling, and clear errors."""
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -156,9 +158,70 @@ def test_bad_maps_schedules_and_regions_name_the_argument(setup, kwargs, match):
         pipe_of(base, [seg])(conditions={"segmentation": c["segmentation"]}, **{**KW, **kwargs})
 
 
-def test_schedule_list_is_read_on_the_noise_level():
+SCHEDULERS = [  # (class, config overrides, the step of each model evaluation for 4 inference steps)
+    ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0}, [0, 1, 2, 3]),  # 750/500/250/0
+    ("DDIMScheduler", {"timestep_spacing": "trailing"}, [0, 1, 2, 3]),
+    ("DDIMScheduler", {"timestep_spacing": "linspace"}, [0, 1, 2, 3]),
+    ("EulerDiscreteScheduler", {}, [0, 1, 2, 3]),
+    ("DPMSolverMultistepScheduler", {}, [0, 1, 2, 3]),
+    ("HeunDiscreteScheduler", {}, [0, 0, 1, 1, 2, 2, 3]),  # two evaluations per step (the last is Euler)
+    ("KDPM2DiscreteScheduler", {}, [0, 0, 1, 1, 2, 2, 3]),
+    ("PNDMScheduler", {"skip_prk_steps": True}, [0, 0, 1, 2, 3]),  # PLMS warm-up: step 0 evaluated twice
+    ("PNDMScheduler", {"skip_prk_steps": False}, [0] * 4 + [1] * 4 + [2] * 4 + [3]),  # Runge-Kutta warm-up
+]
+
+
+@pytest.mark.parametrize("name,overrides,expected", SCHEDULERS, ids=[f"{n}-{o}" for n, o, _ in SCHEDULERS])
+def test_schedule_list_value_i_at_step_i_with_real_schedulers(setup, name, overrides, expected):
+    """Regression (issue: scale schedule one step late): with DDIM's leading spacing (timesteps 750/500/250/0 for 4
+    steps) the list was bucketed on ``1 - t/T`` and ``[4, 3, 2, 1]`` acted as ``[3, 2, 1, 1]``.  Through the
+    pipeline, with each real scheduler, the strength of every model evaluation is the value of its step; a
+    callable still gets ``t / T``."""
+    import diffusers
+
+    base, seg, _, _, _, c = setup
+    pipe = pipe_of(base, [seg])
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    seen: list[tuple[float, float]] = []
+    real = seg.controlled_prediction
+
+    def spy(base_, x, t, context, state, strength, *args, **kwargs):
+        seen.append((float(t), float(strength)))
+        return real(base_, x, t, context, state, strength, *args, **kwargs)
+
+    schedule = [4.0, 3.0, 2.0, 1.0]
+    with mock.patch.object(seg, "controlled_prediction", side_effect=spy):
+        pipe(conditions={"segmentation": c["segmentation"]}, num_inference_steps=4, seeds=[1, 2], strength=schedule)
+        assert [s for _, s in seen] == [schedule[i] for i in expected]
+        seen.clear()
+        pipe(conditions={"segmentation": c["segmentation"]}, num_inference_steps=4, seeds=[1, 2],
+             strength=lambda f: 10 * f)
+    T = pipe.scheduler.config.num_train_timesteps
+    assert [s for _, s in seen] == pytest.approx([10 * t / T for t, _ in seen])
+    assert len(seen) == len(expected)
+
+
+def test_schedule_list_first_and_last_values_change_the_image(setup):
+    """With DDIM leading, ``[2, 0, 0, 0]`` differs from the base alone and ``[0, 0, 0, 2]`` from ``[0, 0, 2, 0]``
+    (before the fix the first value was never used and the last two steps shared one value)."""
+    import diffusers
+
+    base, seg, _, _, _, c = setup
+    pipe = pipe_of(base, [seg])
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
+                                                         steps_offset=0)
+    run = lambda s: pipe(conditions={"segmentation": c["segmentation"]}, strength=s, output_type="pt", **KW)  # noqa: E731
+    out = {tuple(s): run(s) for s in ([0.0] * 4, [2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 2.0])}
+    out = {k: (v.images if hasattr(v, "images") else v) for k, v in out.items()}
+    assert (out[(2.0, 0, 0, 0)] - out[(0.0,) * 4]).abs().max() > 1e-4
+    assert (out[(0, 0, 0, 2.0)] - out[(0, 0, 2.0, 0)]).abs().max() > 1e-4
+
+
+def test_schedule_list_outside_a_sampling_loop_is_refused():
     s = parse_strength([4.0, 3.0, 2.0, 1.0], "strength", 1, (8, 8), (8, 8), 4)
-    assert [s.at(f, 1) for f in (0.999, 0.76, 0.74, 0.5, 0.26, 0.24, 0.0)] == [4.0, 4.0, 3.0, 2.0, 2.0, 1.0, 1.0]
+    assert [s.at(0.5, 1, step=i) for i in range(4)] == [4.0, 3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="read by inference step"):
+        s.at(0.5, 1)
 
 
 def test_mcm_sample_regions_strength_map_and_schedule(tmp_path):

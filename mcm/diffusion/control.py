@@ -34,9 +34,10 @@ class Control:
     strength: float | Strength | None = None  # None: the adapter's default_strength
     region: torch.Tensor | None = None  # (1 or B, 1, h, w) in [0, 1], model space; None: everywhere
 
-    def strength_at(self, fraction: float, batch_size: int, device: torch.device) -> float | torch.Tensor:
+    def strength_at(self, fraction: float, batch_size: int, device: torch.device,
+                    step: int | None = None) -> float | torch.Tensor:
         s = strength_at(self.adapter.default_strength if self.strength is None else self.strength, fraction,
-                        batch_size)
+                        batch_size, step)
         return s.to(device) if isinstance(s, torch.Tensor) else s
 
     def region_for(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -68,7 +69,8 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
         states.append(c.adapter.encode_conditions(c.conditions, None, size, B) if B else None)
     live = [(c, s) for c, s in zip(controls, states) if s is not None and c.weight != 0]
 
-    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, step: int | None = None
+                ) -> torch.Tensor:
         cache: list[torch.Tensor] = []
 
         def base_prediction() -> torch.Tensor:
@@ -82,12 +84,12 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
         B, dev = x.shape[0], x.device
         if len(live) == 1 and live[0][0].weight == 1.0 and live[0][0].region is None:
             c, s = live[0]  # one adapter alone: its prediction, no extra base call
-            return c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev),
+            return c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev, step),
                                                    base_prediction)
         p_u = base_prediction()
         out = p_u
         for c, s in live:
-            p_i = c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev),
+            p_i = c.adapter.controlled_prediction(base, x, t, context, s, c.strength_at(fraction, B, dev, step),
                                                   base_prediction)
             r = c.region_for(B, dev)
             out = out + c.weight * (p_i - p_u) * (1.0 if r is None else r)

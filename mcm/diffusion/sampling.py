@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``predict(x, t, context) -> p`` for a batch (with guidance: the doubled ``[uncond; cond]`` batch)
-Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: ``denoise(x, t, step) -> p``: ``step`` is the index of the ``scheduler.step`` this evaluation belongs to
+Denoiser = Callable[..., torch.Tensor]
+#: ``predict(x, t, context, step=None) -> p`` for a batch (with guidance: the doubled ``[uncond; cond]`` batch)
+Predictor = Callable[..., torch.Tensor]
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -33,6 +34,41 @@ def extra_step_kwargs(scheduler, generator: Generator = None, eta: float = 0.0) 
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+class StepCounter:
+    """Which inference step a model evaluation belongs to, whatever the scheduler (design.md §2).
+
+    Per-step schedules hold one value per inference step, value ``i`` at step ``i``.  Most schedulers make one
+    evaluation per step, but a second-order one (Heun, KDPM2, DPM-Solver SDE) makes two, both inside step ``i``
+    (``scheduler.state_in_first_order`` is true before the first of them), and PNDM makes four per Runge-Kutta
+    warm-up step (``counter % 4``) or, with ``skip_prk_steps``, two for its first PLMS step (``counter == 1`` is
+    the correction of step 0).  Ask :meth:`next` just before each evaluation; it reads the scheduler's state at
+    that moment, so it works in any loop that calls ``scheduler.step`` once per evaluation (ours, or a diffusers
+    pipeline's).
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.calls, self.step = 0, -1
+
+    def _starts_step(self) -> bool:
+        s = self.scheduler
+        if hasattr(s, "state_in_first_order"):  # Heun, KDPM2(Ancestral), DPMSolverSDE
+            return bool(s.state_in_first_order)
+        if hasattr(s, "prk_timesteps") and hasattr(s, "counter"):  # PNDM
+            if s.config.skip_prk_steps:
+                return s.counter != 1
+            if s.counter < len(s.prk_timesteps):
+                return s.counter % 4 == 0
+        return True
+
+    def next(self) -> int:
+        """The step index of the evaluation about to run (0 = the noisiest step)."""
+        if self.calls == 0 or self._starts_step():
+            self.step += 1
+        self.calls += 1
+        return self.step
 
 
 def noise_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> float:
@@ -72,8 +108,9 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
     scale_input = getattr(scheduler, "scale_model_input", None)
     step_kwargs = extra_step_kwargs(scheduler, generator, eta)
     timesteps = scheduler.timesteps
+    steps = StepCounter(scheduler)
     for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
-        p = denoise(scale_input(x, t) if scale_input is not None else x, t)
+        p = denoise(scale_input(x, t) if scale_input is not None else x, t, steps.next())
         x = scheduler.step(p, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
             replaced = callback(i, t, x)
@@ -101,10 +138,10 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
         raise ValueError(f"guidance_scale: expected a finite number (1 = no guidance), got {guidance_scale!r}")
     use_cfg = guidance_scale > 1.0 and uncond_context is not None
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(x: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         if not use_cfg:
-            return predict(x, t, context)
-        p_u, p_c = predict(torch.cat([x, x]), t, cat_contexts(uncond_context, context)).chunk(2)
+            return predict(x, t, context, step=step)
+        p_u, p_c = predict(torch.cat([x, x]), t, cat_contexts(uncond_context, context), step=step).chunk(2)
         return p_u + guidance_scale * (p_c - p_u)
 
     return denoise
@@ -120,5 +157,6 @@ def sample_base(base, prompts: list[str], steps: int = 50, guidance_scale: float
     gens = generators_for([seed * 100003 + i for i in range(len(prompts))], None)
     noise = initial_noise((len(prompts), base.latent_channels, *size), gens, base.device)
     cond, uncond = base.encode_context(prompts, batch_size=len(prompts)), base.uncond_context(len(prompts))
-    x0 = sample(guided(base.predict, cond, uncond, guidance_scale), noise, scheduler, steps, gens)
+    x0 = sample(guided(lambda x, t, ctx, step=None: base.predict(x, t, ctx), cond, uncond, guidance_scale), noise,
+                scheduler, steps, gens)
     return (base.decode(x0) + 1) / 2

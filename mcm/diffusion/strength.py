@@ -1,8 +1,9 @@
 """Strength maps and schedules, region masks (design.md §2, §3).
 
 ``strength`` is a float, a spatial map ``S(x, y)`` (image space, resized to model space), a per-step
-schedule ``S(t)`` (a list, one value per n-th of the noise range, or a callable of the noise fraction
-``t / T`` in [0, 1], 1 = pure noise), or a map and a schedule together: ``p_hat = p + S(x, y, t) (p gamma
+schedule ``S(t)`` (a list with one value per inference step, value ``i`` at step ``i``, noisiest first, whatever
+the scheduler's timestep spacing or evaluations per step; or a callable of the noise fraction ``t / T`` in
+[0, 1], 1 = pure noise), or a map and a schedule together: ``p_hat = p + S(x, y, t) (p gamma
 + beta)``.  A region mask ``R`` (one per adapter, soft, in [0, 1]) limits where an adapter acts in a
 composition: ``p_c = p_u + sum_i w_i R_i (p_i - p_u)``.  Everything is validated here, once per call,
 with errors that name the argument, what came and what is expected.
@@ -25,17 +26,19 @@ Schedule = Sequence[float] | Callable[[float], float]
 class Strength:
     """A strength that varies in space and/or over the schedule.
 
-    ``map``: ``(1 or B, 1, h, w)`` in model space; ``schedule``: a list (``values[i]`` for noise
-    fractions in ``(1 - (i+1)/n, 1 - i/n]``) or a callable of the noise fraction; ``scale``: a float factor.
+    ``map``: ``(1 or B, 1, h, w)`` in model space; ``schedule``: a list (``values[i]`` at inference step ``i``,
+    counted by :class:`mcm.diffusion.sampling.StepCounter`) or a callable of the noise fraction; ``scale``: a
+    float factor.
     """
 
     scale: float = 1.0
     map: torch.Tensor | None = None
     schedule: Schedule | None = None
 
-    def at(self, fraction: float, batch_size: int) -> float | torch.Tensor:
-        """The strength at noise fraction ``t / T`` for a batch of ``batch_size`` rows (2B under guidance)."""
-        s = self.scale * self.schedule_value(fraction)
+    def at(self, fraction: float, batch_size: int, step: int | None = None) -> float | torch.Tensor:
+        """The strength at inference step ``step`` (noise fraction ``t / T``) for a batch of ``batch_size`` rows
+        (2B under guidance)."""
+        s = self.scale * self.schedule_value(fraction, step)
         if self.map is None:
             return s
         m = self.map
@@ -43,13 +46,18 @@ class Strength:
             m = m.repeat(batch_size // m.shape[0], 1, 1, 1)
         return m * s if s != 1.0 else m
 
-    def schedule_value(self, fraction: float) -> float:
+    def schedule_value(self, fraction: float, step: int | None = None) -> float:
         if self.schedule is None:
             return 1.0
         if callable(self.schedule):
             return float(self.schedule(fraction))
-        n = len(self.schedule)
-        return float(self.schedule[min(n - 1, max(0, int((1.0 - fraction) * n)))])
+        if step is None:  # a list is indexed by the step, never guessed from t (timestep spacings differ)
+            raise ValueError("strength: a schedule list is read by inference step; this prediction was asked for "
+                             "outside a sampling loop (no step index); use a callable of t / T instead")
+        if not 0 <= step < len(self.schedule):
+            raise ValueError(f"strength: a schedule list of {len(self.schedule)} values was asked for inference "
+                             f"step {step}; expected one value per step of the sampling run")
+        return float(self.schedule[step])
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -136,5 +144,6 @@ def parse_strength(x: Any, name: str, batch_size: int, image_size: tuple[int, in
     return Strength(map=spatial_map(x, name, batch_size, image_size, model_size))
 
 
-def strength_at(strength: float | Strength, fraction: float, batch_size: int) -> float | torch.Tensor:
-    return strength.at(fraction, batch_size) if isinstance(strength, Strength) else strength
+def strength_at(strength: float | Strength, fraction: float, batch_size: int,
+                step: int | None = None) -> float | torch.Tensor:
+    return strength.at(fraction, batch_size, step) if isinstance(strength, Strength) else strength
