@@ -25,7 +25,7 @@ Member names (design.md §6), each one ``np.save``'d array per sample (never pic
 Stored fp16 where the round trip is negligible (latents and embeddings: relative error <= 2^-11,
 measured in ``tests/test_encode.py``), fp32 otherwise (``time_ids``: pixel sizes, which fp16 holds
 exactly only up to 2048; any array fp16 would overflow).  Read back as float32 (int64 for
-``pred_t`` / ``noise_seed``).
+``noise_seed`` and for the integer ``pred_t`` of variance-preserving bases).
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ TEXT_KEY = "text_emb"  # the tensor context, or the dict context's "prompt_embed
 #: dict-context entries other than prompt_embeds, each stored under its own key
 CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled")
 PREDICTION_KEYS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
-INT_KEYS = ("pred_t", "noise_seed")
+INT_KEYS = ("pred_t", "noise_seed")  # integer arrays, except pred_t of a flow base (float32 t = 1000 sigma)
+FLOAT_OR_INT_KEYS = ("pred_t",)
 CACHED_KEYS = LATENT_KEYS + (TEXT_KEY,) + CONTEXT_EXTRA_KEYS + PREDICTION_KEYS
 #: stored fp32: fp16 is exact for integers only up to 2048 (SDXL's time_ids are pixel sizes)
 FP32_KEYS = ("time_ids",)
@@ -94,7 +95,8 @@ def _load(sample: Mapping[str, Any], key: str) -> torch.Tensor:
         arr = np.load(io.BytesIO(sample[name]), allow_pickle=False)
     except Exception as e:  # ValueError (object arrays, bad header), OSError / EOFError (junk)
         raise BadSampleError(f"'{name}' is not a plain .npy array ({type(e).__name__}: {e})") from None
-    want_int = key in INT_KEYS
+    want_int = key in INT_KEYS and not (key in FLOAT_OR_INT_KEYS and getattr(arr, "dtype", None) is not None
+                                        and arr.dtype.kind == "f")
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in ("iu" if want_int else "f"):
         raise BadSampleError(f"'{name}' holds {getattr(arr, 'dtype', type(arr))}; expected "
                              f"{'an integer' if want_int else 'a float'} array (from mcm data encode)")

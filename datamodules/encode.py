@@ -102,7 +102,14 @@ def base_record(base, settings: EncodeSettings) -> dict:
             "image_size": settings.image_size, "latent_shape": [base.latent_channels] + [
                 settings.image_size // base.downsample] * 2, "members": members, "context": context,
             "flip": settings.flip, "predictions": settings.predictions, "dtype": settings.dtype or "float32",
-            "format": 1}
+            **({"timestep_density": prediction_density(base)} if settings.predictions else {}), "format": 1}
+
+
+def prediction_density(base) -> str:
+    """The density cached prediction draws come from: the base's default training forward process's."""
+    from mcm.diffusion.forward_process import forward_process_for  # the job runs the base (design.md §7)
+
+    return forward_process_for(base.scheduler).timestep_density
 
 
 def _write_base_json(out: Path, record: dict) -> None:

@@ -7,8 +7,11 @@ UNet.  (ControlNet / T2I-Adapter cannot do this: their residuals go through the 
 
 Per sample, ``prediction_members`` returns ``.npy`` members (``np.save``, never pickled):
 
-- ``pred_t.npy`` ``(K,)`` int64 timesteps and ``noise_seed.npy`` ``(K,)`` int64, both drawn from a generator
-  seeded with ``crc32(key)`` (as ``evaluation_noise`` seeds validation), so re-encoding gives the same draws;
+- ``pred_t.npy`` ``(K,)`` timesteps as the training forward process draws them (int64 for variance-preserving
+  bases; float32 for flow bases, whose ``t = 1000 sigma`` is not an integer) and ``noise_seed.npy`` ``(K,)``
+  int64, both drawn from a generator seeded with ``crc32(key)`` (as ``evaluation_noise`` seeds validation), so
+  re-encoding gives the same draws; ``base.json`` names the density ``t`` was drawn from
+  (``timestep_density``), and a run training from the cache must draw from the same one;
 - ``xt.npy``, ``target.npy``, ``pred.npy`` and, for a base with guidance, ``pred_uncond.npy``:
   ``(K, C, h, w)`` in ``dtype`` (float16 by default: with the shipped shapes32 MCM over 64 real samples x 8
   draws the loss from float16 arrays differs from the float32 one by 0.0008% (conditional branch) and 0.0007%
@@ -44,13 +47,14 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 def prediction_draws(key: str, k: int, forward_process) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K ``(t, noise seed)`` pairs of sample ``key``: ``(K,)`` int64 each, a function of the key alone.
+    """The K ``(t, noise seed)`` pairs of sample ``key``, ``(K,)`` each, a function of the key alone.
 
-    ``t`` follows the forward process's training ``timestep_sampling`` (the cache stands in for the online
-    draws); a training step later picks one of the K uniformly.
+    ``t`` follows the forward process's training density (the cache stands in for the online draws), in its
+    dtype (int64, or float32 for flow matching: never truncated); a training step later picks one of the K.
     """
     g = torch.Generator().manual_seed(zlib.crc32(str(key).encode("utf-8")))
-    t = forward_process.sample_timesteps(k, "cpu", generator=g).long()
+    t = forward_process.sample_timesteps(k, "cpu", generator=g)
+    t = t.float() if t.is_floating_point() else t.long()
     seeds = torch.randint(0, 2**62, (k,), generator=g, dtype=torch.int64)
     return t, seeds
 
@@ -131,7 +135,7 @@ def decode_npy(data: bytes, what: str) -> np.ndarray:
 
 def prediction_batch(samples: Sequence[Mapping[str, bytes]]) -> dict[str, torch.Tensor]:
     """Members of B samples -> the batch entries a training step reads: ``pred_t`` / ``noise_seed`` ``(B, K)``
-    int64, the rest ``(B, K, C, h, w)`` float32, decoded by the DataModule's own reader
+    (int64, ``pred_t`` float32 for flow bases), the rest ``(B, K, C, h, w)`` float32, decoded by the DataModule's own reader
     (:func:`datamodules.cached_fields.decode_cached`), for tests and benches."""
     decoded = [decode_cached(s) for s in samples]
     return {name: torch.stack([d[name] for d in decoded]) for name in PREDICTION_FIELDS if name in decoded[0]}

@@ -220,10 +220,16 @@ def test_bad_cached_batches_are_named(shapes32):
         module._common_step({k: v for k, v in good.items() if k != "pred_uncond"}, "train")
     with pytest.raises(ValueError, match=r"batch\['pred_t'\]: expected \(2, 3\)"):
         module._common_step({**good, "pred_t": torch.zeros(B, dtype=torch.long)}, "train")
-    # the cache's timesteps were drawn uniformly: a biased sampling cannot apply to them and is refused
+    # the cache's timesteps were drawn from the density base.json names: another one is refused at fit start
     biased = make_module(shapes32, timestep_sampling="cubic")
-    with pytest.raises(ValueError, match="drawn at uniform timesteps"):
-        biased._common_step(good, "train")
+    record = {"hash": shapes32.content_hash(), "predictions": 4, "timestep_density": "ddpm/uniform",
+              "shard_dir": "enc/"}
+    with pytest.raises(ValueError, match=r"drawn with timestep density 'ddpm/uniform' but this run's forward "
+                                         r"process draws from 'ddpm/cubic'"):
+        biased.check_cached_base(mock.Mock(cached_base=record))
+    make_module(shapes32).check_cached_base(mock.Mock(cached_base=record))  # the same density: accepted
+    make_module(shapes32).check_cached_base(mock.Mock(cached_base={**record, "timestep_density": None} | {
+        k: v for k, v in record.items() if k != "timestep_density"}))  # an older record: VP drew uniformly
 
 
 @pytest.mark.parametrize("kind", ["controlnet", "t2i_adapter"])

@@ -16,8 +16,11 @@ from mcm.cli import main as mcm
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("template,family", [("sd21", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("dit", "dit")])
-def test_template_trains_two_steps(template, family, tmp_path, monkeypatch, request):
+@pytest.mark.parametrize("template,family,cached", [("sd21", "sd", False), ("sdxl", "sdxl", False), ("sd3", "sd3", False),
+                                                   ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True)])
+def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypatch, request):
+    """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
+    every SD3 step on such shards was refused, its flow timesteps truncated)."""
     base_dir = request.getfixturevalue({"sd": "tiny_sd_dir"}.get(family, f"tiny_{family}_dir"))
     size = 64 if family == "sd" else 16  # the tiny SD has an x8 VAE, the others x2
     monkeypatch.chdir(tmp_path)
@@ -25,6 +28,12 @@ def test_template_trains_two_steps(template, family, tmp_path, monkeypatch, requ
     monkeypatch.setenv("WANDB_MODE", "offline")
     shards = tmp_path / "shapes"
     write_shapes_shards(shards, train=8, val=4, size=size, shard_size=8, workers=1)
+    if cached:
+        with pytest.raises(SystemExit) as done:
+            mcm(["data", "encode", "--base", str(base_dir), str(shards / "train-*.tar"), str(shards / "val-*.tar"),
+                 "--out", str(tmp_path / "enc"), "--predictions", "2", "--batch-size", "4"])
+        assert done.value.code == 0
+        shards = tmp_path / "enc"
     mcm(["fit", "-c", str(REPO / "experiments" / "templates" / f"{template}.yaml"),
          "--model.init_args.base", str(base_dir), "--model.init_args.base_dtype", "null",
          "--model.init_args.block_out_channels", "[8, 16]", "--model.init_args.layers_per_block", "1",

@@ -100,6 +100,14 @@ class ForwardProcess:
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         return self
 
+    @property
+    def timestep_density(self) -> str:
+        """The name of the density training draws ``t`` from: cached predictions record it (``base.json``) and
+        a run training from them must draw from the same one."""
+        if self.timestep_sampling == "snr":
+            return f"ddpm/snr(gamma={float(self.snr_gamma):g})"
+        return f"ddpm/{self.timestep_sampling}"
+
     def timestep_probabilities(self) -> torch.Tensor:
         """``(T,)`` probability of each integer timestep under ``timestep_sampling`` (training)."""
         T = self.num_train_timesteps
@@ -190,9 +198,21 @@ class FlowMatchingProcess:
     def to(self, device: torch.device | str) -> "FlowMatchingProcess":
         return self
 
+    @property
+    def timestep_density(self) -> str:
+        """The density's name with its parameters (``flow/logit_normal(mean=0,std=1)``); see ``ForwardProcess``."""
+        if self.timestep_sampling == "logit_normal":
+            return f"flow/logit_normal(mean={float(self.logit_mean):g},std={float(self.logit_std):g})"
+        if self.timestep_sampling == "mode":
+            return f"flow/mode(scale={float(self.mode_scale):g})"
+        return "flow/uniform"
+
     def sample_timesteps(self, batch_size: int, device: torch.device | str,
                          generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
-        # ``uniform`` is the VP process's validation switch; flow matching validates on its own density
+        """Float timesteps ``(B,)`` (``1000 sigma``, shifted as the base's scheduler shifts them).
+
+        ``uniform`` is the VP process's validation switch; flow matching validates on its own density.
+        """
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = compute_density_for_timestep_sampling(self.timestep_sampling, batch_size, self.logit_mean, self.logit_std,

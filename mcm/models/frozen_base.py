@@ -246,12 +246,17 @@ class FrozenBase(nn.Module):
         neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
         return self.encode_text(neg)
 
-    def drop_context(self, context, drop: torch.Tensor):
-        """``context`` with the rows where ``drop`` (bool ``(B,)``) is set replaced by the unconditional branch
-        (caption / class dropout of training)."""
+    def drop_context(self, context, drop: torch.Tensor, image_size: tuple[int, int] | None = None):
+        """``context`` with the rows where ``drop`` (bool ``(B,)``, on the CPU) is set replaced by the unconditional
+        branch (caption / class dropout of training).
+
+        ``image_size``: the training images' ``(H, W)``, which the unconditional branch is built for as the
+        conditional one is (SDXL's size ``time_ids``; ``uncond_context`` is the one place that builds them), so
+        dropped rows get the base predictions that sampling and the prediction cache make for them.
+        """
         if context is None or not bool(drop.any()):
             return context
-        uncond = self.uncond_context(len(drop))
+        uncond = self.uncond_context(len(drop), image_size=image_size)
 
         def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             return torch.where(drop.to(c.device).view(-1, *[1] * (c.ndim - 1)), u.to(c), c)

@@ -204,6 +204,7 @@ class AdapterModule(L.LightningModule):
         text embeddings (``text_emb``: precomputed ones), SDXL / SD3 dicts, or DiT class labels."""
         base = self.base
         drop = (torch.rand(batch_size) < self.hparams.caption_dropout) if train else torch.zeros(batch_size, dtype=bool)
+        image_size = tuple(batch["image"].shape[-2:])  # both branches are built for the training images' size
         if base.is_class_conditional:
             if "class_label" not in batch:
                 raise ValueError(f"batch['class_label']: the base '{base.source}' is class-conditional; the data must "
@@ -216,9 +217,8 @@ class AdapterModule(L.LightningModule):
             context = batch["text_emb"]
         else:
             captions = list(batch["caption"]) if batch.get("caption") is not None else [""] * batch_size
-            context = base.encode_context(captions, batch_size=batch_size,
-                                          image_size=tuple(batch["image"].shape[-2:]))
-        return base.drop_context(context, drop)
+            context = base.encode_context(captions, batch_size=batch_size, image_size=image_size)
+        return base.drop_context(context, drop, image_size)
 
     def _cached_draw(self, batch: dict, batch_size: int, train: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,14 +229,8 @@ class AdapterModule(L.LightningModule):
         for the rows caption dropout sends to the unconditional branch; validation / test take draw 0 (fixed
         per sample like ``evaluation_noise``'s draw, but not the same draw: a validation loss on cached shards
         compares with other runs on cached shards, not with one on raw shards).  The base is not run.
-        ``mcm data encode`` draws the cached timesteps uniformly, so a non-uniform ``timestep_sampling`` is
-        refused here rather than silently ignored (loss weighting, e.g. min-SNR, applies at the cached t)."""
-        sampling = getattr(self.forward_process, "timestep_sampling", "uniform")
-        if train and sampling != "uniform":
-            raise ValueError(f"timestep_sampling={sampling!r}: the cached predictions (`mcm data encode "
-                             f"--predictions K`) were drawn at uniform timesteps, so this sampling cannot be applied "
-                             f"to them; train with timestep_sampling: uniform (loss_weighting: min_snr still "
-                             f"applies), or on raw shards")
+        The cached ``t`` were drawn from the density ``base.json`` names; ``on_fit_start`` checks it against this
+        run's forward process (``check_cached_base``)."""
         if not getattr(self.trainable, "uses_base_prediction_only", False):
             raise ValueError(f"batch['pred']: the batch holds cached base predictions, but "
                              f"{type(self.trainable).__name__} cannot train from them: it injects residuals into the "
@@ -270,7 +264,11 @@ class AdapterModule(L.LightningModule):
         p = pred[rows, j]  # (B, C, h, w)
         if bool(drop.any()):
             p = torch.where(drop.view(-1, 1, 1, 1), batch["pred_uncond"][rows, j], p)
-        return batch["xt"][rows, j], batch["pred_t"][rows, j].long(), batch["target"][rows, j], p
+        t = batch["pred_t"][rows, j]  # int64 (variance preserving) or float32 (flow: t = 1000 sigma, never truncated)
+        if self._flow and not t.is_floating_point():
+            raise ValueError("batch['pred_t']: integer timesteps for a flow-matching base (cached by an older `mcm "
+                             "data encode`, which truncated t = 1000 sigma); re-encode the shards")
+        return batch["xt"][rows, j], t, batch["target"][rows, j], p
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
@@ -363,16 +361,40 @@ class AdapterModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
+    @property
+    def _flow(self) -> bool:
+        return self.forward_process.timestep_density.startswith("flow/")
+
     def check_cached_base(self, datamodule) -> None:
         """Refuse cached shards (``mcm data encode``) made for another base: their latents / embeddings are not
-        this base's.  ``force_base`` trains on them anyway."""
+        this base's (``force_base`` trains on them anyway); and cached predictions whose timesteps were drawn
+        from another density than this run's forward process draws from."""
         cached = getattr(datamodule, "cached_base", None)
-        if not cached or self.hparams.get("force_base", False) or cached["hash"] == self.base.content_hash():
+        if not cached:
+            return
+        self.check_cached_density(cached)
+        if self.hparams.get("force_base", False) or cached["hash"] == self.base.content_hash():
             return
         raise BaseMismatchError(
             f"the cached shards in {cached.get('shard_dir')} were encoded for base '{cached.get('source')}' (sha256 "
             f"{cached['hash'][:12]}...) but the model's base is '{self.base.source}' (sha256 "
             f"{self.base.content_hash()[:12]}...); {self._cached_base_fix()}")
+
+    def check_cached_density(self, cached: dict) -> None:
+        """The draws of cached predictions stand in for this run's: both must come from one timestep density,
+        compared by name.  ``base.json`` files written before the density was recorded drew variance-preserving
+        ``t`` uniformly, and truncated flow ``t`` to integers (never usable)."""
+        if not cached.get("predictions"):
+            return
+        legacy = "ddpm/uniform" if not self._flow else "flow timesteps truncated to integers (an older encoder)"
+        cached_density = cached.get("timestep_density", legacy)
+        own = self.forward_process.timestep_density
+        if cached_density != own:
+            raise ValueError(
+                f"the cached predictions in {cached.get('shard_dir')} were drawn with timestep density "
+                f"{cached_density!r} but this run's forward process draws from {own!r} (model.init_args."
+                f"timestep_sampling / loss settings); train with the density they were drawn from, on raw shards, "
+                f"or re-encode them with `mcm data encode --predictions K`")
 
     def _cached_base_fix(self) -> str:
         """The ways out of a base mismatch of cached shards, for both checks' errors."""
