@@ -180,12 +180,14 @@ class ShardStream(IterableDataset):
         tf = joint_transform(self.image_size, self.crop_scale if can_crop else None)
         wrapped = [wrap_for_transform(self.plugins[n], r) for n, r in raws.items()]
         if self.train:
-            # the crop from torch's global RNG (torchvision), seeded per sample and isolated, so what a
-            # sample becomes depends on (seed, epoch, key) only: not on the process, worker or position,
-            # and the training RNG of the main process (num_workers=0) is left untouched
+            # the crop from torch's CPU generator (torchvision's transforms take no generator), seeded per
+            # sample inside fork_rng, so what a sample becomes depends on (seed, epoch, key) only: not on the
+            # process, worker or position.  Only that CPU generator is seeded (not torch.manual_seed, which
+            # reseeds every CUDA generator too, outside fork_rng(devices=[])'s restore): with num_workers=0 the
+            # training step's CPU and CUDA draws are untouched
             sample_seed = _seed(self.seed, self.epoch, key)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+                torch.default_generator.manual_seed(sample_seed)
                 out = tf(tv_tensors.Image(image), *wrapped)
             # the flip from its own draw, the same whether or not the sample is cropped (raw or cached shard)
             flip_draw = torch.rand(1, generator=torch.Generator().manual_seed(_seed(sample_seed, "flip"))).item()

@@ -15,6 +15,7 @@ import io
 import random
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -191,3 +192,30 @@ def test_augmentation_depends_on_the_sample_not_on_the_process(shards32):
     loader.epoch_fn = lambda: 1
     ep1 = {k: img for bt in loader for k, img in zip(bt["key"], bt["image"])}
     assert sum(not torch.equal(ep0[k], ep1[k]) for k in ep0) > 20
+
+
+def _decode_with_crops(shards32) -> list:
+    return [k for b in _train_loader(shards32, 0, shuffle_buffer=0, crop_scale=(0.3, 0.5)) for k in b["key"]]
+
+
+def test_decoding_seeds_only_its_own_generators(shards32):
+    """Regression (issue: correctness): decoding in the main process (num_workers=0) ran ``torch.manual_seed`` for
+    each crop, which reseeds every CUDA generator too (fork_rng(devices=[]) restores only the CPU one): the
+    training step's CUDA noise was reseeded by the data.  Decoding now seeds only the CPU generator inside
+    fork_rng; the CPU state is the same after decoding and no CUDA generator is touched."""
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with mock.patch("torch.cuda.manual_seed_all", side_effect=AssertionError("decoding reseeded CUDA")), \
+            mock.patch("torch.cuda.manual_seed", side_effect=AssertionError("decoding reseeded CUDA")):
+        keys = _decode_with_crops(shards32)
+    assert len(keys) == 24
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoding_leaves_the_cuda_generator_alone(shards32):
+    torch.cuda.manual_seed_all(11)
+    before = torch.cuda.get_rng_state()
+    _decode_with_crops(shards32)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
