@@ -12,6 +12,7 @@ exactly that step (having written the checkpoints of the steps before it).  The 
 from the last checkpoint at or before that step.
 
     python -m bench.resume --points 5 --seed 0        # 5 random kill points, one max_time stop
+    python -m bench.resume --points 2 --ddp           # the same under DDP: 2 CPU ranks (gloo)
 
 prints one line per point and a JSON summary (the figures in docs/reliability.md).
 ``tests/test_resume.py`` runs the same harness at 2 points.
@@ -88,8 +89,9 @@ def make_shards(out: Path, train: int = 24, val: int = 8) -> Path:
     return out
 
 
-def overlay(path: Path, shards: Path, *, max_steps: int, every: int, batch_size: int = 4) -> Path:
-    """The small settings over the multimodal experiment (a full callback list: lists replace, not merge)."""
+def overlay(path: Path, shards: Path, *, max_steps: int, every: int, batch_size: int = 4, ddp: bool = False) -> Path:
+    """The small settings over the multimodal experiment (a full callback list: lists replace, not merge);
+    ``ddp``: two CPU ranks (gloo), each decoding in its own process (``num_workers: 0``)."""
     ckpt_dir = "runs/shapes32_multimodal/checkpoints"
     cfg = {
         "trainer": {"max_steps": max_steps, "max_time": None, "val_check_interval": 4, "limit_val_batches": None,
@@ -105,6 +107,9 @@ def overlay(path: Path, shards: Path, *, max_steps: int, every: int, batch_size:
         "data": {"init_args": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
                                "batch_size": batch_size, "num_workers": 1, "limit_train_samples": None}},
     }
+    if ddp:
+        cfg["trainer"].update(strategy="ddp", devices=2, accelerator="cpu")
+        cfg["data"]["init_args"]["num_workers"] = 0
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -133,14 +138,15 @@ def run_killed(cwd: Path, config: Path, step: int, poll_s: float = 0.05) -> dict
     halt.unlink(missing_ok=True)
     cb = "--trainer.callbacks+=bench.resume.HaltAt"
     argv = fit_argv(config, cb, "--trainer.callbacks.step", str(step), "--trainer.callbacks.path", str(halt))
+    # its own process group: under DDP the launcher starts the other rank, and SIGKILL must reach every rank
     proc = subprocess.Popen([sys.executable, "-m", "mcm.cli", *argv], cwd=cwd, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         while not halt.exists():  # the run blocks at the step once the file exists: no race, no deadline
             if proc.poll() is not None:
                 raise RuntimeError(f"the run ended before step {step}:\n{proc.stderr.read()[-4000:]}")
             time.sleep(poll_s)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
@@ -193,21 +199,21 @@ def compare(ref: dict, got: dict) -> dict:
 
 
 def resume_point(root: Path, shards: Path, ref: dict, step: int, *, max_steps: int, every: int,
-                 resume_in_process=None, resume_args: tuple[str, ...] = ()) -> dict:
+                 resume_in_process=None, resume_args: tuple[str, ...] = (), ddp: bool = False) -> dict:
     """Kill at ``step``, resume with ``--ckpt_path last``, compare with ``ref``."""
-    cwd = fresh(root / f"kill_{step:03d}")
-    config = overlay(cwd / "tiny.yaml", shards, max_steps=max_steps, every=every)
+    cwd = fresh(root / f"kill_{step:03d}{'_ddp' if ddp else ''}")
+    config = overlay(cwd / "tiny.yaml", shards, max_steps=max_steps, every=every, ddp=ddp)
     where = run_killed(cwd, config, step)
     (resume_in_process or run_fit)(cwd, config, "--ckpt_path", "last", *resume_args)
     return {**where, "cwd": cwd, **compare(ref, end_state(cwd))}
 
 
 def max_time_point(root: Path, shards: Path, ref: dict, step: int, *, max_steps: int, every: int,
-                   resume_in_process=None, run=None) -> dict:
+                   resume_in_process=None, run=None, ddp: bool = False) -> dict:
     """Lightning's ``max_time`` stop at ``step`` (:class:`ExpireMaxTimeAt`): ``last.ckpt`` must hold that step
     (not the last multiple of ``every``); resume without the limit and compare."""
-    cwd = fresh(root / f"max_time_{step:03d}")
-    config = overlay(cwd / "tiny.yaml", shards, max_steps=max_steps, every=every)
+    cwd = fresh(root / f"max_time_{step:03d}{'_ddp' if ddp else ''}")
+    config = overlay(cwd / "tiny.yaml", shards, max_steps=max_steps, every=every, ddp=ddp)
     (run or run_fit)(cwd, config, "--trainer.max_time", "00:01:00:00",
                      "--trainer.callbacks+=bench.resume.ExpireMaxTimeAt", "--trainer.callbacks.step", str(step))
     stopped = end_state(cwd)["global_step"]
@@ -225,31 +231,32 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--every", type=int, default=3, help="checkpoint every N steps")
     p.add_argument("--json", default=None, help="also write the summary here")
+    p.add_argument("--ddp", action="store_true", help="two CPU ranks (gloo) instead of one process")
     a = p.parse_args()
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     shards = make_shards(root / "shards", train=a.train)
     t0 = time.time()
     ref_dir = fresh(root / "reference")
-    run_fit(ref_dir, overlay(ref_dir / "tiny.yaml", shards, max_steps=a.max_steps, every=a.every))
+    run_fit(ref_dir, overlay(ref_dir / "tiny.yaml", shards, max_steps=a.max_steps, every=a.every, ddp=a.ddp))
     ref = end_state(ref_dir)
-    steps_per_epoch = a.train // 4
+    steps_per_epoch = a.train // (4 * (2 if a.ddp else 1))
     points = sorted(random.Random(a.seed).sample(range(2, a.max_steps), a.points))
     print(f"uninterrupted: {a.max_steps} steps ({steps_per_epoch} per epoch) in {time.time() - t0:.0f} s; "
           f"kill points {points}, checkpoint every {a.every} steps", flush=True)
     rows = []
     for step in points:
-        r = resume_point(root, shards, ref, step, max_steps=a.max_steps, every=a.every)
+        r = resume_point(root, shards, ref, step, max_steps=a.max_steps, every=a.every, ddp=a.ddp)
         rows.append(r)
         print(f"killed at step {r['killed_at']:3d} (epoch {r['epoch']}, batch {r['batch_in_epoch']}), resumed from "
               f"{r['resumed_from']:3d}: equal={r['equal']} ({r['weights_tensors']} weight, {r['ema_tensors']} EMA, "
               f"{r['optimizer_tensors']} optimizer tensors; lr {r['lr'][1]}) {r['different'][:3]}", flush=True)
     stop = next(s for s in range(a.max_steps - 1, 0, -1) if s % a.every)  # off the checkpoint interval
-    r = max_time_point(root, shards, ref, stop, max_steps=a.max_steps, every=a.every)
+    r = max_time_point(root, shards, ref, stop, max_steps=a.max_steps, every=a.every, ddp=a.ddp)
     rows.append(r)
     print(f"max_time stop at step {r['stopped_by_max_time_at']} (last.ckpt), resumed: equal={r['equal']} "
           f"{r['different'][:3]}", flush=True)
-    summary = {"max_steps": a.max_steps, "steps_per_epoch": steps_per_epoch, "checkpoint_every": a.every,
+    summary = {"ddp": a.ddp, "max_steps": a.max_steps, "steps_per_epoch": steps_per_epoch, "checkpoint_every": a.every,
                "points": rows, "all_equal": all(r["equal"] for r in rows), "seconds": round(time.time() - t0)}
     text = json.dumps(summary, indent=1, default=str)
     print(text)

@@ -40,6 +40,23 @@ class DumpWeights(Callback):
             self.report["mcm_in_reducer"] = sum(id(p) in held_ids for p in mcm)
             self.report["reducer_params"] = len({id(p) for p in ddp.module.parameters() if p.requires_grad})
         self.report["num_training_batches"] = trainer.num_training_batches
+        # the training draws of this rank: the timesteps and (the first values of) the noise of every step
+        self.report["t"], self.report["noise"] = [], []
+        fp = pl_module.forward_process
+        sample_timesteps, add_noise = fp.sample_timesteps, fp.add_noise
+
+        def record_t(*args, **kwargs):
+            t = sample_timesteps(*args, **kwargs)
+            if pl_module.training:
+                self.report["t"].append(t.tolist())
+            return t
+
+        def record_noise(x0, noise, t):
+            if pl_module.training:
+                self.report["noise"].append(noise.flatten()[:8].tolist())
+            return add_noise(x0, noise, t)
+
+        fp.sample_timesteps, fp.add_noise = record_t, record_noise
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.report["batches"] += 1

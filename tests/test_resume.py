@@ -83,6 +83,22 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(harness, kill_at, resu
                        "--model.init_args.base", str(tiny_uncond_dir))
 
 
+def test_sigkill_then_resume_equals_the_uninterrupted_run_under_ddp(harness):
+    """Two CPU ranks (gloo), each drawing from its own (seed, rank) stream: killed at the start of step 3 (of an
+    epoch of 2 steps per rank), resumed from step 2, every weight, EMA weight, Adam moment and the learning rate
+    equal the uninterrupted DDP run's, and the checkpoint holds both ranks' random states."""
+    root, shards, _ = harness
+    ref_dir = R.fresh(root / "reference_ddp")
+    R.run_fit(ref_dir, R.overlay(ref_dir / "tiny.yaml", shards, max_steps=4, every=EVERY, ddp=True))
+    ref = R.end_state(ref_dir)
+    assert ref["global_step"] == 4
+    ranks = ref["callbacks"][next(k for k in ref["callbacks"] if "RNGState" in k)]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"]), "ranks share one stream"
+    r = R.resume_point(root, shards, ref, 3, max_steps=4, every=EVERY, ddp=True)
+    assert r["killed_at"] == 3 and r["resumed_from"] == 2, r
+    assert r["equal"], f"{r['n_different']} tensors differ, e.g. {r['different']}"
+
+
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # resumed without the Timer, on purpose
 def test_max_time_stop_writes_the_last_checkpoint_and_resumes_exactly(harness):
     """Lightning's ``max_time`` stop at step 9 (off the checkpoint interval): ``last.ckpt`` holds step 9, not 8,

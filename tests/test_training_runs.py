@@ -301,6 +301,10 @@ def test_ddp_two_ranks_identical_weights_base_outside_reducer(tmp_path, tiny_pix
         # the same number of batches on every rank although the shards are uneven
         assert rep["num_training_batches"] == rep["batches"] == rep["global_step"] == 3, rep
     assert not set(reports[0]["keys"]) & set(reports[1]["keys"]), "ranks must read disjoint shards"
+    # regression (issue: correctness): every rank drew the same timesteps and noise for its different images
+    for key in ("t", "noise"):
+        assert len(reports[0][key]) == len(reports[1][key]) == 3, (key, reports[0][key])
+        assert all(a != b for a, b in zip(reports[0][key], reports[1][key])), (key, reports[0][key], reports[1][key])
 
     # both ranks (different data) ended with identical MCM weights, and trained
     assert weights[0].keys() == weights[1].keys()

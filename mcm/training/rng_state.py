@@ -7,6 +7,9 @@ them for the same reason).  This callback
 
 * stores torch's CPU generator, every CUDA device's generator, numpy's and Python's global generators
   in the checkpoint (per rank under DDP: each rank's own, gathered when the checkpoint is written),
+* under DDP, when not resuming, reseeds each rank at ``on_train_start`` from (seed, rank) (``seed_rank``):
+  ``seed_everything`` seeds every rank alike, so without it every rank drew the same timesteps, noise and
+  dropout for its different images (the model is built before, from the common seed, as DDP needs),
 * restores them at ``on_train_start`` — after everything that runs between loading and training
   (model setup, loggers, the sanity check), just before the first training step — and
 * isolates validation during ``fit``: the generators are captured at ``on_validation_start`` and
@@ -24,6 +27,7 @@ States are plain tensors, lists and numbers, so ``torch.load(weights_only=True)`
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any
 
@@ -65,6 +69,26 @@ def restore(state: dict[str, Any]) -> None:
                         "generators not restored", len(cuda), torch.cuda.device_count())
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A 32-bit seed of its own for ``rank`` of a run seeded with ``seed`` (numpy's ``SeedSequence``: streams
+    of different ``(seed, rank)`` pairs do not overlap as ``seed + rank`` would across runs)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(rank)]).generate_state(1)[0])
+
+
+def seed_rank(rank: int) -> None:
+    """Under DDP, give this rank its own torch (CPU and CUDA), numpy and Python streams, seeded by the run's seed
+    (``seed_everything``'s ``PL_GLOBAL_SEED``) and the rank, so that ranks draw different timesteps, noise and
+    dropout for their different images.  Without a run seed the processes' own random seeds already differ."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if seed is None:
+        return
+    s = rank_seed(int(seed), rank)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # CPU and every CUDA device of this process
+    log.info("rank %d draws from its own random streams (seed %s, rank seed %d)", rank, seed, s)
+
+
 def _gather(state: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's state (rank order) under ``torch.distributed``, else ``[state]``."""
     import torch.distributed as dist
@@ -94,6 +118,8 @@ class RNGState(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not self._loaded:
+            if trainer.world_size > 1:
+                seed_rank(trainer.global_rank)
             return
         rank = trainer.global_rank
         if len(self._loaded) != trainer.world_size:
