@@ -1,7 +1,9 @@
 """``mcm evaluate`` end to end on a tiny config: every metric key, deterministic JSON, report files."""
 from __future__ import annotations
 
+import importlib
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -169,6 +171,29 @@ def test_pluggable_judges(tmp_path):
         "task": "depth"}))
     judge = load_judge(tmp_path)
     assert judge.task == "depth" and torch.equal(judge.predict(img), net.eval().predict(img))
+
+
+@pytest.mark.parametrize("class_path", ["subprocess:call", "subprocess.call", "os:system", "builtins:eval",
+                                        "mcm.evaluation.judges.networks:JudgeUNetX", ["subprocess", "call"]])
+def test_a_judge_directory_naming_another_class_is_refused_before_import(tmp_path, class_path):
+    """Regression (issue: correctness and security): a judge directory's config.json ``class_path`` was imported
+    and called whatever it named (``subprocess:call`` with ``args`` ran a program, reached by ``mcm evaluate
+    --seg-judge DIR`` and the alignment callback).  Only the shipped judge networks are allowed; nothing is
+    imported or run, and the error names the class and the allowed ones."""
+    from mcm.evaluation.judges import load_judge
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text(json.dumps({
+        "class_path": class_path, "init_args": {"args": ["touch", str(marker)]}, "task": "segmentation"}))
+    real_import = importlib.import_module
+    with mock.patch("importlib.import_module", side_effect=lambda name, *a: (
+            pytest.fail(f"imported {name}") if name.split(".")[0] in ("subprocess", "os", "builtins") else
+            real_import(name, *a))):
+        with pytest.raises(ValueError, match=r"is not an allowed judge class; expected one of "
+                                             r"\['mcm.evaluation.judges.networks:JudgeUNet'\]"):
+            load_judge(tmp_path / "judge")
+    assert not marker.exists()
 
 
 def test_real_images_score_as_perfectly_aligned(tmp_path):

@@ -19,11 +19,13 @@ What ``load_judge(spec)`` accepts:
 * a local ``transformers`` segmenter or depth model directory (``save_pretrained`` of the model and its
   image processor; see ``modalities.annotators``); with a label map use
   :func:`~mcm.evaluation.judges.local_models.build_judges` (``Judges``, the judges of one evaluation);
-* a directory or JSON file ``{"class_path": "pkg.mod:Class", "init_args": {...},
-  "weights": "model.safetensors", "task": "segmentation", "num_classes": 19}``: any
-  ``nn.Module``, built from its config, weights loaded from safetensors (strict);
-* an import path ``"pkg.mod:attr"``: a class (instantiated with the keyword arguments), or
-  any callable / module instance, called as ``attr(images)``;
+* a directory or JSON file ``{"class_path": "mcm.evaluation.judges.networks:JudgeUNet", "init_args": {...},
+  "weights": "model.safetensors", "task": "segmentation", "num_classes": 19}``: a network from
+  :data:`JUDGE_CLASSES` (the shipped judge networks) built from its config, weights loaded from safetensors
+  (strict).  A file names a class; a file may come from anywhere, so any class outside that allow-list is
+  refused before anything is imported (``subprocess:call`` with ``args`` would otherwise run a program);
+* an import path ``"pkg.mod:attr"`` given by the caller (Python or a command line, not a downloaded file): a
+  class (instantiated with the keyword arguments), or any callable / module instance, called as ``attr(images)``;
 * a Python object (an ``nn.Module`` or callable) passed directly.
 """
 from __future__ import annotations
@@ -42,10 +44,13 @@ from mcm.models.frozen_base import WEIGHTS_DIR
 from .networks import TASKS, JudgeUNet
 
 JUDGES_DIR = WEIGHTS_DIR / "shapes32" / "judges"
+#: the classes a judge directory's ``config.json`` may name (``class_path``); transformers models load through
+#: their Auto classes from ``model_type`` configs (``local_models``), never through a named class
+JUDGE_CLASSES = ("mcm.evaluation.judges.networks:JudgeUNet",)
 BUILTIN_JUDGES = {f"shapes32-{task}": JUDGES_DIR / task for task in TASKS}
 
 __all__ = ["Judge", "JudgeUNet", "Judges", "build_judges", "load_judge", "list_judges", "BUILTIN_JUDGES",
-           "JUDGES_DIR"]
+           "JUDGES_DIR", "JUDGE_CLASSES"]
 
 
 def list_judges(filter: str = "") -> list[str]:  # noqa: A002 - timm's name for it
@@ -131,6 +136,18 @@ def _import(path: str) -> Any:
     return obj
 
 
+def allowed_judge_class(class_path: Any, config_file: Path) -> str:
+    """``class_path`` if it names a class of :data:`JUDGE_CLASSES` (``pkg.mod:Class`` or ``pkg.mod.Class``);
+    otherwise a ``ValueError`` naming it and the allowed ones, raised before anything is imported."""
+    name = class_path.replace(":", ".") if isinstance(class_path, str) else None
+    if name not in {c.replace(":", ".") for c in JUDGE_CLASSES}:
+        raise ValueError(f"judge config {config_file}: class_path {class_path!r} is not an allowed judge class; "
+                         f"expected one of {list(JUDGE_CLASSES)}, or a transformers model directory (its "
+                         f"config.json with model_type). A judge of your own: pass it to load_judge as an object "
+                         f"or an import path, not through a file")
+    return class_path
+
+
 def _from_config(config_file: Path, **kwargs) -> Judge:
     cfg = json.loads(config_file.read_text())
     if "class_path" not in cfg and "model_type" in cfg:  # a transformers save_pretrained directory
@@ -149,7 +166,7 @@ def _from_config(config_file: Path, **kwargs) -> Judge:
         return Judge(model, c.task, c.num_classes if c.task == "segmentation" else None, str(config_file.parent))
     from safetensors.torch import load_file
 
-    model = _import(cfg["class_path"])(**cfg.get("init_args", {}))
+    model = _import(allowed_judge_class(cfg["class_path"], config_file))(**cfg.get("init_args", {}))
     weights = config_file.parent / cfg.get("weights", "model.safetensors")
     if weights.is_file():
         model.load_state_dict(load_file(weights), strict=True)
