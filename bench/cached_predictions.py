@@ -2,9 +2,11 @@
 
 Two measurements on ``shapes32`` (the shipped base and, for the precision check, the shipped MCM):
 
-1. Step cost, side by side in one process (interleaved ``A B C A B C ...``, medians): A one no-grad base
+1. Step cost, side by side in one process (interleaved ``A B C D A B C D ...``, medians): A one no-grad base
    forward; B the online MCM step (``MCMModule._common_step`` with the base forward, backward, AdamW); C the
-   same step from a cached batch (``pred`` / ``xt`` / ``target`` / ``pred_t``: no base forward).  Printed as
+   same step from a cached batch (``pred`` / ``xt`` / ``target`` / ``pred_t``: no base forward), as inside a fit
+   past its first batches (no batch value read back: no host synchronisation); D = C with the batch's values
+   checked every step (the step before it became sync-free).  Printed as
    C / B and in base forwards; plus what the cache costs to make (2 K base forwards per sample, both guidance
    branches) and after how many epochs over the data it has paid for itself.
 2. Storage precision: the MCM loss over every cached draw of real shapes32 samples, from float16-stored
@@ -36,9 +38,15 @@ def measure_steps(args) -> dict:
     online_opt = online_module.configure_optimizers()["optimizer"]
     cached_module = C.build_mcm_module(m)
     cached_opt = cached_module.configure_optimizers()["optimizer"]
+    # the step from cached predictions with its batch values checked every step (the step before it became
+    # sync-free) against the default (values checked on a fit's first batches; the DataModule checks every sample)
+    checked_module = C.in_a_fit(C.build_mcm_module(m), value_check_batches=10**9)
+    checked_opt = checked_module.configure_optimizers()["optimizer"]
+    C.in_a_fit(cached_module)
     fns = {"base_forward": lambda: C.base_forward(m, batch),
            "online_step": lambda: C.mcm_step(online_module, online_opt, batch),
-           "cached_step": lambda: C.mcm_step(cached_module, cached_opt, cached)}
+           "cached_step": lambda: C.mcm_step(cached_module, cached_opt, cached, read_loss=False),
+           "cached_step_values_checked": lambda: C.mcm_step(checked_module, checked_opt, cached, read_loss=False)}
     reps, warmup = C.reps_of(args)
     times = C.interleaved(fns, reps, warmup, args.device)
     t = {k: v["median_s"] for k, v in times.items()}
@@ -49,6 +57,7 @@ def measure_steps(args) -> dict:
         "base_source": m.source, "batch": args.batch, "k": args.k, "time_s": t,
         "time_min_s": {k: v["min_s"] for k, v in times.items()}, "reps": reps,
         "cached_over_online": t["cached_step"] / t["online_step"],
+        "sync_free_over_values_checked": t["cached_step"] / t["cached_step_values_checked"],
         "online_step_in_base_forwards": t["online_step"] / t["base_forward"],
         "cached_step_in_base_forwards": t["cached_step"] / t["base_forward"],
         "encode_base_forwards_per_sample": encode_forwards_per_batch,
@@ -126,8 +135,10 @@ def main(argv=None) -> dict:
     s = out["steps"]
     print(f"shapes32 ({s['base_source']}), batch {s['batch']}, K={s['k']}, medians of {s['reps']} interleaved runs")
     for k, v in s["time_s"].items():
-        print(f"  {k:14s} {1000 * v:8.1f} ms")
+        print(f"  {k:26s} {1000 * v:8.1f} ms")
     print(f"  cached step / online step     {s['cached_over_online']:.3f}")
+    print(f"  sync-free / values checked    {s['sync_free_over_values_checked']:.3f}  (cached step; CPU: no device "
+          f"to wait for, only the checks' own work)")
     print(f"  online step in base forwards  {s['online_step_in_base_forwards']:.2f}")
     print(f"  cached step in base forwards  {s['cached_step_in_base_forwards']:.2f}")
     print(f"  encoding: {s['encode_base_forwards_per_sample']} base forwards per sample, paid back after "

@@ -229,13 +229,23 @@ def cached_prediction_batch(m: BenchModel, batch: dict, k: int) -> dict:
     return {**batch, **{n: v.to(batch["latent"].device) for n, v in prediction_batch(members).items()}}
 
 
-def mcm_step(module, opt, batch: dict) -> float:
-    """One MCM training step: MCMModule's own step (base under no_grad), backward, AdamW."""
+def mcm_step(module, opt, batch: dict, read_loss: bool = True) -> float | torch.Tensor:
+    """One MCM training step: MCMModule's own step (base under no_grad), backward, AdamW.  ``read_loss=False``
+    returns the loss tensor unread (reading it is a host synchronisation, as Lightning's loop avoids)."""
     loss = module._common_step(batch, "train")
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(loss.detach()) if read_loss else loss.detach()
+
+
+def in_a_fit(module, value_check_batches: int | None = None):
+    """``module`` as inside ``Trainer.fit`` (its step checks batch values only on the first
+    ``value_check_batches`` batches; a huge number: every step, as before the step became sync-free)."""
+    module._trainer = mock.MagicMock()
+    if value_check_batches is not None:
+        module.value_check_batches = value_check_batches
+    return module
 
 
 def unet_loss(m: BenchModel, unet, batch: dict, controlnet=None, cond: torch.Tensor | None = None) -> torch.Tensor:

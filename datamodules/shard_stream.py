@@ -207,6 +207,9 @@ class ShardStream(IterableDataset):
         for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
             raw = unwrap(p, t)
             raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
+            # every map's values checked here, per sample on the CPU where it is decoded (a bad one is skipped and
+            # counted, ModalityError), so the training step need not read them back from the device each step
+            p.validate(raw[None])
             item[n] = raw
         return item
 

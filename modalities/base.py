@@ -55,6 +55,15 @@ class ConvEncoder(nn.Module):
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def one_hot_channels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, H, W)`` integer labels -> ``(B, K, H, W)`` float one-hot, channels-last (``F.one_hot`` + permute's
+    layout).  A scatter, not ``F.one_hot``: that one reads the labels' range back from the device on every call (a
+    host synchronisation per training step on CUDA); the range is validated where maps enter (``validate``)."""
+    B, H, W = labels.shape
+    out = torch.zeros(B, H, W, num_classes, device=labels.device)
+    return out.scatter_(-1, labels.long().unsqueeze(-1), 1.0).permute(0, 3, 1, 2)
+
+
 def png_bytes_to_array(data: bytes, what: str) -> np.ndarray:
     """Decode PNG/JPEG bytes to ``(H, W)`` or ``(H, W, C)`` (never pickle); 16-bit PNGs stay uint16.
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .base import one_hot_channels
 from .segmentation import PROB_TOL, Segmentation, blur_maps, is_soft
 
 UNKNOWN = 255
@@ -190,7 +191,7 @@ class PartialMask(Segmentation):
         # (B, H, W) -> (B, K + 1, H, W): one-hot zeroed where unknown, then the known mask
         raw = raw.long()
         known = (raw != UNKNOWN)[:, None].float()  # (B, 1, H, W)
-        onehot = F.one_hot(raw.where(raw != UNKNOWN, 0), self.num_classes).permute(0, 3, 1, 2).float()
+        onehot = one_hot_channels(raw.where(raw != UNKNOWN, 0), self.num_classes)
         return torch.cat([onehot * known, known], dim=1)
 
     def resize(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .base import Modality, png_bytes_to_array
+from .base import Modality, one_hot_channels, png_bytes_to_array
 
 #: how far a pixel's class probabilities may sum from 1 (float16 softmax, resampling)
 PROB_TOL = 1e-3
@@ -226,7 +226,7 @@ class Segmentation(Modality):
             # convs run the same kernels and a one-hot probability map gives bit-identical features
             return raw.float().contiguous(memory_format=torch.channels_last)
         # (B, H, W) -> (B, K, H, W)
-        return F.one_hot(raw.long(), self.num_classes).permute(0, 3, 1, 2).float()
+        return one_hot_channels(raw, self.num_classes)
 
     def resize(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Hard maps nearest; probabilities bilinear (antialiased: weights >= 0 summing to 1, so rows still

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .masks import mask_iou
+
 
 def _dilate4(x: torch.Tensor) -> torch.Tensor:
     """4-connected (cross-shaped) dilation of ``(B, 1, H, W)`` in {0, 1}: 8-connected strokes stay barriers."""
@@ -127,13 +129,6 @@ def region_hints(strokes: torch.Tensor, names: tuple[str, ...] = DEFAULT_HINTS) 
     return torch.cat([HINTS[n](strokes) for n in names], dim=1)
 
 
-def foreground_iou(hint: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W)`` bool masks -> ``(B,)``: IoU of each hint with its foreground (1 where both are empty)."""
-    union = (hint | foreground).flatten(1).sum(1)
-    inter = (hint & foreground).flatten(1).sum(1)
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float))
-
-
 def _foreground_iou(n: int = 200) -> None:  # pragma: no cover - the figures in the module docstring
     from datamodules.shapes import make_sample
     from modalities.sketch import detect_edges
@@ -145,7 +140,7 @@ def _foreground_iou(n: int = 200) -> None:  # pragma: no cover - the figures in 
     tests = {"enclosed": enclosed(edges) > 0.5, "crossing_parity >= 0.5": crossing_parity(edges) >= 0.5,
              "enclosed_open_border >= 0.5": enclosed_open_border(edges) >= 0.5}
     for name, hint in tests.items():
-        iou = foreground_iou(hint[:, 0], fg).mean().item()
+        iou = mask_iou(hint[:, 0], fg).mean().item()
         print(f"{name}: mean foreground IoU {iou:.3f} over {n} held-out shapes32 maps")
 
 

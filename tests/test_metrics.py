@@ -231,3 +231,15 @@ def test_clip_score_tiny_model(tiny_clip):
     assert m.compute() == pytest.approx(s, abs=1e-4)
     with pytest.raises(ValueError, match="nothing is downloaded"):
         load_open_clip("mcm-test-tiny-clip", ckpt.parent / "missing.pt")
+
+
+def test_one_foreground_iou_with_one_rule_for_empty_maps():
+    """Three copies disagreed on empty maps (1.0 in the app, NaN in the regional figures); one function now."""
+    from modalities.masks import foreground_iou, mask_iou
+
+    empty, full = torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 4, 4, dtype=torch.long)
+    half = torch.zeros(1, 4, 4, dtype=torch.long)
+    half[:, :, :2] = 3
+    got = foreground_iou(torch.cat([empty, full, half, empty]), torch.cat([empty, half, half, full]))
+    assert got.tolist() == [1.0, 0.5, 1.0, 0.0]
+    assert mask_iou(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool)).tolist() == [1.0, 1.0]

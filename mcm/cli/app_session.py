@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mcm.cli.app_maps import MODALITY_ORDER, AppError
+from modalities.masks import foreground_iou
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +251,6 @@ def check_request(req: Request, n_modules: int) -> None:
 
 
 # ---- 2. scores -----------------------------------------------------------------------------------------
-def foreground_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """IoU of "any object" (label != 0) between two label maps; 1.0 when both are empty."""
-    p, t = pred != 0, target != 0
-    union = (p | t).sum().item()
-    return float((p & t).sum().item() / union) if union else 1.0
-
-
 @torch.no_grad()
 def score_samples(images: Mapping[str, torch.Tensor], maps: Mapping[str, torch.Tensor], plugins: Mapping[str, Any],
                   judges: Mapping[str, Any], seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -279,7 +273,7 @@ def score_samples(images: Mapping[str, torch.Tensor], maps: Mapping[str, torch.T
                 t = maps["segmentation"][0]
                 K = plugins["segmentation"].num_classes
                 r[f"seg mIoU ({row_name})"] = M.segmentation_alignment(labels[i:i + 1], t[None], K)["miou"]
-                r[f"object IoU ({row_name})"] = foreground_iou(labels[i], t)
+                r[f"object IoU ({row_name})"] = float(foreground_iou(labels[i][None], t[None])[0])
             if labels is not None and "partial_mask" in maps:
                 K = plugins["partial_mask"].num_classes
                 r[f"partial mIoU ({row_name})"] = M.partial_alignment(labels[i:i + 1], maps["partial_mask"][:1],

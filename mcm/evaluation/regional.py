@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from modalities.masks import foreground_iou
+
 log = logging.getLogger(__name__)
 STEPS = 25
 
@@ -33,10 +35,8 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fg_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """IoU of object pixels (label != 0) between the judge's labels and the map."""
-    p, t = pred != 0, target != 0
-    union = (p | t).sum()
-    return float((p & t).sum() / union) if union else float("nan")
+    """IoU of object pixels (label != 0) between the judge's labels and the maps, pooled over the batch."""
+    return float(foreground_iou(pred.reshape(1, -1), target.reshape(1, -1))[0])
 
 
 @torch.no_grad()

@@ -25,9 +25,10 @@ BANDS = ((0.0, 0.5), (0.5, 0.8), (0.8, 1.01))
 
 def hint_iou(sketch: torch.Tensor, segmentation: torch.Tensor) -> np.ndarray:
     """Per-sample foreground IoU of ``enclosed_open_border(sketch) >= 1/2`` against ``segmentation != 0``."""
-    from modalities.sketch_regions import enclosed_open_border, foreground_iou
+    from modalities.masks import mask_iou
+    from modalities.sketch_regions import enclosed_open_border
 
-    return foreground_iou(enclosed_open_border(sketch.float())[:, 0] >= 0.5, segmentation != 0).numpy()
+    return mask_iou(enclosed_open_border(sketch.float())[:, 0] >= 0.5, segmentation != 0).numpy()
 
 
 def per_sample_f1(images: torch.Tensor, sketch: torch.Tensor) -> np.ndarray:

@@ -254,7 +254,7 @@ class FrozenBase(nn.Module):
         conditional one is (SDXL's size ``time_ids``; ``uncond_context`` is the one place that builds them), so
         dropped rows get the base predictions that sampling and the prediction cache make for them.
         """
-        if context is None or not bool(drop.any()):
+        if context is None or not drop.numpy().any():  # a CPU mask (numpy refuses a device one): no host sync
             return context
         uncond = self.uncond_context(len(drop), image_size=image_size)
 

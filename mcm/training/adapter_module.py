@@ -115,6 +115,10 @@ class AdapterModule(L.LightningModule):
     config_key = "adapter_config"
     #: name of the adapter's parameter count in ``param_counts`` and the logs
     param_key = "adapter"
+    #: training batches of a fit whose values (finite, in range) the step checks; later ones only by their shapes,
+    #: with no host synchronisation (the DataModule checks every sample's values where it decodes it).  A step
+    #: called outside a Trainer (a hand-made batch) always checks the values.
+    value_check_batches = 2
 
     # ---- construction ------------------------------------------------------------------------------
     def setup_adapter(self) -> None:
@@ -260,9 +264,10 @@ class AdapterModule(L.LightningModule):
         # caption dropout, drawn as _context draws it; then one draw per sample
         drop = (torch.rand(B) < self.hparams.caption_dropout) if train and guided else torch.zeros(B, dtype=torch.bool)
         j = torch.randint(0, K, (B,)) if train else torch.zeros(B, dtype=torch.long)
+        any_dropped = bool(drop.numpy().any())  # drawn on the CPU (numpy refuses a device tensor): no host sync
         rows, j, drop = torch.arange(B, device=pred.device), j.to(pred.device), drop.to(pred.device)
         p = pred[rows, j]  # (B, C, h, w)
-        if bool(drop.any()):
+        if any_dropped:
             p = torch.where(drop.view(-1, 1, 1, 1), batch["pred_uncond"][rows, j], p)
         t = batch["pred_t"][rows, j]  # int64 (variance preserving) or float32 (flow: t = 1000 sigma, never truncated)
         if self._flow and not t.is_floating_point():
@@ -270,9 +275,17 @@ class AdapterModule(L.LightningModule):
                              "data encode`, which truncated t = 1000 sigma); re-encode the shards")
         return batch["xt"][rows, j], t, batch["target"][rows, j], p
 
+    def _check_values(self, train: bool) -> bool:
+        """Whether this step reads the batch's values back to check them (see ``value_check_batches``)."""
+        if not train or self._trainer is None:
+            return True
+        self._checked_batches = getattr(self, "_checked_batches", 0) + 1
+        return self._checked_batches <= self.value_check_batches
+
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         train = stage == "train"
-        check_training_batch(self.plugins, batch, 8 * self.base.downsample)  # 0. clear errors, not UNet shape errors
+        # 0. clear errors, not UNet shape errors
+        check_training_batch(self.plugins, batch, 8 * self.base.downsample, self._check_values(train))
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         B = images.shape[0]
         self.check_batch_base(batch)
