@@ -89,7 +89,7 @@ def measure(name: str, args) -> dict:
         controls_regions = [Control(seg, {"segmentation": batch["segmentation"]}, 1.0, None, left),
                             Control(depth, {"depth": batch["depth"]}, 1.0, None, 1 - left)]
         denoisers = {
-            "base": guided(m.base.predict, text, uncond, gs),
+            "base": guided(controlled_predictor(m.base, [], size), text, uncond, gs),
             "mcm": guided(controlled_predictor(m.base, controls1, size), text, uncond, gs),
             "controlnet": controlnet_denoiser(m, cn, cond, text, uncond, gs),
             "compose2": guided(controlled_predictor(m.base, controls2, size), text, uncond, gs),
