@@ -59,7 +59,7 @@ def sd_difference(ref, ours, guidance_scale: float, conditions=None, adapters_pi
                    output_type="pt").images
     pipe = adapters_pipe or ours
     got = pipe(conditions=conditions, prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale,
-               generator=_gen())
+               generator=_gen(), output_type="pt").images
     return float((got - expected).abs().max())
 
 
@@ -76,7 +76,7 @@ def ddpm_difference(uncond_dir: Path, scheduler_cls) -> float:
     ours = MCMPipeline.from_pretrained(uncond_dir, modules=[])
     ours.set_progress_bar_config(disable=True)
     ours.scheduler = scheduler_cls.from_config(ref.scheduler.config)
-    got = ours(num_images=2, num_inference_steps=STEPS, generator=_gen(), output_type="np")
+    got = ours(num_images=2, num_inference_steps=STEPS, generator=_gen(), output_type="np").images
     return float(abs(got - expected).max())
 
 
@@ -90,8 +90,8 @@ def main() -> str:
             diffs = [f"{sd_difference(ref, ours, g):.1e}" for g in GUIDANCE]
             pixel = f"{ddpm_difference(uncond_dir, cls):.1e}" if cls in (DDPMScheduler, DDIMScheduler) else "n/a"
             other = ours(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5,
-                         generator=torch.Generator().manual_seed(SEED + 1))
-            same = ours(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, generator=_gen())
+                         generator=torch.Generator().manual_seed(SEED + 1), output_type="pt").images
+            same = ours(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, generator=_gen(), output_type="pt").images
             rows.append(f"| {name} | {diffs[0]} | {diffs[1]} | {pixel} | {float((other - same).abs().max()):.2f} |")
     return "\n".join(rows)
 

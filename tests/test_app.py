@@ -16,6 +16,7 @@ from PIL import Image
 import modalities
 from mcm.cli import app_maps as M
 from mcm.cli import app_session as S
+from mcm.pipelines import MCMPipelineOutput
 
 SIZE, SCALE = (32, 32), 8
 SQUARE = 2
@@ -268,9 +269,10 @@ def test_the_python_call_of_one_module():
         "}",
         "settings = dict(prompt='a green square', num_inference_steps=10, guidance_scale=1.0, seeds=[5, 6], "
         'output_type="pt")',
-        "images = pipe(conditions=conditions, strength=1.5, modulation_window=(0.2, 1.0), **settings)"
+        "images = pipe(conditions=conditions, conditioning_scale=1.5, control_guidance_start=0.0, "
+        "control_guidance_end=0.8, **settings).images"
         "  # base + modules: (2, 3, H, W) in [0, 1]",
-        "base = pipe(conditions={}, num_images=2, **settings)  # the base alone, same seeds",
+        "base = pipe(conditions={}, num_images=2, **settings).images  # the base alone, same seeds",
     ]
 
 
@@ -281,7 +283,7 @@ def test_the_python_call_of_a_composition_with_a_region(tmp_path):
     code = S.python_call(_fake_session([a, b], [1.0, 0.5]), req)
     assert f"pipe = MCMPipeline.from_pretrained('shapes32', modules=[{a!r}, {b!r}], weights=[1.0, 0.5])" in code
     assert 'region = torch.from_numpy(maps["region"])' in code
-    assert "strength=[0.8 * region, 1.2 * region]" in code and "negative_prompt='blurry'" in code
+    assert "conditioning_scale=[0.8 * region, 1.2 * region]" in code and "negative_prompt='blurry'" in code
     # one conditions dict per module, each with the modalities it knows
     assert code.count('"segmentation": torch.from_numpy') == 2 and code.count('"sketch": torch.from_numpy') == 1
     compile(code, "reproduce.py", "exec")
@@ -341,7 +343,7 @@ class _SpyPipe:
         self.calls.append({"conditions": conditions, **kw})
         if self.error is not None and conditions:
             raise self.error
-        return torch.full((len(kw["seeds"]), 3, 32, 32), 0.5)
+        return MCMPipelineOutput(images=torch.full((len(kw["seeds"]), 3, 32, 32), 0.5))
 
 
 def test_the_region_brush_passes_the_strength_as_a_map(session, monkeypatch):
@@ -350,9 +352,9 @@ def test_the_region_brush_passes_the_strength_as_a_map(session, monkeypatch):
     region = torch.zeros(32, 32)
     region[:, :16] = 1
     result = session.generate(_request(region=region, num_images=2))
-    strength = next(c for c in spy.calls if c["conditions"])["strength"]
+    strength = next(c for c in spy.calls if c["conditions"])["conditioning_scale"]
     assert isinstance(strength, torch.Tensor) and torch.equal(strength, 1.5 * region)
-    assert "strength=1.5 * region" in result.code and np.array_equal(result.arrays["region"], region.numpy())
+    assert "conditioning_scale=1.5 * region" in result.code and np.array_equal(result.arrays["region"], region.numpy())
 
 
 def test_the_base_alone_is_sampled_once_per_sampler_setting(session, monkeypatch):

@@ -131,47 +131,47 @@ SEGMAP = torch.randint(0, 6, (1, 16, 16))
 # (id, what is wrong, call, exception type, fragments the message must contain)
 CASES = [
     # -- the pipeline's arguments
-    ("steps-zero", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, num_inference_steps=0), ValueError,
+    ("steps-zero", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, num_inference_steps=0, output_type="pt").images, ValueError,
      ["num_inference_steps", "positive integer", "got 0"]),
-    ("steps-float", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, num_inference_steps=2.5), ValueError,
+    ("steps-float", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, num_inference_steps=2.5, output_type="pt").images, ValueError,
      ["num_inference_steps", "got 2.5"]),
-    ("guidance-nan", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, guidance_scale=float("nan"), **K),
+    ("guidance-nan", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, guidance_scale=float("nan"), **K, output_type="pt").images,
      ValueError, ["guidance_scale", "finite number", "nan"]),
     ("prompt-count", lambda c: c["pipe"](conditions={"segmentation": torch.randint(0, 6, (2, 16, 16))},
-                                         prompt=["a", "b", "c"], **K), ValueError, ["prompt", "3 prompts", "2 images"]),
-    ("output-type", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, output_type="jpeg", **K), ValueError,
+                                         prompt=["a", "b", "c"], **K, output_type="pt").images, ValueError, ["prompt", "3 prompts", "2 images"]),
+    ("output-type", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, output_type="jpeg", **K).images, ValueError,
      ["output_type", "'pt'", "'jpeg'"]),
     ("window-out-of-range", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, modulation_window=(0.2, 1.5),
-                                                **K),
+                                                **K, output_type="pt").images,
      ValueError, ["modulation_window", "0 <= low <= high <= 1", "1.5"]),
-    ("class-labels-on-text-base", lambda c: c["pipe"](conditions={}, class_labels=[1], **K), ValueError,
+    ("class-labels-on-text-base", lambda c: c["pipe"](conditions={}, class_labels=[1], **K, output_type="pt").images, ValueError,
      ["class_labels", "not class-conditional"]),
     ("unknown-builtin-module", lambda c: MCMPipeline.from_pretrained("shapes23"), FileNotFoundError,
      ["module 'shapes23'", "built-in module", "did you mean 'shapes32'"]),
     # -- strengths
-    ("strength-nan", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength=float("nan"), **K),
+    ("strength-nan", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength=float("nan"), **K, output_type="pt").images,
      ValueError, ["strength", "finite number", "nan"]),
-    ("strength-map-size", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength=torch.ones(8, 8), **K),
+    ("strength-map-size", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength=torch.ones(8, 8), **K, output_type="pt").images,
      ValueError, ["strength", "16x16", "(8, 8)"]),
     ("strength-schedule-length", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength=[1.0, 2.0],
-                                                     num_inference_steps=3), ValueError,
+                                                     num_inference_steps=3, output_type="pt").images, ValueError,
      ["strength", "one value per inference step (3)", "got 2"]),
-    ("strength-type", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength="strong", **K), ValueError,
+    ("strength-type", lambda c: c["pipe"](conditions={"segmentation": SEGMAP}, strength="strong", **K, output_type="pt").images, ValueError,
      ["strength", "expected a float", "str"]),
     # -- region masks
     ("region-channels", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2,
-                                         regions=[torch.rand(1, 3, 16, 16), None], **K), ValueError,
+                                         regions=[torch.rand(1, 3, 16, 16), None], **K, output_type="pt").images, ValueError,
      ["regions[0]", "(B, 1, H, W)", "(1, 3, 16, 16)"]),
     ("region-range", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2,
-                                      regions=[torch.full((16, 16), 2.0), None], **K), ValueError,
+                                      regions=[torch.full((16, 16), 2.0), None], **K, output_type="pt").images, ValueError,
      ["regions[0]", "[0.0, 1.0]", "[2, 2]"]),
     ("region-nan", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2,
-                                    regions=[torch.full((16, 16), float("nan")), None], **K), ValueError,
+                                    regions=[torch.full((16, 16), float("nan")), None], **K, output_type="pt").images, ValueError,
      ["regions[0]", "finite", "NaN/Inf"]),
-    ("region-count", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2, regions=[torch.ones(16, 16)], **K),
+    ("region-count", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2, regions=[torch.ones(16, 16)], **K, output_type="pt").images,
      ValueError, ["regions", "2 masks", "got 1"]),
     ("region-size", lambda c: two(c)(conditions=[{"segmentation": SEGMAP}] * 2, regions=[torch.ones(8, 8), None],
-                                     **K), ValueError, ["regions[0]", "16x16", "(8, 8)"]),
+                                     **K, output_type="pt").images, ValueError, ["regions[0]", "16x16", "(8, 8)"]),
     # -- exported modules
     ("export-missing-tensor", lambda c: MCMPipeline.from_pretrained(broken_export(c, "missing", _drop_tensor)),
      ValueError, [WEIGHTS, "1 missing ['unet.conv_in.bias']", "do not belong to this config"]),
@@ -293,6 +293,6 @@ def test_seeds_of_the_wrong_length_or_type_are_refused(tiny_pixel_base_dir):
     pipe = MCMPipeline.from_base(FrozenBase.from_pretrained(tiny_pixel_base_dir), [])
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="seeds: got 3 seeds for 2 images"):
-        pipe(num_images=2, seeds=[1, 2, 3], num_inference_steps=2)
+        pipe(num_images=2, seeds=[1, 2, 3], num_inference_steps=2, output_type="pt").images
     with pytest.raises(ValueError, match="seeds: expected a list of integers"):
-        pipe(num_images=1, seeds=["a"], num_inference_steps=2)
+        pipe(num_images=1, seeds=["a"], num_inference_steps=2, output_type="pt").images

@@ -48,13 +48,13 @@ def test_sdxl_equals_stable_diffusion_xl_pipeline(tiny_sdxl_dir, scheduler_cls, 
     expected = ref(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
                    output_type="pt").images
     pipe = ours(tiny_sdxl_dir, scheduler_cls)
-    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(), output_type="pt").images
     assert float((got - expected).abs().max()) < TOL
     with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
     with_mcm.set_progress_bar_config(disable=True)
     labels = torch.randint(0, 6, (2, 16, 16), generator=gen())
     got = with_mcm(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=3,
-                   guidance_scale=guidance_scale, generator=gen())
+                   guidance_scale=guidance_scale, generator=gen(), output_type="pt").images
     assert float((got - expected).abs().max()) < TOL
 
 
@@ -71,16 +71,16 @@ def test_dit_equals_dit_pipeline(tiny_dit_dir, scheduler_cls, guidance_scale):
                    output_type="np").images  # (B, H, W, 3)
     pipe = ours(tiny_dit_dir, scheduler_cls)
     got = pipe(class_labels=labels, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
-               output_type="np")
+               output_type="np").images
     assert abs(got - expected).max() < TOL
     with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
     with_mcm.set_progress_bar_config(disable=True)
     got = with_mcm(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16), generator=gen())},
                    class_labels=labels, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
-                   output_type="np")
+                   output_type="np").images
     assert abs(got - expected).max() < TOL
     other = pipe(class_labels=[5, 6], num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(),
-                 output_type="np")
+                 output_type="np").images
     assert abs(other - expected).max() > 1e-3  # the labels condition the samples
 
 
@@ -94,12 +94,12 @@ def test_sd3_equals_stable_diffusion_3_pipeline(tiny_sd3_dir, guidance_scale):
                    output_type="pt").images
     pipe = ours(tiny_sd3_dir)
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+    got = pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(), output_type="pt").images
     assert float((got - expected).abs().max()) < TOL
     with_mcm = MCMPipeline.from_base(pipe.base, [zero_mcm(pipe.base)], scheduler=pipe.scheduler)
     with_mcm.set_progress_bar_config(disable=True)
     got = with_mcm(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16), generator=gen())}, prompt=PROMPTS,
-                   num_inference_steps=3, guidance_scale=guidance_scale, generator=gen())
+                   num_inference_steps=3, guidance_scale=guidance_scale, generator=gen(), output_type="pt").images
     assert float((got - expected).abs().max()) < TOL
 
 
@@ -169,11 +169,11 @@ def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, req
 def test_class_labels_errors(tiny_dit_dir, tiny_sd_dir):
     dit = ours(tiny_dit_dir)
     with pytest.raises(ValueError, match=r"class_labels: expected integers in 0..999"):
-        dit(class_labels=[1001], num_inference_steps=2)
+        dit(class_labels=[1001], num_inference_steps=2, output_type="pt").images
     with pytest.raises(ValueError, match="class_labels: got 3 labels for 2 images"):
-        dit(class_labels=[1, 2, 3], num_images=2, num_inference_steps=2)
+        dit(class_labels=[1, 2, 3], num_images=2, num_inference_steps=2, output_type="pt").images
     with pytest.raises(ValueError, match="not class-conditional"):
-        ours(tiny_sd_dir)(class_labels=[1], num_inference_steps=2)
+        ours(tiny_sd_dir)(class_labels=[1], num_inference_steps=2, output_type="pt").images
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "dit", "sd3"])
@@ -194,7 +194,7 @@ def test_from_pretrained_with_no_modules_equals_the_family_pipeline_with_its_def
     kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="np")
     cond = {"class_labels": [1, 2]} if family == "dit" else {"prompt": PROMPTS}
     expected = ref(generator=gen(), **cond, **kw).images
-    got = pipe(generator=gen(), **cond, **kw)
+    got = pipe(generator=gen(), **cond, **kw).images
     assert abs(got - expected).max() < TOL
 
 
@@ -226,7 +226,7 @@ def test_sdxl_controlnet_adapter_equals_stable_diffusion_xl_controlnet_pipeline(
     pipe = MCMPipeline.from_base(base, [adapter], scheduler=base.scheduler)
     pipe.set_progress_bar_config(disable=True)
     got = pipe(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=3,
-               guidance_scale=guidance_scale, generator=gen())
+               guidance_scale=guidance_scale, generator=gen(), output_type="pt").images
     assert float((got - expected).abs().max()) < TOL
 
 
@@ -269,9 +269,9 @@ def test_sd3_controlnet_trains_exports_and_samples(tiny_sd3_dir, tmp_path):
     alone.set_progress_bar_config(disable=True)
     at_init = MCMPipeline.from_base(m.base, [m.adapter])
     at_init.set_progress_bar_config(disable=True)
-    base_images = alone(**kw)
+    base_images = alone(**kw, output_type="pt").images
     kw["generator"] = gen()
-    assert float((at_init(conditions={"segmentation": labels}, **kw) - base_images).abs().max()) < 1e-5
+    assert float((at_init(conditions={"segmentation": labels}, **kw, output_type="pt").images - base_images).abs().max()) < 1e-5
     before = m.base.content_hash()
     opt = m.configure_optimizers()["optimizer"]
     m.train()
@@ -291,7 +291,7 @@ def test_sd3_controlnet_trains_exports_and_samples(tiny_sd3_dir, tmp_path):
     pipe = MCMPipeline.from_base(m.base, [loaded])
     pipe.set_progress_bar_config(disable=True)
     run = lambda **extra: pipe(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=3,  # noqa: E731
-                               guidance_scale=3.0, generator=gen(), **extra)
+                               guidance_scale=3.0, generator=gen(), **extra, output_type="pt").images
     trained = run()
     assert float((trained - base_images).abs().max()) > 1e-4
     assert torch.equal(run(strength=torch.ones(16, 16)), trained)

@@ -137,7 +137,7 @@ def test_demo_through_the_cli(checkpoint, tmp_path, model):
     conds = {k: v for k, v in conds.items() if k in module.modality_names}
     prompts = captions if pipe.base.is_text_conditional else None
     kw = dict(prompt=prompts, num_inference_steps=2, seeds=[0, 1], guidance_scale=1.0)
-    mcm, base = pipe(conditions=conds, **kw), pipe(conditions={}, num_images=2, **kw)
+    mcm, base = pipe(conditions=conds, **kw, output_type="pt").images, pipe(conditions={}, num_images=2, **kw, output_type="pt").images
     rows, scale = len(conds) + 2, 128 // size  # tiles blown up to 128 px
     assert grid.shape[0] == rows * (128 + PAD) + PAD, grid.shape
     for col in range(2):

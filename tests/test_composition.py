@@ -49,15 +49,15 @@ def setup(tiny_pixel_base_dir):
 
 def test_single_module_weight_one_is_plain_sampling_and_weights_zero_the_base(setup):
     base, seg, sketch, c = setup
-    plain = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
+    plain = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW, output_type="pt").images
     # weight 1 alone takes the fast path; a region of ones forces the general p_u + 1 * R * (p_1 - p_u): two code
     # paths that must agree
     one = MCMPipeline.from_base(base, [seg], weights=[1.0])(conditions=[{"segmentation": c["segmentation"]}],
-                                                            regions=[torch.ones(16, 16)], **KW)
+                                                            regions=[torch.ones(16, 16)], **KW, output_type="pt").images
     assert torch.allclose(one, plain, atol=1e-5)
-    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
+    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW, output_type="pt").images
     zero = MCMPipeline.from_base(base, [seg, sketch], weights=[0.0, 0.0])
-    assert torch.equal(zero(conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW), alone)
+    assert torch.equal(zero(conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW, output_type="pt").images, alone)
     assert not torch.allclose(plain, alone)
 
 
@@ -82,29 +82,29 @@ def test_hook_computes_the_weighted_sum_of_differences(setup):
 def test_order_invariance_and_own_conditions(setup):
     base, seg, sketch, c = setup
     ab = MCMPipeline.from_base(base, [seg, sketch], weights=[1.0, 0.5])(
-        conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW)
+        conditions=[{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}], **KW, output_type="pt").images
     ba = MCMPipeline.from_base(base, [sketch, seg], weights=[0.5, 1.0])(
-        conditions=[{"sketch": c["sketch"]}, {"segmentation": c["segmentation"]}], **KW)
+        conditions=[{"sketch": c["sketch"]}, {"segmentation": c["segmentation"]}], **KW, output_type="pt").images
     assert torch.allclose(ab, ba, atol=1e-5)
-    only_seg = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW)
+    only_seg = MCMPipeline.from_base(base, [seg])(conditions={"segmentation": c["segmentation"]}, **KW, output_type="pt").images
     assert not torch.allclose(ab, only_seg, atol=1e-4), "the sketch module should contribute"
     with pytest.raises(ValueError, match="sketch"):  # each module only takes its own modalities
-        MCMPipeline.from_base(base, [seg, sketch])(conditions=[{"sketch": c["sketch"]}, {"sketch": c["sketch"]}], **KW)
+        MCMPipeline.from_base(base, [seg, sketch])(conditions=[{"sketch": c["sketch"]}, {"sketch": c["sketch"]}], **KW, output_type="pt").images
 
 
 def test_mcm_and_controlnet_compose(setup):
     base, seg, _, c = setup
     cn = make_controlnet(base, SKETCH, 4)
     conds = [{"segmentation": c["segmentation"]}, {"sketch": c["sketch"]}]
-    mixed = MCMPipeline.from_base(base, [seg, cn], weights=[1.0, 1.0])(conditions=conds, **KW)
-    swapped = MCMPipeline.from_base(base, [cn, seg], weights=[1.0, 1.0])(conditions=conds[::-1], **KW)
+    mixed = MCMPipeline.from_base(base, [seg, cn], weights=[1.0, 1.0])(conditions=conds, **KW, output_type="pt").images
+    swapped = MCMPipeline.from_base(base, [cn, seg], weights=[1.0, 1.0])(conditions=conds[::-1], **KW, output_type="pt").images
     assert torch.isfinite(mixed).all() and torch.allclose(mixed, swapped, atol=1e-5)
     # the single-ControlNet fast path (no separate base call) equals the general composition hook
-    fast = MCMPipeline.from_base(base, [cn])(conditions={"sketch": c["sketch"]}, **KW)
-    general = MCMPipeline.from_base(base, [cn, cn], weights=[1.0, 0.0])(conditions=[conds[1], conds[1]], **KW)
+    fast = MCMPipeline.from_base(base, [cn])(conditions={"sketch": c["sketch"]}, **KW, output_type="pt").images
+    general = MCMPipeline.from_base(base, [cn, cn], weights=[1.0, 0.0])(conditions=[conds[1], conds[1]], **KW, output_type="pt").images
     assert torch.allclose(fast, general, atol=1e-5)
-    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW)
-    assert torch.equal(MCMPipeline.from_base(base, [seg, cn], weights=[0.0, 0.0])(conditions=conds, **KW), alone)
+    alone = MCMPipeline.from_base(base, [])(conditions={}, num_images=2, **KW, output_type="pt").images
+    assert torch.equal(MCMPipeline.from_base(base, [seg, cn], weights=[0.0, 0.0])(conditions=conds, **KW, output_type="pt").images, alone)
     # guidance with an MCM and a ControlNet composed, at one step, against the combination written out: in each
     # branch q = p + (p_mcm - p) + (p_cn - p), then q_u + w (q_c - q_u)
     from mcm.diffusion.sampling import guided

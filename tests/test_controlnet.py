@@ -159,18 +159,18 @@ def test_checkpoint_export_reload_sample(module, kind, base_dir, tmp_path, tiny_
     size = IMAGE_SIZE[kind]
     seg = modalities.get("segmentation", num_classes=6).example(2, size, size, torch.Generator().manual_seed(1))
     kw = dict(num_inference_steps=2, seeds=[0, 1])
-    ctrl = pipe(conditions={"segmentation": seg}, **kw)
-    base = pipe(conditions={}, num_images=2, **kw)
+    ctrl = pipe(conditions={"segmentation": seg}, **kw, output_type="pt").images
+    base = pipe(conditions={}, num_images=2, **kw, output_type="pt").images
     assert ctrl.shape == (2, 3, size, size) and torch.isfinite(ctrl).all()
     assert not torch.allclose(ctrl, base)
-    assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)  # conditioning scale 0
-    assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
-    g = pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, **kw)
+    assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw, output_type="pt").images, base)  # conditioning scale 0
+    assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw, output_type="pt").images, base)
+    g = pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, **kw, output_type="pt").images
     assert torch.isfinite(g).all() and not torch.allclose(g, ctrl, atol=1e-3)
     if pipe.base.is_text_conditional:
         # the empty prompt's two branches are the same, so u + 3 (c - u) = u: guidance changes nothing
-        empty = pipe(conditions={"segmentation": seg}, prompt="", guidance_scale=3.0, **kw)
-        assert torch.allclose(empty, pipe(conditions={"segmentation": seg}, prompt="", **kw), atol=1e-5)
+        empty = pipe(conditions={"segmentation": seg}, prompt="", guidance_scale=3.0, **kw, output_type="pt").images
+        assert torch.allclose(empty, pipe(conditions={"segmentation": seg}, prompt="", **kw, output_type="pt").images, atol=1e-5)
 
 
 def test_guidance_runs_the_controlnet_once_per_step_on_both_branches(module):
@@ -184,7 +184,7 @@ def test_guidance_runs_the_controlnet_once_per_step_on_both_branches(module):
 
     module.adapter.residuals = spy
     seg = torch.randint(0, 6, (2, 16, 16)) if module.base.downsample == 1 else torch.randint(0, 6, (2, 64, 64))
-    pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, num_inference_steps=2)
+    pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, num_inference_steps=2, output_type="pt").images
     n_evals = len(pipe.scheduler.timesteps)  # DDIM: 2; the tiny SD's own PNDM: 3 (n + 1 with its warm-up)
     assert calls == [(4, 4, 4)] * n_evals, "one batched ControlNet call per step over [uncond; cond]"
 

@@ -152,7 +152,7 @@ def test_guidance_with_modulation_and_composition_against_a_hand_step(setup):
         t = t0  # modulated() reads t
         q_u, q_c = composed(p_u), composed(p_c)
         expected = sched.step(q_u + w * (q_c - q_u), t0, x, return_dict=False)[0]
-        out = controlled_sample(base, controls, 2, (16, 16), prompts, num_inference_steps=1, guidance_scale=w,
+        out = controlled_sample(base, controls, 2, size=(16, 16), prompts=prompts, num_inference_steps=1, guidance_scale=w,
                                 latents=x.clone(), scheduler=DDIMScheduler.from_config(base.scheduler.config))
     torch.testing.assert_close(out, expected, rtol=0, atol=5e-5)
 
@@ -180,10 +180,10 @@ def test_partial_modulation_window_switches_on_the_noise_level(setup, window):
                 gamma, beta = seg.modulation(x, p, t.expand(2), feats)
                 p = mod_by_hand(p, gamma, beta, 1.0)
             x = sched.step(p, t, x, return_dict=False)[0]
-        got = controlled_sample(base, [Control(seg, {"segmentation": conds["segmentation"]})], 2, (16, 16), prompts,
+        got = controlled_sample(base, [Control(seg, {"segmentation": conds["segmentation"]})], 2, size=(16, 16), prompts=prompts,
                                 num_inference_steps=steps, window=window, latents=x_T.clone(),
                                 scheduler=DDIMScheduler.from_config(base.scheduler.config))
-        full = controlled_sample(base, [Control(seg, {"segmentation": conds["segmentation"]})], 2, (16, 16), prompts,
+        full = controlled_sample(base, [Control(seg, {"segmentation": conds["segmentation"]})], 2, size=(16, 16), prompts=prompts,
                                  num_inference_steps=steps, latents=x_T.clone(),
                                  scheduler=DDIMScheduler.from_config(base.scheduler.config))
     assert 0 < sum(on) < steps, f"the window {window} must split the {steps} steps, got {on}"

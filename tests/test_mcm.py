@@ -249,10 +249,10 @@ def test_export_records_default_strength_and_keeps_the_trained_weights(module, t
     for name, w in module.mcm.state_dict().items():  # never rescaled
         assert torch.equal(recorded.modules[0].state_dict()[name], w), name
     cond = {"segmentation": make_batch(2)["segmentation"]}
-    kw = dict(conditions=cond, num_inference_steps=3, seeds=[0, 1])
-    assert torch.equal(plain(strength=2.5, **kw), recorded(**kw))
-    assert torch.equal(plain(**kw), recorded(strength=1.0, **kw))
-    assert not torch.allclose(recorded(**kw), plain(**kw), atol=1e-4)
+    kw = dict(conditions=cond, num_inference_steps=3, seeds=[0, 1], output_type="pt")
+    assert torch.equal(plain(strength=2.5, **kw).images, recorded(**kw).images)
+    assert torch.equal(plain(**kw).images, recorded(strength=1.0, **kw).images)
+    assert not torch.allclose(recorded(**kw).images, plain(**kw).images, atol=1e-4)
     with pytest.raises(ValueError, match="positive"):
         export_checkpoint(tmp_path / "m.ckpt", tmp_path / "bad", strength=0.0)
 
@@ -266,52 +266,52 @@ def pipe(module, tmp_path):
 
 def test_pipeline_inputs_and_determinism(pipe):
     seg = np.random.default_rng(0).integers(0, 6, (16, 16))
-    a = pipe(conditions={"segmentation": seg}, num_inference_steps=3, seeds=[5])
+    a = pipe(conditions={"segmentation": seg}, num_inference_steps=3, seeds=[5], output_type="pt").images
     assert a.shape == (1, 3, 16, 16) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
-    b = pipe(conditions={"segmentation": torch.from_numpy(seg)}, num_inference_steps=3, seeds=[5])
-    c = pipe(conditions={"segmentation": Image.fromarray(seg.astype(np.uint8))}, num_inference_steps=3, seeds=[5])
+    b = pipe(conditions={"segmentation": torch.from_numpy(seg)}, num_inference_steps=3, seeds=[5], output_type="pt").images
+    c = pipe(conditions={"segmentation": Image.fromarray(seg.astype(np.uint8))}, num_inference_steps=3, seeds=[5], output_type="pt").images
     assert torch.equal(a, b) and torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g1),
-                       pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g2))
+    assert torch.equal(pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g1, output_type="pt").images,
+                       pipe(conditions={}, num_images=2, num_inference_steps=3, generator=g2, output_type="pt").images)
     batch = torch.from_numpy(np.stack([seg, seg]))
-    assert pipe(conditions={"segmentation": batch}, num_inference_steps=2).shape[0] == 2
-    assert pipe(conditions={}, num_inference_steps=2).shape[0] == 1
-    assert pipe(conditions={}, num_images=3, num_inference_steps=2).shape[0] == 3
-    pil = pipe(conditions={}, num_inference_steps=2, output_type="pil")
+    assert pipe(conditions={"segmentation": batch}, num_inference_steps=2, output_type="pt").images.shape[0] == 2
+    assert pipe(conditions={}, num_inference_steps=2, output_type="pt").images.shape[0] == 1
+    assert pipe(conditions={}, num_images=3, num_inference_steps=2, output_type="pt").images.shape[0] == 3
+    pil = pipe(conditions={}, num_inference_steps=2, output_type="pil").images
     assert isinstance(pil[0], Image.Image)
 
 
 def test_pipeline_bad_inputs(pipe):
     seg = torch.randint(0, 6, (16, 16))
     with pytest.raises(ValueError, match="thermal"):
-        pipe(conditions={"thermal": seg})
+        pipe(conditions={"thermal": seg}, output_type="pt").images
     with pytest.raises(ValueError, match="segmentation"):
-        pipe(conditions={"segmentation": torch.full((16, 16), 9)})
+        pipe(conditions={"segmentation": torch.full((16, 16), 9)}, output_type="pt").images
     with pytest.raises(ValueError, match="batch sizes differ"):
-        pipe(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16)), "depth": torch.rand(3, 1, 16, 16)})
+        pipe(conditions={"segmentation": torch.randint(0, 6, (2, 16, 16)), "depth": torch.rand(3, 1, 16, 16)}, output_type="pt").images
     with pytest.raises(ValueError, match="depth"):
-        pipe(conditions={"depth": torch.full((1, 1, 16, 16), float("nan"))})
+        pipe(conditions={"depth": torch.full((1, 1, 16, 16), float("nan"))}, output_type="pt").images
     with pytest.raises(ValueError, match="modulation_window"):
-        pipe(conditions={"segmentation": seg}, modulation_window=(0.8, 0.2))
+        pipe(conditions={"segmentation": seg}, modulation_window=(0.8, 0.2), output_type="pt").images
 
 
 def test_strength_window_and_composition_identities(pipe):
     seg = torch.randint(0, 6, (2, 16, 16), generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=3, seeds=[1, 2])
-    plain = pipe(conditions={"segmentation": seg}, **kw)
-    base = pipe(conditions={}, num_images=2, **kw)
+    plain = pipe(conditions={"segmentation": seg}, **kw, output_type="pt").images
+    base = pipe(conditions={}, num_images=2, **kw, output_type="pt").images
     assert not torch.allclose(plain, base), "the (perturbed) MCM should change samples"
-    assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw), base)
-    assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw), base)
+    assert torch.equal(pipe(conditions={"segmentation": seg}, strength=0.0, **kw, output_type="pt").images, base)
+    assert torch.equal(pipe(conditions={"segmentation": seg}, modulation_window=(0.0, 0.0), **kw, output_type="pt").images, base)
     module = pipe.modules[0]
     # one module at weight 1 takes the fast path (no separate base call); a region of ones forces the
     # general composition p_u + 1 * R * (p_1 - p_u): the two must agree (not the same code run twice)
     general = MCMPipeline.from_base(pipe.base, [module], weights=[1.0])(
-        conditions=[{"segmentation": seg}], regions=[torch.ones(16, 16)], **kw)
+        conditions=[{"segmentation": seg}], regions=[torch.ones(16, 16)], **kw, output_type="pt").images
     assert torch.allclose(general, plain, atol=1e-5)
     zero = MCMPipeline.from_base(pipe.base, [module, module], weights=[0.0, 0.0])
-    assert torch.equal(zero(conditions=[{"segmentation": seg}, {"segmentation": seg}], **kw), base)
+    assert torch.equal(zero(conditions=[{"segmentation": seg}, {"segmentation": seg}], **kw, output_type="pt").images, base)
 
 
 def test_guidance_modulates_both_branches_in_one_call(pipe):
@@ -325,5 +325,5 @@ def test_guidance_modulates_both_branches_in_one_call(pipe):
 
     module.modulation = spy
     seg = torch.randint(0, 6, (2, 16, 16))
-    pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, num_inference_steps=2)
+    pipe(conditions={"segmentation": seg}, prompt="a red circle", guidance_scale=3.0, num_inference_steps=2, output_type="pt").images
     assert calls == [4, 4], "one batched MCM call per step over [uncond; cond]"

@@ -37,7 +37,8 @@ def pipe(tiny_sd_dir):
 
 
 LABELS = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(0))
-KW = dict(conditions={"segmentation": LABELS}, prompt="a red circle", num_inference_steps=3, seeds=[0, 1])
+KW = dict(conditions={"segmentation": LABELS}, prompt="a red circle", num_inference_steps=3, seeds=[0, 1],
+          output_type="pt")
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):
@@ -47,7 +48,7 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
     loaded = MCMPipeline.from_pretrained(tmp_path / "p")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.weights == [1.0, 0.5] and [m.default_strength for m in loaded.modules] == [1.5, 1.0]
-    assert torch.equal(loaded(**KW), pipe(**KW))
+    assert torch.equal(loaded(**KW).images, pipe(**KW).images)
 
 
 def test_from_pipe_shares_components_and_equals_the_base(tiny_sd_dir):
@@ -59,8 +60,8 @@ def test_from_pipe_shares_components_and_equals_the_base(tiny_sd_dir):
     assert ours.scheduler is sd.scheduler  # diffusers' from_pipe keeps the scheduler too
     ref = sd(prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
              output_type="pt").images
-    got = ours(conditions={}, prompt=["a red circle"] * 2, num_inference_steps=3,
-               generator=torch.Generator().manual_seed(0))
+    got = ours(conditions={}, prompt=["a red circle"] * 2, num_inference_steps=3, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert float((got - ref).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="unet"):
         MCMPipeline.from_pipe(type("P", (), {"components": {"scheduler": sd.scheduler}})())
@@ -70,11 +71,11 @@ def test_strength_none_uses_each_adapters_default_and_a_float_overrides(pipe):
     a, b = pipe.modules
     ref = MCMPipeline.from_base(pipe.base, [a, b], weights=[1.0, 0.5], scheduler=pipe.scheduler)
     ref.set_progress_bar_config(disable=True)
-    assert torch.equal(pipe(**KW), ref(strength=[1.5, 1.0], **KW))
-    assert torch.equal(pipe(strength=1.0, **KW), ref(strength=[1.0, 1.0], **KW))
-    assert not torch.allclose(pipe(**KW), pipe(strength=1.0, **KW), atol=1e-4)
+    assert torch.equal(pipe(**KW).images, ref(strength=[1.5, 1.0], **KW).images)
+    assert torch.equal(pipe(strength=1.0, **KW).images, ref(strength=[1.0, 1.0], **KW).images)
+    assert not torch.allclose(pipe(**KW).images, pipe(strength=1.0, **KW).images, atol=1e-4)
     with pytest.raises(ValueError, match="strength"):
-        pipe(strength=[1.0], **KW)
+        pipe(strength=[1.0], **KW).images
 
 
 def test_callback_on_step_end_and_output_types(pipe):
@@ -84,14 +85,15 @@ def test_callback_on_step_end_and_output_types(pipe):
         seen.append((i, int(t)))
         return {"latents": kwargs["latents"] * 0} if i == 2 else kwargs
 
-    out = pipe(callback_on_step_end=cb, output_type="latent", **KW)
+    kw = {k: v for k, v in KW.items() if k != "output_type"}
+    out = pipe(callback_on_step_end=cb, output_type="latent", **kw).images
     assert [i for i, _ in seen] == [0, 1, 2] and torch.equal(out, torch.zeros_like(out))
-    pt, np_, pil = (pipe(output_type=o, **KW) for o in ("pt", "np", "pil"))
+    pt, np_, pil = (pipe(output_type=o, **kw).images for o in ("pt", "np", "pil"))
     assert pt.shape == (2, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
     assert np_.shape == (2, 64, 64, 3) and np.allclose(np_, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
     with pytest.raises(ValueError, match="output_type"):
-        pipe(output_type="jpeg", **KW)
+        pipe(output_type="jpeg", **kw)
 
 
 def test_scheduler_swap_and_base_mismatch(pipe, tiny_sd_dir, tmp_path):
@@ -99,7 +101,7 @@ def test_scheduler_swap_and_base_mismatch(pipe, tiny_sd_dir, tmp_path):
     pipe2.set_progress_bar_config(disable=True)
     pipe2.scheduler = EulerDiscreteScheduler.from_config(pipe2.scheduler.config)
     assert pipe2.base.scheduler is pipe2.scheduler
-    assert pipe2(**KW).shape == (2, 3, 64, 64)
+    assert pipe2(**KW).images.shape == (2, 3, 64, 64)
     from mcm.pipelines import save_module
 
     save_module(mcm(4), tmp_path / "m", {"source": "other", "hash": "0" * 64})

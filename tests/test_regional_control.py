@@ -62,18 +62,18 @@ def pipe_of(base, modules, weights=None):
 
 def test_maps_of_ones_and_zeros_and_constant_schedules(setup):
     base, seg, _, cn, t2i, c = setup
-    alone = pipe_of(base, [])(num_images=2, **KW)
+    alone = pipe_of(base, [])(num_images=2, **KW, output_type="pt").images
     for module, cond in ((seg, {"segmentation": c["segmentation"]}), (cn, {"sketch": c["sketch"]}),
                          (t2i, {"sketch": c["sketch"]})):
         pipe = pipe_of(base, [module])
-        one = pipe(conditions=cond, strength=1.0, **KW)
+        one = pipe(conditions=cond, strength=1.0, **KW, output_type="pt").images
         assert not torch.allclose(one, alone, atol=1e-3), type(module).__name__
-        assert torch.equal(pipe(conditions=cond, strength=torch.ones(16, 16), **KW), one)
-        assert torch.equal(pipe(conditions=cond, strength=torch.zeros(2, 16, 16), **KW), alone)
-        half = pipe(conditions=cond, strength=0.5, **KW)
-        assert torch.equal(pipe(conditions=cond, strength=[0.5] * 4, **KW), half)
-        assert torch.equal(pipe(conditions=cond, strength=lambda f: 0.5, **KW), half)
-        assert torch.equal(pipe(conditions=cond, strength=(np.ones((16, 16)), [0.5] * 4), **KW), half)
+        assert torch.equal(pipe(conditions=cond, strength=torch.ones(16, 16), **KW, output_type="pt").images, one)
+        assert torch.equal(pipe(conditions=cond, strength=torch.zeros(2, 16, 16), **KW, output_type="pt").images, alone)
+        half = pipe(conditions=cond, strength=0.5, **KW, output_type="pt").images
+        assert torch.equal(pipe(conditions=cond, strength=[0.5] * 4, **KW, output_type="pt").images, half)
+        assert torch.equal(pipe(conditions=cond, strength=lambda f: 0.5, **KW, output_type="pt").images, half)
+        assert torch.equal(pipe(conditions=cond, strength=(np.ones((16, 16)), [0.5] * 4), **KW, output_type="pt").images, half)
 
 
 def test_strength_map_at_one_step_by_hand(setup):
@@ -130,9 +130,9 @@ def test_outside_a_hard_region_the_base_at_every_step(setup):
     left = torch.zeros(16, 16)
     left[:, :8] = 1
     base_steps, region_steps = [], []
-    pipe_of(base, [])(num_images=2, callback_on_step_end=lambda p, i, t, kw: base_steps.append(kw["latents"]), **KW)
+    pipe_of(base, [])(num_images=2, callback_on_step_end=lambda p, i, t, kw: base_steps.append(kw["latents"]), **KW, output_type="pt").images
     pipe(conditions={"segmentation": c["segmentation"]}, regions=[left],
-         callback_on_step_end=lambda p, i, t, kw: region_steps.append(kw["latents"]), **KW)
+         callback_on_step_end=lambda p, i, t, kw: region_steps.append(kw["latents"]), **KW, output_type="pt").images
     # the right half follows the base alone step by step only while the left half has not leaked into it
     # through the UNet's receptive field; at the first step it is exact
     assert torch.equal(region_steps[0][..., 8:], base_steps[0][..., 8:])
@@ -155,7 +155,7 @@ def test_outside_a_hard_region_the_base_at_every_step(setup):
 def test_bad_maps_schedules_and_regions_name_the_argument(setup, kwargs, match):
     base, seg, _, _, _, c = setup
     with pytest.raises(ValueError, match=match):
-        pipe_of(base, [seg])(conditions={"segmentation": c["segmentation"]}, **{**KW, **kwargs})
+        pipe_of(base, [seg])(conditions={"segmentation": c["segmentation"]}, **{**KW, **kwargs}, output_type="pt").images
 
 
 SCHEDULERS = [  # (class, config overrides, the step of each model evaluation for 4 inference steps)
@@ -191,11 +191,11 @@ def test_schedule_list_value_i_at_step_i_with_real_schedulers(setup, name, overr
 
     schedule = [4.0, 3.0, 2.0, 1.0]
     with mock.patch.object(seg, "controlled_prediction", side_effect=spy):
-        pipe(conditions={"segmentation": c["segmentation"]}, num_inference_steps=4, seeds=[1, 2], strength=schedule)
+        pipe(conditions={"segmentation": c["segmentation"]}, num_inference_steps=4, seeds=[1, 2], strength=schedule, output_type="pt").images
         assert [s for _, s in seen] == [schedule[i] for i in expected]
         seen.clear()
         pipe(conditions={"segmentation": c["segmentation"]}, num_inference_steps=4, seeds=[1, 2],
-             strength=lambda f: 10 * f)
+             strength=lambda f: 10 * f, output_type="pt").images
     T = pipe.scheduler.config.num_train_timesteps
     assert [s for _, s in seen] == pytest.approx([10 * t / T for t, _ in seen])
     assert len(seen) == len(expected)
@@ -210,7 +210,7 @@ def test_schedule_list_first_and_last_values_change_the_image(setup):
     pipe = pipe_of(base, [seg])
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
                                                          steps_offset=0)
-    run = lambda s: pipe(conditions={"segmentation": c["segmentation"]}, strength=s, output_type="pt", **KW)  # noqa: E731
+    run = lambda s: pipe(conditions={"segmentation": c["segmentation"]}, strength=s, output_type="pt", **KW).images  # noqa: E731
     out = {tuple(s): run(s) for s in ([0.0] * 4, [2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 2.0])}
     out = {k: (v.images if hasattr(v, "images") else v) for k, v in out.items()}
     assert (out[(2.0, 0, 0, 0)] - out[(0.0,) * 4]).abs().max() > 1e-4

@@ -109,7 +109,7 @@ BAD_CONDITIONS = [
                          ids=[c[0] for c in BAD_CONDITIONS])
 def test_bad_conditions_at_sampling_name_the_modality(pipe, conditions, name, expected, got):
     with pytest.raises(ValueError) as err:
-        pipe(conditions=conditions, num_inference_steps=1)
+        pipe(conditions=conditions, num_inference_steps=1, output_type="pt").images
     msg = str(err.value)
     assert _names_modality(err.value, name) and expected in msg and got in msg, msg
 
@@ -117,14 +117,14 @@ def test_bad_conditions_at_sampling_name_the_modality(pipe, conditions, name, ex
 def test_modality_the_module_was_not_trained_on(seg_only_pipe):
     with pytest.raises(ValueError, match=r"modality 'depth': this module was trained on \['segmentation'\] only"):
         seg_only_pipe(conditions={"segmentation": torch.randint(0, 6, (16, 16)), "depth": torch.rand(16, 16)},
-                      num_inference_steps=1)
+                      num_inference_steps=1, output_type="pt").images
 
 
 @pytest.mark.parametrize("num_images", [0, -1, 2.5, True])
 def test_bad_num_images(pipe, num_images):
     """Regression: ``num_images=0`` silently gave one image; -1 and 2.5 failed deep inside with other errors."""
     with pytest.raises(ValueError, match="num_images: expected a positive integer"):
-        pipe(conditions={}, num_images=num_images, num_inference_steps=1)
+        pipe(conditions={}, num_images=num_images, num_inference_steps=1, output_type="pt").images
 
 
 def test_accepted_edge_inputs(pipe):
@@ -136,11 +136,11 @@ def test_accepted_edge_inputs(pipe):
     assert sketch.to_tensor(torch.ones(16, 16, dtype=torch.bool)).max() == 1.0  # regression: was 1/255
     grey_rgb = Image.fromarray(np.full((16, 16, 3), 3, np.uint8))
     out = pipe(conditions={"partial_mask": partial, "sketch": torch.zeros(16, 16, dtype=torch.bool)},
-               num_inference_steps=1, seeds=[0])
+               num_inference_steps=1, seeds=[0], output_type="pt").images
     assert out.shape == (1, 3, 16, 16)
-    out = pipe(conditions={"segmentation": grey_rgb}, num_inference_steps=1, seeds=[0])
+    out = pipe(conditions={"segmentation": grey_rgb}, num_inference_steps=1, seeds=[0], output_type="pt").images
     assert out.shape == (1, 3, 16, 16)
-    out = pipe(conditions={"segmentation": np.full((2, 16, 24), 4, np.uint16)}, num_inference_steps=1)
+    out = pipe(conditions={"segmentation": np.full((2, 16, 24), 4, np.uint16)}, num_inference_steps=1, output_type="pt").images
     assert out.shape == (2, 3, 16, 24) and 0 <= out.min() and out.max() <= 1
 
 
@@ -195,7 +195,7 @@ def test_property_sampling_works_or_names_the_modality(pipe, case):
     """Valid maps always sample; anything else either samples or raises ValueError naming the modality."""
     name, valid, x = case
     try:
-        out = pipe(conditions={name: x}, num_inference_steps=1)
+        out = pipe(conditions={name: x}, num_inference_steps=1, output_type="pt").images
     except ValueError as e:
         assert not valid, f"a valid {name} map of shape {tuple(x.shape)} / {x.dtype} was refused: {e}"
         assert _names_modality(e, name), f"{type(e).__name__}: {e}"

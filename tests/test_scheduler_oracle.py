@@ -70,9 +70,9 @@ def test_controlnet_adapter_equals_controlnet_pipeline(tiny_sd_dir, name):
         expected = ref(prompt=PROMPTS, image=control, num_inference_steps=STEPS, guidance_scale=g, generator=_gen(),
                        output_type="pt").images
         got = pipe(conditions={"segmentation": labels}, prompt=PROMPTS, num_inference_steps=STEPS,
-                   guidance_scale=g, generator=_gen())
+                   guidance_scale=g, generator=_gen(), output_type="pt").images
         assert float((got - expected).abs().max()) < TOL, (name, g)
-        plain = pipe(conditions={}, prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=g, generator=_gen())
+        plain = pipe(conditions={}, prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=g, generator=_gen(), output_type="pt").images
         assert float((got - plain).abs().max()) > 1e-3  # the control does something
 
 
@@ -96,7 +96,7 @@ def test_window_means_the_same_noise_levels_for_every_scheduler(tiny_sd_dir):
         sched = SCHEDULERS[name].from_config(base.scheduler.config)
         pipe = MCMPipeline.from_base(base, [probe], scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
-        pipe(conditions={"sketch": sketch}, num_inference_steps=10, modulation_window=(0.5, 1.0), generator=_gen())
+        pipe(conditions={"sketch": sketch}, num_inference_steps=10, modulation_window=(0.5, 1.0), generator=_gen(), output_type="pt").images
         all_t = [float(t) for t in sched.timesteps]
         assert seen and all(t / 1000 >= 0.5 for t in seen), name
         assert sorted(set(seen)) == sorted({t for t in all_t if t / 1000 >= 0.5}), name

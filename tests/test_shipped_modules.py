@@ -39,8 +39,8 @@ def test_shipped_multimodal_module_follows_segmentation_layouts(layouts):
     alone (same seeds) does not. The margin is far below the measured one (docs/results.md)."""
     pipe = MCMPipeline.from_pretrained("shapes32")
     seeds = list(range(N))
-    with_mcm = pipe(conditions={"segmentation": layouts}, num_inference_steps=20, seeds=seeds)
-    alone = pipe(conditions={}, num_images=N, num_inference_steps=20, seeds=seeds)
+    with_mcm = pipe(conditions={"segmentation": layouts}, num_inference_steps=20, seeds=seeds, output_type="pt").images
+    alone = pipe(conditions={}, num_images=N, num_inference_steps=20, seeds=seeds, output_type="pt").images
     assert with_mcm.shape == alone.shape == (N, 3, 32, 32)
     mcm_miou, base_miou = _seg_miou(with_mcm, layouts), _seg_miou(alone, layouts)
     assert mcm_miou > base_miou + 0.15, (mcm_miou, base_miou)
@@ -58,9 +58,9 @@ def test_shipped_compose_modules_compose_without_paired_data(layouts):
     sketches = detect_edges(images.permute(0, 3, 1, 2).float() / 255)  # (N, 1, H, W) in {0, 1}
     conds = [{"segmentation": layouts}, {"sketch": sketches}]
     seeds = list(range(N))
-    composed = pipe(conditions=conds, num_inference_steps=20, seeds=seeds)
+    composed = pipe(conditions=conds, num_inference_steps=20, seeds=seeds, output_type="pt").images
     pipe.weights = [0.0, 0.0]
-    zero = pipe(conditions=conds, num_inference_steps=20, seeds=seeds)
-    alone = pipe(conditions=[{}, {}], num_images=N, num_inference_steps=20, seeds=seeds)
+    zero = pipe(conditions=conds, num_inference_steps=20, seeds=seeds, output_type="pt").images
+    alone = pipe(conditions=[{}, {}], num_images=N, num_inference_steps=20, seeds=seeds, output_type="pt").images
     torch.testing.assert_close(zero, alone)
     assert _seg_miou(composed, layouts) > _seg_miou(alone, layouts) + 0.08  # measured here: 0.32 vs 0.15

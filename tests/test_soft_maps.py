@@ -329,15 +329,15 @@ def test_pipeline_samples_from_probability_maps():
     pipe = MCMPipeline.from_pretrained("shapes32")
     labels = _layouts(2, 32)
     seeds = [0, 1]
-    hard = pipe(conditions={"segmentation": labels}, num_inference_steps=3, seeds=seeds)
-    onehot = pipe(conditions={"segmentation": _one_hot_np(labels)}, num_inference_steps=3, seeds=seeds)
+    hard = pipe(conditions={"segmentation": labels}, num_inference_steps=3, seeds=seeds, output_type="pt").images
+    onehot = pipe(conditions={"segmentation": _one_hot_np(labels)}, num_inference_steps=3, seeds=seeds, output_type="pt").images
     assert torch.equal(hard, onehot)
     soft = pipe(conditions={"segmentation": _scipy_blur(_one_hot_np(labels), 1.5).numpy()}, num_inference_steps=3,
-                seeds=seeds)
+                seeds=seeds, output_type="pt").images
     assert soft.shape == (2, 3, 32, 32) and torch.isfinite(soft).all() and 0 <= soft.min() and soft.max() <= 1
     assert (soft - hard).abs().max() > 1e-3
     with pytest.raises(ModalityError, match="summing to 1"):
-        pipe(conditions={"segmentation": _one_hot_np(labels) * 0.5}, num_inference_steps=1, seeds=seeds)
+        pipe(conditions={"segmentation": _one_hot_np(labels) * 0.5}, num_inference_steps=1, seeds=seeds, output_type="pt").images
 
 
 # ---- 7. the measurement helper's pieces (its run is measured by hand: docs in its module) ----------------------

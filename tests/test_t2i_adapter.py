@@ -64,11 +64,12 @@ def test_export_reload_samples_the_same(tiny_sd_dir, tmp_path):
     loaded, info = load_module(out, m.base)
     assert isinstance(loaded, T2IAdapterControl) and loaded.default_strength == 0.8 and info["adapter"] == "t2i_adapter"
     seg = batch(2)["segmentation"]
-    kw = dict(conditions={"segmentation": seg}, prompt="a red circle", num_inference_steps=3, seeds=[0, 1])
-    live = MCMPipeline.from_base(m.base, [m.adapter])(strength=0.8, **kw)
-    assert torch.equal(MCMPipeline.from_pretrained(out)(**kw), live)
+    kw = dict(conditions={"segmentation": seg}, prompt="a red circle", num_inference_steps=3, seeds=[0, 1],
+              output_type="pt")
+    live = MCMPipeline.from_base(m.base, [m.adapter])(strength=0.8, **kw).images
+    assert torch.equal(MCMPipeline.from_pretrained(out)(**kw).images, live)
     assert not torch.allclose(MCMPipeline.from_base(m.base, [])(prompt="a red circle", num_images=2,
-                                                                num_inference_steps=3, seeds=[0, 1]), live, atol=1e-3)
+                                                                num_inference_steps=3, seeds=[0, 1], output_type="pt").images, live, atol=1e-3)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 7.5])
@@ -90,6 +91,6 @@ def test_equals_stable_diffusion_adapter_pipeline(tiny_sd_dir, guidance_scale):
                    generator=torch.Generator().manual_seed(0), output_type="np").images  # (B, H, W, 3) floats
     pipe = MCMPipeline.from_base(base, [adapter], scheduler=DDIMScheduler.from_config(base.scheduler.config))
     got = pipe(conditions={"segmentation": seg}, prompt=prompts, num_inference_steps=4,
-               guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np")
+               guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert float(abs(got - expected).max()) < 1e-5
     assert generators_for(None, None) is None

@@ -159,9 +159,10 @@ class Session:
         g = torch.Generator().manual_seed(0)
         conds = [{n: m.plugins[n].example(1, H, W, g) for n in m.modality_names} for m in self.modules]
         with self.lock, torch.no_grad():
-            self.pipe(conditions={}, num_images=1, num_inference_steps=2, seeds=[0])
+            self.pipe(conditions={}, num_images=1, num_inference_steps=2, seeds=[0], output_type="pt")
             if conds:
-                self.pipe(conditions=conds if len(conds) > 1 else conds[0], num_inference_steps=2, seeds=[0])
+                self.pipe(conditions=conds if len(conds) > 1 else conds[0], num_inference_steps=2, seeds=[0],
+                          output_type="pt")
         if self.judged:
             self.load_judges()
 
@@ -176,7 +177,7 @@ class Session:
     def generate(self, req: Request) -> Result:
         import time
 
-        from mcm.pipelines.pipeline import MCMPipeline
+        from mcm.pipelines.pipeline import MCMPipeline, window_arguments
 
         check_request(req, len(self.modules))
         t0 = time.time()
@@ -213,10 +214,10 @@ class Session:
             base = self._base_cache.get(key)
             reused = base is not None
             if base is None:
-                base = pipe(conditions={}, num_images=n, **common).float().cpu()
+                base = pipe(conditions={}, num_images=n, **common).images.float().cpu()
                 self._base_cache = {key: base, **dict(list(self._base_cache.items())[:7])}
-            mcm = pipe(conditions=conds, strength=strength_arg, modulation_window=tuple(req.window),
-                       **common).float().cpu()
+            mcm = pipe(conditions=conds, conditioning_scale=strength_arg, **window_arguments(req.window),
+                       **common).images.float().cpu()
         vis = {k: self.plugins[k].visualize(v).float().cpu() for k, v in req.maps.items()}
         scores = self.score(base, mcm, req) if self.judged else []
         arrays = {f"{k}": v.expand(n, *v.shape[1:]).numpy() for k, v in req.maps.items()}
@@ -308,6 +309,8 @@ def _base_ref(base: str) -> str:
 
 def python_call(session: "Session | Any", req: Request) -> str:
     """The script that reproduces a run (the same images, same seeds); it reads the maps from ``conditions.npz``."""
+    from mcm.pipelines.pipeline import window_arguments
+
     n = req.num_images
     used = [session.models[i] for i in req.modules]
     weights = [session.pipe.weights[i] for i in req.modules]
@@ -344,10 +347,10 @@ def python_call(session: "Session | Any", req: Request) -> str:
     args += [f"num_inference_steps={req.steps}", f"guidance_scale={float(req.guidance_scale)!r}",
              f"seeds={req.seeds!r}", 'output_type="pt"']
     lines.append(f"settings = dict({', '.join(args)})")
-    window = tuple(float(v) for v in req.window)
-    lines.append(f"images = pipe(conditions=conditions, strength={strength}, modulation_window={window!r}, **settings)"
+    window = ", ".join(f"{k}={v!r}" for k, v in window_arguments(req.window).items())
+    lines.append(f"images = pipe(conditions=conditions, conditioning_scale={strength}, {window}, **settings).images"
                  f"  # base + modules: ({n}, 3, H, W) in [0, 1]")
-    lines.append(f"base = pipe(conditions={{}}, num_images={n}, **settings)  # the base alone, same seeds")
+    lines.append(f"base = pipe(conditions={{}}, num_images={n}, **settings).images  # the base alone, same seeds")
     return "\n".join(lines) + "\n"
 
 

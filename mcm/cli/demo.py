@@ -40,6 +40,7 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
     ``strength``: a float, map, schedule or ``(map, schedule)`` as ``MCMPipeline`` takes it; ``window``: the
     noise fractions where the module acts."""
     from mcm import MCMPipeline
+    from mcm.pipelines.pipeline import window_arguments
 
     pipe = MCMPipeline.from_pretrained(model)
     module = pipe.modules[0]
@@ -51,9 +52,9 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
     seeds = [seed + i for i in range(n)]
     prompts = captions if pipe.base.is_text_conditional else None
     mcm = pipe(conditions=conds, prompt=prompts, num_inference_steps=steps, seeds=seeds, guidance_scale=guidance_scale,
-               strength=strength, modulation_window=tuple(window))
+               conditioning_scale=strength, **window_arguments(window), output_type="pt").images
     base = pipe(conditions={}, num_images=n, prompt=prompts, num_inference_steps=steps, seeds=seeds,
-                guidance_scale=guidance_scale)  # the base alone, same seeds
+                guidance_scale=guidance_scale, output_type="pt").images  # the base alone, same seeds
     from mcm.pipelines.grids import comparison_labels, labelled_grid
 
     rows = [module.plugins[k].visualize(v) for k, v in conds.items()] + [base, mcm]

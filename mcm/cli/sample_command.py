@@ -128,6 +128,7 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
                          for i, (m, c, w) in enumerate(zip(pipe.modules, conds, pipe.weights))]
     variants.append((pipe, conds, regions))
     from mcm.evaluation.strength_args import strength_from_args
+    from mcm.pipelines.pipeline import window_arguments
 
     strength = strength_from_args(a)
     rows = []
@@ -137,8 +138,8 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
             given = any(c)
             rows.append(p(conditions=c if given else {}, prompt=prompts, num_images=None if given else n,
                           num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                          strength=strength if given else None, regions=r if given else None,
-                          modulation_window=tuple(a.window), seeds=seeds, output_type="pt").float().cpu())
+                          conditioning_scale=strength if given else None, regions=r if given else None,
+                          **window_arguments(a.window), seeds=seeds, output_type="pt").images.float().cpu())
     return rows
 
 

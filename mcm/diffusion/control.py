@@ -99,7 +99,7 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
 
 
 @torch.no_grad()
-def controlled_sample(base, controls: Sequence[Control], batch_size: int, size: tuple[int, int] | None = None,
+def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, size: tuple[int, int] | None = None,
                       prompts: list[str] | None = None, negative_prompt: str | list[str] | None = None,
                       class_labels=None,
                       num_inference_steps: int = 50, guidance_scale: float = 1.0,

@@ -200,6 +200,7 @@ def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -
 
     Each setting's strength is a float, times ``--strength-map`` / ``--strength-schedule`` when given."""
     from mcm.evaluation.strength_args import strength_from_args
+    from mcm.pipelines.pipeline import window_arguments
 
     N = data["image"].shape[0]
     text = pipe.base.is_text_conditional and a.prompts == "caption"
@@ -214,9 +215,9 @@ def generate(pipe, data: dict, setting: dict, a: argparse.Namespace, progress) -
             chunks.append(pipe(conditions=conds, prompt=data["caption"][idx] if text else None,
                                num_images=None if any(c for c in conds) else B,
                                num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                               strength=strength_from_args(a, setting["strength"]),
-                               modulation_window=tuple(getattr(a, "window", (0.0, 1.0))), seeds=seeds,
-                               output_type="pt").float().cpu())
+                               conditioning_scale=strength_from_args(a, setting["strength"]),
+                               **window_arguments(getattr(a, "window", (0.0, 1.0))), seeds=seeds,
+                               output_type="pt").images.float().cpu())
             progress.update(1)
         out.append(torch.cat(chunks))
     return torch.stack(out)

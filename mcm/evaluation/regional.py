@@ -11,7 +11,7 @@
   (judge's object pixels vs the map's), sketch F1.  *Leakage* is the right half's foreground IoU with
   the segmentation map, to compare with the base alone (no control) and the module everywhere.
 (b) **Schedule sweep.** The shipped MCM with the segmentation map, modulating only in the noisiest
-  20 / 40 / 60 / 100 % of the schedule (``modulation_window=(1 - f, 1)``): segmentation mIoU and judge-FID.
+  20 / 40 / 60 / 100 % of the schedule (``control_guidance_end=f``): segmentation mIoU and judge-FID.
 (c) Grids of each setting (maps, base alone, every setting; same seeds).
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run(data: str, n: int, seeds: list[int], out: Path, device: str = "cpu") -> 
 
     def sample(pipe, **kw) -> torch.Tensor:  # (S*N, 3, H, W), seed-major
         outs = [pipe(seeds=[s * SEED_STRIDE + i for i in range(len(seg))], num_inference_steps=STEPS,
-                     output_type="pt", **kw).cpu() for s in seeds]
+                     output_type="pt", **kw).images.cpu() for s in seeds]
         return torch.cat(outs)
 
     rep = lambda x: x.repeat(len(seeds), *[1] * (x.ndim - 1))  # noqa: E731
@@ -71,7 +71,8 @@ def run(data: str, n: int, seeds: list[int], out: Path, device: str = "cpu") -> 
     samples = {
         "base alone": sample(alone, num_images=len(seg)),
         "MCM everywhere": sample(multi, conditions={"segmentation": seg}),
-        "MCM, strength map 1 left / 0 right": sample(multi, conditions={"segmentation": seg}, strength=left),
+        "MCM, strength map 1 left / 0 right": sample(multi, conditions={"segmentation": seg},
+                                                                    conditioning_scale=left),
         "compose: seg everywhere + sketch everywhere": sample(compose, conditions=[{"segmentation": seg},
                                                                                     {"sketch": sketch}]),
         "compose: seg left, sketch right (regions)": sample(compose, conditions=[{"segmentation": seg},
@@ -81,7 +82,7 @@ def run(data: str, n: int, seeds: list[int], out: Path, device: str = "cpu") -> 
     fractions = (0.2, 0.4, 0.6, 1.0)
     for f in fractions:
         samples[f"MCM, noisiest {int(f * 100)}% only"] = sample(multi, conditions={"segmentation": seg},
-                                                                 modulation_window=(1.0 - f, 1.0))
+                                                                 control_guidance_end=f)
     real = d["image"]
     split, sweep = [], []
     for name, x in samples.items():

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f1 = {}
     for name in ("sketch", "segmentation"):
         images = pipe(conditions=[{name: data[name]}], prompt=prompt, num_inference_steps=a.steps,
-                      strength=a.strength, seeds=list(range(n)), output_type="pt").float().cpu()
+                      conditioning_scale=a.strength, seeds=list(range(n)), output_type="pt").images.float().cpu()
         f1[f"sketch F1, {name} alone"] = per_sample_f1(images, data["sketch"])
     iou = hint_iou(data["sketch"], data["segmentation"])
     rows = band_rows(iou, f1)

@@ -25,6 +25,10 @@ class DiTBase(FrozenBase):
                 "vae": load_optional(path, "vae", "diffusers")}
 
     @property
+    def default_guidance_scale(self) -> float:
+        return 4.0  # ``DiTPipeline``'s default
+
+    @property
     def is_text_conditional(self) -> bool:
         return False
 

@@ -35,6 +35,10 @@ class SD3Base(FrozenBase):
         return parts
 
     @property
+    def default_guidance_scale(self) -> float:
+        return 7.0  # ``StableDiffusion3Pipeline``'s default
+
+    @property
     def is_text_conditional(self) -> bool:
         return True
 

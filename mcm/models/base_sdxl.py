@@ -37,6 +37,10 @@ class SDXLBase(FrozenBase):
             self.force_zeros_for_empty_prompt = True
 
     @property
+    def default_guidance_scale(self) -> float:
+        return 5.0  # ``StableDiffusionXLPipeline``'s default
+
+    @property
     def is_text_conditional(self) -> bool:
         return True  # by architecture (added_cond_kwargs); without its text encoders it takes cached embeddings
 

@@ -170,6 +170,12 @@ class FrozenBase(nn.Module):
         return self.text_encoder is not None
 
     @property
+    def default_guidance_scale(self) -> float:
+        """The family pipeline's default ``guidance_scale``: ``StableDiffusionPipeline``'s 7.5 for a latent text
+        base; 1.0 (no guidance) for pixel bases, which diffusers samples without it (``DDPMPipeline``)."""
+        return 7.5 if self.vae is not None and self.is_text_conditional else 1.0
+
+    @property
     def is_class_conditional(self) -> bool:
         return False
 

@@ -98,8 +98,8 @@ def comparison_grid(base, adapter, batch: dict, n: int = 8, steps: int = 25, gui
     adapter.eval()
 
     def run(controls):
-        x0 = controlled_sample(base, controls, n, None, prompts, None, labels, steps, guidance_scale,
-                               generator=generators_for(seeds, None))
+        x0 = controlled_sample(base, controls, n, prompts=prompts, class_labels=labels, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, generator=generators_for(seeds, None))
         return (base.decode(x0) + 1) / 2
 
     plain, ctrl = run([]), run([Control(adapter, conds, 1.0, strength)])

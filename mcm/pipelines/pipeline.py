@@ -2,7 +2,7 @@
 
     from mcm import MCMPipeline
     pipe = MCMPipeline.from_pretrained("shapes32")            # embedded base + shipped module, offline
-    images = pipe(conditions={"segmentation": labels}, num_inference_steps=50)   # (B,3,H,W) in [0,1]
+    images = pipe(conditions={"segmentation": labels}, num_inference_steps=50).images   # PIL images
 
 A ``diffusers.DiffusionPipeline``: components registered with ``register_modules`` (the base's
 ``unet``, ``scheduler``, ``vae``, ``text_encoder``, ``tokenizer``, and ``adapters``), so
@@ -16,6 +16,7 @@ images, seed for seed (``tests/test_scheduler_oracle.py``).
 import difflib
 import json
 import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -24,6 +25,7 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel, SchedulerMixin,
                        SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, deprecate
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import modalities as modality_registry
@@ -36,7 +38,19 @@ from mcm.models.frozen_base import FrozenBase, check_base
 from mcm.pipelines.adapter_stack import AdapterStack
 from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
 
-OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class MCMPipelineOutput(BaseOutput):
+    """What ``MCMPipeline.__call__`` returns (diffusers' ``ImagePipelineOutput`` habit).
+
+    Args:
+        images: a list of PIL images, a numpy array ``(B, H, W, 3)``, a float tensor ``(B, 3, H, W)`` in [0, 1],
+            or the latents, as ``output_type`` asked.
+    """
+
+    images: Union[list, np.ndarray, torch.Tensor]
 _EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 PIPELINE_INDEX = "model_index.json"
 
@@ -203,15 +217,23 @@ class MCMPipeline(DiffusionPipeline):
             out.append({n: module.plugins[n].to_tensor(x) for n, x in conds.items()})
         return out
 
-    def _batch_and_size(self, conds: list[dict[str, torch.Tensor]], num_images: int | None
-                        ) -> tuple[int, tuple[int, int]]:
+    def _batch_and_size(self, conds: list[dict[str, torch.Tensor]], num_images: int | None,
+                        height: int | None = None, width: int | None = None) -> tuple[int, tuple[int, int]]:
+        """The batch and the model-space size: the maps' size, else ``height`` / ``width``, else the base's."""
         maps = [(n, x) for c in conds for n, x in c.items()]
         model_size = self.base.sample_size
+        ds = self.base.downsample
         if num_images is not None and (not isinstance(num_images, numbers.Integral) or isinstance(num_images, bool)
                                        or num_images < 1):
             raise ValueError(f"num_images: expected a positive integer, got {num_images!r}")
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or v % ds):
+                raise ValueError(f"{name}: expected a positive multiple of {ds} pixels (the base's latent "
+                                 f"downsampling), got {v!r}")
         if not maps:
-            return (num_images or 1), model_size
+            h = height // ds if height is not None else model_size[0]
+            w = width // ds if width is not None else model_size[1]
+            return (num_images or 1), (h, w)
         batch = {x.shape[0] for _, x in maps}
         if len(batch) > 1:
             raise ValueError(f"conditions: batch sizes differ: { {n: x.shape[0] for n, x in maps} }")
@@ -220,7 +242,9 @@ class MCMPipeline(DiffusionPipeline):
             raise ValueError(f"conditions: spatial sizes differ: { {n: tuple(x.shape[-2:]) for n, x in maps} }; "
                              f"expected every map at the output size (resize them to one size first)")
         B, (H, W) = batch.pop(), sizes.pop()
-        ds = self.base.downsample
+        if (height is not None and height != H) or (width is not None and width != W):
+            raise ValueError(f"height/width: {height}x{width} given, but the conditions' maps are {H}x{W}; the maps' "
+                             f"size is the output size (leave height/width out, or resize the maps)")
         if H % (8 * ds) or W % (8 * ds):
             names = ", ".join(sorted({f"'{n}'" for n, _ in maps}))
             shapes = {n: tuple(x.shape) for n, x in maps}
@@ -234,41 +258,59 @@ class MCMPipeline(DiffusionPipeline):
     # ---- 2-7. prompts, controls, noise, denoising loop, decode ------------------------------------
     @torch.no_grad()
     def __call__(self, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                 prompt: str | list[str] | None = None, num_images: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 strength: float | Sequence[float | None] | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
-                 class_labels: Sequence[int] | None = None, regions: Sequence | None = None,
-                 negative_prompt: str | list[str] | None = None,
-                 modulation_window: tuple[float, float] = (0.0, 1.0), seeds: list[int] | None = None,
-                 eta: float = 0.0, latents: torch.Tensor | None = None,
+                 prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float | None = None, conditioning_scale: Any = None,
+                 control_guidance_start: float = 0.0, control_guidance_end: float = 1.0,
+                 regions: Sequence | None = None, num_images_per_prompt: int = 1, num_images: int | None = None,
+                 class_labels: Sequence[int] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, seeds: list[int] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
-        """Sample images.
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), eta: float = 0.0,
+                 **deprecated: Any) -> MCMPipelineOutput | tuple:
+        """Sample images; the arguments follow diffusers' pipelines (``StableDiffusionControlNetPipeline``).
 
         Args:
             conditions: modality name -> map (tensor, numpy or PIL; label maps ``(H,W)`` or
                 ``(B,H,W)`` ints), or one such dict per adapter when composing; ``{}`` = base alone.
-            prompt: text for text-conditional bases (one, or one per image).
-            num_images: batch size when no condition and no prompt list is given (default 1).
-            guidance_scale: classifier-free guidance weight (on when > 1, as in diffusers).
-            strength: modulation strength ``s`` in ``p + s (p gamma + beta)`` (ControlNet / T2I-Adapter: the
-                scale of their residuals); ``None`` = each adapter's recorded ``default_strength``.  A float,
-                a map ``(H, W)`` / ``(B, H, W)`` at the output size (resized to model space; the baselines'
-                residuals are scaled per level), a schedule (a list with one value per inference step,
-                noisiest first, or a callable of the noise fraction ``t / T``), or ``(map, schedule)``;
-                one for all adapters, or a list with one per adapter.
+            prompt / negative_prompt: text for text-conditional bases (one, or one per image).
+            height / width: output size in pixels; default: the maps' size when conditions are given (if given
+                too, they must agree), else the base's default size (as the family's diffusers pipeline).
+            guidance_scale: classifier-free guidance weight (on when > 1, as in diffusers); ``None`` = the
+                family pipeline's own default (SD 7.5, SDXL 5.0, SD3 7.0, DiT 4.0; 1.0 for pixel bases).
+            conditioning_scale: the scale ``s`` in ``p + s (p gamma + beta)`` (ControlNet / T2I-Adapter: the
+                scale of their residuals; earlier ``strength``); ``None`` = each adapter's recorded
+                ``default_strength``.  A float, a map ``(H, W)`` / ``(B, H, W)`` at the output size (resized to
+                model space; the baselines' residuals are scaled per level), a schedule (a list with one value
+                per inference step, noisiest first, value ``i`` at step ``i``, or a callable of the noise fraction
+                ``t / T``), or ``(map, schedule)``; one for all adapters, or a list with one per adapter.
+            control_guidance_start / control_guidance_end: the part of the denoising process where the adapters
+                act, as fractions of it, 0 = its start (pure noise), measured on the noise level: the adapters act
+                where ``1 - t / T`` lies in ``[start, end)`` (earlier ``modulation_window=(lo, hi)``, the noise
+                fractions ``t / T``: ``start = 1 - hi``, ``end = 1 - lo``).
             regions: one soft mask in [0, 1] per adapter (``(H, W)`` / ``(B, H, W)``, ``None`` = everywhere):
                 ``p_c = p_u + sum_i w_i R_i (p_i - p_u)``.
-            modulation_window: ``(low, high)`` noise fractions ``t / T`` (1 = pure noise) where the
-                adapters act; ``(0.6, 1.0)`` = only the noisiest 40% of the schedule.
+            num_images_per_prompt: images per prompt (per set of maps / class label), as in diffusers.
+            num_images: the batch when no condition, prompt list or class labels say it (default 1).
             seeds: one seed per image (overrides ``generator``; each image reproducible on its own).
-            output_type: ``"pt"`` (float tensor in [0, 1]), ``"np"`` (float HWC), ``"pil"`` or ``"latent"``.
+            output_type: ``"pil"`` (default), ``"np"`` (float HWC in [0, 1]), ``"pt"`` (float ``(B,3,H,W)``
+                in [0, 1]) or ``"latent"``.
+            return_dict: return :class:`MCMPipelineOutput` (``.images``); ``False``: the tuple ``(images,)``.
             callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict`` after each step, as in diffusers.
+            strength / modulation_window: the earlier names of ``conditioning_scale`` and of the window
+                (deprecated; they still work, with a warning).
         """
-        # 1. check inputs
+        # 1. check inputs (and the earlier argument names)
+        conditioning_scale, name, window = _deprecated_names(deprecated, conditioning_scale, control_guidance_start,
+                                                             control_guidance_end)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive integer, got {num_images_per_prompt!r}")
+        if guidance_scale is None:
+            guidance_scale = self.base.default_guidance_scale
         conds = self.check_inputs(conditions)
         if class_labels is not None and not self.base.is_class_conditional:
             raise ValueError(f"class_labels: the base '{self.base.source}' is not class-conditional "
@@ -279,18 +321,12 @@ class MCMPipeline(DiffusionPipeline):
                 implied = len(prompt)
             elif class_labels is not None:
                 implied = len(torch.as_tensor(class_labels).reshape(-1))
-        B, size = self._batch_and_size(conds, num_images if num_images is not None else implied)
-        if class_labels is not None and len(torch.as_tensor(class_labels).reshape(-1)) != B:
-            raise ValueError(f"class_labels: got {len(torch.as_tensor(class_labels).reshape(-1))} labels for {B} images")
-        lo, hi = _window(modulation_window)
-        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
-        n = len(self.modules)
-        strengths = [parse_strength(v, f"strength[{i}]" if n > 1 and _per_adapter(strength) else "strength", B,
-                                    (H, W), size, num_inference_steps)
-                     for i, v in enumerate(_per_adapter_values(strength, n, "strength"))]
-        masks = [None if r is None else spatial_map(r, f"regions[{i}]", B, (H, W), size, 0.0, 1.0)
-                 for i, r in enumerate(_regions(regions, n))]
-        # 2. prompts
+        B, size = self._batch_and_size(conds, num_images if num_images is not None else implied, height, width)
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels).reshape(-1)
+            if len(labels) != B:
+                raise ValueError(f"class_labels: got {len(labels)} labels for {B} images")
+        # 2. prompts (and class labels), each repeated num_images_per_prompt times, as diffusers repeats them
         prompts = None
         if self.base.is_text_conditional:
             prompts = [prompt] * B if isinstance(prompt, str) or prompt is None else list(prompt)
@@ -299,7 +335,24 @@ class MCMPipeline(DiffusionPipeline):
                 raise ValueError(f"prompt: got {len(prompts)} prompts for {B} images")
         elif prompt:
             raise ValueError(f"prompt={prompt!r} given but the base '{self.base.source}' is not text-conditional")
-        # 3. controls: each adapter with its conditions (resized to the output size), weight and strength
+        n_per = int(num_images_per_prompt)
+        if n_per > 1:
+            prompts = None if prompts is None else [p for p in prompts for _ in range(n_per)]
+            if isinstance(negative_prompt, list):
+                negative_prompt = [p for p in negative_prompt for _ in range(n_per)]
+            if class_labels is not None:
+                class_labels = labels.repeat_interleave(n_per).tolist()
+            conds = [{k: x.repeat_interleave(n_per, 0) for k, x in c.items()} for c in conds]
+            B = B * n_per
+        lo, hi = window
+        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
+        n = len(self.modules)
+        strengths = [parse_strength(v, f"{name}[{i}]" if n > 1 and _per_adapter(conditioning_scale) else name, B,
+                                    (H, W), size, num_inference_steps)
+                     for i, v in enumerate(_per_adapter_values(conditioning_scale, n, name))]
+        masks = [None if r is None else spatial_map(r, f"regions[{i}]", B, (H, W), size, 0.0, 1.0)
+                 for i, r in enumerate(_regions(regions, n))]
+        # 3. controls: each adapter with its conditions (resized to the output size), weight and scale
         device = self._execution_device
         controls = [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
                     for m, c, w, s, r in zip(self.modules, conds, self.weights, strengths, masks)]
@@ -316,16 +369,20 @@ class MCMPipeline(DiffusionPipeline):
             def callback(i, t, x):
                 out = callback_on_step_end(self, i, t, {"latents": x})
                 return (out or {}).get("latents")
-        x0 = controlled_sample(self.base, controls, B, size, prompts, negative_prompt, class_labels, num_inference_steps,
-                               guidance_scale, (lo, hi), generator, self.scheduler, eta, latents, callback,
-                               self.progress_bar)
+        x0 = controlled_sample(self.base, controls, B, size=size, prompts=prompts, negative_prompt=negative_prompt,
+                               class_labels=class_labels, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, window=(lo, hi), generator=generator,
+                               scheduler=self.scheduler, eta=eta, latents=latents, callback=callback,
+                               progress=self.progress_bar)
         # 7. decode and convert
         if output_type == "latent":
-            return x0
-        image = self.base.decode(x0, clamp=False)
-        out = self.image_processor.postprocess(image, output_type=output_type)
+            images = x0
+        else:
+            image = self.base.decode(x0, clamp=False)
+            images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
-        return out
+        return MCMPipelineOutput(images=images) if return_dict else (images,)
+
 
 def _unusable_modalities(names: list[str], trained: list[str]) -> str:
     """Why each of ``names`` cannot be used with a module trained on ``trained``: not installed, or not trained on."""
@@ -346,6 +403,44 @@ def _unusable_modalities(names: list[str], trained: list[str]) -> str:
 def _is_saved_pipeline(path: Path) -> bool:
     index = path / PIPELINE_INDEX
     return index.is_file() and json.loads(index.read_text()).get("_class_name") == MCMPipeline.__name__
+
+
+def window_arguments(window: Sequence[float]) -> dict[str, float]:
+    """A window of noise fractions ``(lo, hi)`` (``t / T``, 1 = pure noise; ``mcm sample --window``) as the
+    call's ``control_guidance_start`` / ``control_guidance_end`` (fractions of the process, 0 = pure noise)."""
+    lo, hi = _window(window)
+    return {"control_guidance_start": 1.0 - hi, "control_guidance_end": 1.0 - lo}
+
+
+def _deprecated_names(kwargs: dict[str, Any], conditioning_scale: Any, start: float, end: float
+                      ) -> tuple[Any, str, tuple[float, float]]:
+    """``conditioning_scale`` and the window as noise fractions ``(lo, hi)``, from the current argument names or
+    the earlier ones (``strength``, ``modulation_window``), which still work behind diffusers' ``deprecate``; and
+    the name the scale was given by (errors name the argument the caller wrote)."""
+    unknown = sorted(set(kwargs) - {"strength", "modulation_window"})
+    if unknown:
+        raise TypeError(f"MCMPipeline.__call__() got unexpected keyword arguments {unknown}")
+    if "strength" in kwargs:
+        deprecate("strength", "1.0.0", "`strength` is now `conditioning_scale` (diffusers' name; diffusers' "
+                  "`strength` means img2img strength)", standard_warn=False)
+        if conditioning_scale is not None:
+            raise ValueError("strength and conditioning_scale: give one (strength is the earlier name)")
+        conditioning_scale = kwargs["strength"]
+    scale_name = "strength" if "strength" in kwargs else "conditioning_scale"
+    if "modulation_window" in kwargs:
+        deprecate("modulation_window", "1.0.0", "`modulation_window=(lo, hi)` (noise fractions t/T) is now "
+                  "`control_guidance_start=1 - hi, control_guidance_end=1 - lo` (fractions of the denoising "
+                  "process, 0 = pure noise), as in diffusers", standard_warn=False)
+        if (start, end) != (0.0, 1.0):
+            raise ValueError("modulation_window and control_guidance_start/end: give one (modulation_window is "
+                             "the earlier name)")
+        return conditioning_scale, scale_name, _window(kwargs["modulation_window"])
+    for name, v in (("control_guidance_start", start), ("control_guidance_end", end)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name}: expected a fraction of the denoising process in [0, 1], got {v!r}")
+    if start > end:
+        raise ValueError(f"control_guidance_start: expected <= control_guidance_end, got {start} > {end}")
+    return conditioning_scale, scale_name, (1.0 - float(end), 1.0 - float(start))
 
 
 def _window(window: Sequence[float]) -> tuple[float, float]:
