@@ -1,0 +1,136 @@
+"""``MCMPipeline.__call__`` follows diffusers' conventions (issue: the call, design.md §8): with ``height`` /
+``width`` (non-square, not the base's default), ``num_images_per_prompt=2`` and the default guidance, our pipeline
+equals the family's diffusers pipeline called with the same arguments, with no control and with a zero-initialised
+MCM; ``.images`` / ``return_dict=False``; the earlier names ``strength`` / ``modulation_window`` still work, with a
+deprecation warning, and mean what ``conditioning_scale`` / ``control_guidance_start/end`` mean."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.pipelines import MCMPipeline, MCMPipelineOutput
+
+TOL = 1e-5
+PROMPTS = ["a red circle", "a blue square"]
+SEG = {"segmentation": {"num_classes": 6}}
+#: family -> (diffusers pipeline class, fixture, extra from_pretrained kwargs, (height, width) != the default)
+FAMILIES = {
+    "sd": ("StableDiffusionPipeline", "tiny_sd_dir", dict(safety_checker=None, requires_safety_checker=False),
+           (64, 128)),
+    "sdxl": ("StableDiffusionXLPipeline", "tiny_sdxl_dir", {}, (16, 32)),
+    "sd3": ("StableDiffusion3Pipeline", "tiny_sd3_dir", dict(text_encoder_3=None, tokenizer_3=None), (32, 16)),
+}
+
+
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def mcm_for(base, nudge: bool = False) -> MultimodalConditioningModule:
+    torch.manual_seed(0)
+    m = MultimodalConditioningModule(latent_channels=base.latent_channels, modalities=SEG, downsample=base.downsample,
+                                     block_out_channels=(16, 32), layers_per_block=1, attention_levels=(),
+                                     norm_num_groups=8)
+    if nudge:  # gamma, beta != 0
+        with torch.no_grad():
+            m.unet.conv_out.weight.normal_(0, 0.05)
+    return m.eval()
+
+
+def pair(family: str, request):
+    import diffusers
+
+    cls, fixture, extra, size = FAMILIES[family]
+    path = request.getfixturevalue(fixture)
+    ref = getattr(diffusers, cls).from_pretrained(path, **extra)
+    ref.set_progress_bar_config(disable=True)
+    ours = MCMPipeline.from_pretrained(path, modules=[])
+    ours.set_progress_bar_config(disable=True)
+    return ref, ours, size
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_height_width_images_per_prompt_and_default_guidance_equal_diffusers(family, request):
+    ref, ours, (H, W) = pair(family, request)
+    assert (H, W) != tuple(s * ours.base.downsample for s in ours.base.sample_size)
+    kw = dict(prompt=PROMPTS, height=H, width=W, num_images_per_prompt=2, num_inference_steps=3, output_type="pt")
+    expected = ref(generator=gen(), **kw).images  # the family's default guidance on both sides
+    assert expected.shape == (4, 3, H, W)
+    got = ours(generator=gen(), **kw)
+    assert isinstance(got, MCMPipelineOutput) and got.images.shape == (4, 3, H, W)
+    assert float((got.images - expected).abs().max()) < TOL
+    # a zero-initialised MCM with maps of that size (one per prompt): the same images
+    zero = MCMPipeline.from_base(ours.base, [mcm_for(ours.base)], scheduler=ours.scheduler)
+    zero.set_progress_bar_config(disable=True)
+    maps = torch.randint(0, 6, (2, H, W), generator=gen())
+    got = zero(conditions={"segmentation": maps}, generator=gen(), **kw).images
+    assert float((got - expected).abs().max()) < TOL
+    # and a trained-looking one changes them: the maps reach every image of each prompt
+    moved = MCMPipeline.from_base(ours.base, [mcm_for(ours.base, nudge=True)], scheduler=ours.scheduler)
+    moved.set_progress_bar_config(disable=True)
+    assert float((moved(conditions={"segmentation": maps}, generator=gen(), **kw).images - expected).abs().max()) > 1e-3
+
+
+def test_dit_default_guidance_equals_dit_pipeline(tiny_dit_dir):
+    """DiT: ``DiTPipeline`` takes no height / width / num_images_per_prompt; the default guidance (4.0) is its."""
+    from diffusers import DiTPipeline
+
+    ref = DiTPipeline.from_pretrained(tiny_dit_dir)
+    ref.set_progress_bar_config(disable=True)
+    ours = MCMPipeline.from_pretrained(tiny_dit_dir, modules=[])
+    ours.set_progress_bar_config(disable=True)
+    expected = ref(class_labels=[3, 917], num_inference_steps=3, generator=gen(), output_type="np").images
+    got = ours(class_labels=[3, 917], num_inference_steps=3, generator=gen(), output_type="np").images
+    assert abs(got - expected).max() < TOL
+    assert ours.base.default_guidance_scale == 4.0
+
+
+def test_outputs_return_dict_and_sizes(tiny_sd_dir):
+    pipe = MCMPipeline.from_pretrained(tiny_sd_dir, modules=[])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a ring", num_inference_steps=2, seeds=[3])
+    pil = pipe(**kw).images  # output_type="pil" by default, as diffusers
+    assert len(pil) == 1 and pil[0].size == (64, 64)
+    (pt,) = pipe(output_type="pt", return_dict=False, **kw)
+    assert pt.shape == (1, 3, 64, 64)
+    assert pipe(output_type="pt", height=128, width=64, **kw).images.shape == (1, 3, 128, 64)
+    with pytest.raises(ValueError, match="height: expected a positive multiple of 8"):
+        pipe(height=60, **kw)
+    with pytest.raises(ValueError, match="num_images_per_prompt: expected a positive integer"):
+        pipe(num_images_per_prompt=0, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['modulation'\\]"):
+        pipe(modulation=1.0, **kw)
+
+
+def test_conditions_decide_the_size_and_must_agree_with_height_width(tiny_sd_dir):
+    pipe = MCMPipeline.from_pretrained(tiny_sd_dir, modules=[])
+    zero = MCMPipeline.from_base(pipe.base, [mcm_for(pipe.base)])
+    zero.set_progress_bar_config(disable=True)
+    maps = torch.zeros(1, 64, 128, dtype=torch.long)
+    out = zero(conditions={"segmentation": maps}, num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 3, 64, 128)
+    with pytest.raises(ValueError, match="height/width: 64x64 given, but the conditions' maps are 64x128"):
+        zero(conditions={"segmentation": maps}, height=64, width=64, num_inference_steps=2)
+
+
+def test_earlier_names_still_work_with_a_deprecation_warning(tiny_sd_dir):
+    pipe = MCMPipeline.from_pretrained(tiny_sd_dir, modules=[])
+    moved = MCMPipeline.from_base(pipe.base, [mcm_for(pipe.base, nudge=True)])
+    moved.set_progress_bar_config(disable=True)
+    kw = dict(conditions={"segmentation": torch.randint(0, 6, (2, 64, 64), generator=gen())}, prompt="a ring",
+              num_inference_steps=4, seeds=[1, 2], output_type="pt")
+    new = moved(conditioning_scale=2.0, control_guidance_start=0.25, control_guidance_end=1.0, **kw).images
+    with pytest.warns(FutureWarning, match="strength"):
+        old = moved(strength=2.0, **kw).images
+    assert torch.equal(old, moved(conditioning_scale=2.0, **kw).images)
+    with pytest.warns(FutureWarning, match="modulation_window"):
+        old = moved(conditioning_scale=2.0, modulation_window=(0.0, 0.75), **kw).images
+    assert torch.equal(old, new)
+    assert not torch.equal(new, moved(conditioning_scale=2.0, **kw).images)  # the window does switch steps off
+    with pytest.raises(ValueError, match="strength and conditioning_scale: give one"):
+        moved(strength=1.0, conditioning_scale=1.0, **kw)
+    with pytest.raises(ValueError, match="strength: expected a finite number"), pytest.warns(FutureWarning):
+        moved(strength=float("nan"), **kw)  # the error names the argument the caller wrote
+    with pytest.raises(ValueError, match="control_guidance_start: expected <= control_guidance_end"):
+        moved(control_guidance_start=0.8, control_guidance_end=0.2, **kw)
