@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MCMPipeline": "mcm.pipelines.pipeline",
     "MCMPipelineOutput": "mcm.pipelines.pipeline",
+    "attach": "mcm.pipelines.attach_denoiser",
     "AdapterStack": "mcm.pipelines.adapter_stack",
     "MCMModule": "mcm.training.mcm_module",
     "ControlNetModule": "mcm.training.controlnet_module",
@@ -31,5 +32,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mcm' has no attribute {name!r}")
 
 
-__all__ = ["MCMPipeline", "MCMPipelineOutput", "MCMModule", "ControlNetModule", "T2IAdapterModule", "FrozenBase",
+__all__ = ["attach", "MCMPipeline", "MCMPipelineOutput", "MCMModule", "ControlNetModule", "T2IAdapterModule", "FrozenBase",
            "MultimodalConditioningModule", "AdapterStack", "__version__"]

@@ -61,7 +61,10 @@ def in_window(fraction: float, window: tuple[float, float]) -> bool:
 def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int],
                          window: tuple[float, float] = (0.0, 1.0), num_train_timesteps: int | None = None
                          ) -> Predictor:
-    """``predict(x, t, context)`` of the base under ``controls``; conditions encoded once, here."""
+    """``predict(x, t, context, step=None, p=None)`` of the base under ``controls``; conditions encoded once, here.
+
+    ``step``: the inference step (per-step schedule lists); ``p``: the base's own prediction when the caller
+    already has it, so that only adapters that modulate it (MCM) run."""
     T = num_train_timesteps or base.num_train_timesteps
     states = []
     for c in controls:
@@ -69,9 +72,11 @@ def controlled_predictor(base, controls: Sequence[Control], size: tuple[int, int
         states.append(c.adapter.encode_conditions(c.conditions, None, size, B) if B else None)
     live = [(c, s) for c, s in zip(controls, states) if s is not None and c.weight != 0]
 
-    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, step: int | None = None
-                ) -> torch.Tensor:
-        cache: list[torch.Tensor] = []
+    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, step: int | None = None,
+                p: torch.Tensor | None = None) -> torch.Tensor:
+        # p: the base's prediction for (x, t, context) when the caller has it already (mcm.attach: the wrapped
+        # denoiser's own output); else computed here, at most once
+        cache: list[torch.Tensor] = [] if p is None else [p]
 
         def base_prediction() -> torch.Tensor:
             if not cache:

@@ -65,7 +65,7 @@ class DiTBase(FrozenBase):
     def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
         return self._labels(None, batch_size)
 
-    def drop_context(self, context, drop: torch.Tensor):
+    def drop_context(self, context, drop: torch.Tensor, image_size: tuple[int, int] | None = None):
         if context is None:
             return context
         return torch.where(drop.to(context.device), torch.full_like(context, self.null_class), context)

@@ -255,6 +255,24 @@ class MCMPipeline(DiffusionPipeline):
             raise ValueError(f"num_images={num_images} but the conditions hold {B} maps")
         return B, (H // ds, W // ds)
 
+    def prepare_controls(self, conds: list[dict[str, torch.Tensor]], batch_size: int, size: tuple[int, int],
+                         conditioning_scale: Any = None, regions: Sequence | None = None,
+                         num_inference_steps: int | None = None, name: str = "conditioning_scale") -> list[Control]:
+        """One :class:`Control` per adapter: its validated maps resized to the output size, its weight, its scale
+        (float, map or schedule; ``num_inference_steps=None``: a list's length is checked step by step) and its
+        region, for a batch of ``batch_size`` images of model-space ``size``."""
+        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
+        n = len(self.modules)
+        strengths = [parse_strength(v, f"{name}[{i}]" if n > 1 and _per_adapter(conditioning_scale) else name,
+                                    batch_size, (H, W), size,
+                                    num_inference_steps if num_inference_steps is not None else _length(v))
+                     for i, v in enumerate(_per_adapter_values(conditioning_scale, n, name))]
+        masks = [None if r is None else spatial_map(r, f"regions[{i}]", batch_size, (H, W), size, 0.0, 1.0)
+                 for i, r in enumerate(_regions(regions, n))]
+        device = self._execution_device
+        return [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
+                for m, c, w, s, r in zip(self.modules, conds, self.weights, strengths, masks)]
+
     # ---- 2-7. prompts, controls, noise, denoising loop, decode ------------------------------------
     @torch.no_grad()
     def __call__(self, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
@@ -345,17 +363,8 @@ class MCMPipeline(DiffusionPipeline):
             conds = [{k: x.repeat_interleave(n_per, 0) for k, x in c.items()} for c in conds]
             B = B * n_per
         lo, hi = window
-        H, W = size[0] * self.base.downsample, size[1] * self.base.downsample
-        n = len(self.modules)
-        strengths = [parse_strength(v, f"{name}[{i}]" if n > 1 and _per_adapter(conditioning_scale) else name, B,
-                                    (H, W), size, num_inference_steps)
-                     for i, v in enumerate(_per_adapter_values(conditioning_scale, n, name))]
-        masks = [None if r is None else spatial_map(r, f"regions[{i}]", B, (H, W), size, 0.0, 1.0)
-                 for i, r in enumerate(_regions(regions, n))]
-        # 3. controls: each adapter with its conditions (resized to the output size), weight and scale
-        device = self._execution_device
-        controls = [Control(m, {k: m.plugins[k].resize(x, (H, W)).to(device) for k, x in c.items()}, w, s, r)
-                    for m, c, w, s, r in zip(self.modules, conds, self.weights, strengths, masks)]
+        # 3. controls: each adapter with its conditions (resized to the output size), weight, scale and region
+        controls = self.prepare_controls(conds, B, size, conditioning_scale, regions, num_inference_steps, name)
         # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
         if seeds is not None:
             if isinstance(seeds, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool)
@@ -471,6 +480,13 @@ def _per_adapter_values(value, n: int, name: str) -> list:
             raise ValueError(f"{name}: got {len(value)} values for {n} adapters; give one, or one per adapter")
         return list(value)
     return [value] * n
+
+
+def _length(schedule) -> int:
+    """A schedule list's own length (the number of steps it is checked against when the run's is not known)."""
+    if isinstance(schedule, tuple) and len(schedule) == 2:
+        schedule = schedule[1]
+    return len(schedule) if isinstance(schedule, (list, tuple)) else 1
 
 
 def _regions(regions, n: int) -> list:
