@@ -107,7 +107,7 @@ def base_record(base, settings: EncodeSettings) -> dict:
 
 def prediction_density(base) -> str:
     """The density cached prediction draws come from: the base's default training forward process's."""
-    from mcm.diffusion.forward_process import forward_process_for  # the job runs the base (design.md §7)
+    from mcm.diffusion.forward_process import forward_process_for  # this job runs the base
 
     return forward_process_for(base.scheduler).timestep_density
 

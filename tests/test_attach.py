@@ -1,4 +1,4 @@
-"""``mcm.attach`` (design.md §14): an unmodified diffusers pipeline with an MCM attached gives ``MCMPipeline``'s
+"""``mcm.attach``: an unmodified diffusers pipeline with an MCM attached gives ``MCMPipeline``'s
 images with the same module, seed and arguments, for SD, SDXL, SD3 and DiT, with and without guidance; with no
 module the pipeline is untouched, and it is restored on exit, also after an exception."""
 from __future__ import annotations

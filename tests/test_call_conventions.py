@@ -1,4 +1,4 @@
-"""``MCMPipeline.__call__`` follows diffusers' conventions (issue: the call, design.md §8): with ``height`` /
+"""``MCMPipeline.__call__`` follows diffusers' conventions: with ``height`` /
 ``width`` (non-square, not the base's default), ``num_images_per_prompt=2`` and the default guidance, our pipeline
 equals the family's diffusers pipeline called with the same arguments, with no control and with a zero-initialised
 MCM; ``.images`` / ``return_dict=False``; the earlier names ``strength`` / ``modulation_window`` still work, with a

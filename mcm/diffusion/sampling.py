@@ -37,7 +37,7 @@ def extra_step_kwargs(scheduler, generator: Generator = None, eta: float = 0.0) 
 
 
 class StepCounter:
-    """Which inference step a model evaluation belongs to, whatever the scheduler (design.md §2).
+    """Which inference step a model evaluation belongs to, whatever the scheduler.
 
     Per-step schedules hold one value per inference step, value ``i`` at step ``i``.  Most schedulers make one
     evaluation per step, but a second-order one (Heun, KDPM2, DPM-Solver SDE) makes two, both inside step ``i``

@@ -1,4 +1,4 @@
-"""``mcm.attach``: control an unmodified diffusers pipeline with trained MCMs (design.md §14).
+"""``mcm.attach``: control an unmodified diffusers pipeline with trained MCMs.
 
 Output modulation needs nothing from a pipeline but its denoiser's output ``p`` for ``(x_t, t)``, so a trained
 MCM can drive a diffusers pipeline as it is, with no pipeline class of ours::
