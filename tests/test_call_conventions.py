@@ -134,3 +134,38 @@ def test_earlier_names_still_work_with_a_deprecation_warning(tiny_sd_dir):
         moved(strength=float("nan"), **kw)  # the error names the argument the caller wrote
     with pytest.raises(ValueError, match="control_guidance_start: expected <= control_guidance_end"):
         moved(control_guidance_start=0.8, control_guidance_end=0.2, **kw)
+
+
+def test_cli_flags_have_one_name_for_modules_and_keep_the_old_ones(tmp_path):
+    """``--modules`` everywhere (``--mcm`` / ``--model`` stay as aliases), ``--conditioning-scale`` (``--strength``),
+    and ``mcm sample --height --width`` for the base alone."""
+    import argparse
+
+    from PIL import Image
+
+    from mcm.cli import app, demo, sample_command
+    from mcm.cli.tool_commands import run_tool_command
+    from mcm.evaluation import evaluate
+
+    for command in (sample_command, evaluate, demo, app):
+        sub = argparse.ArgumentParser().add_subparsers()
+        command.add_command(sub)
+        parser = next(iter(sub.choices.values()))
+        flags = {o for a in parser._actions for o in a.option_strings}
+        assert "--modules" in flags, command.__name__
+        if command in (sample_command, evaluate, demo):
+            assert {"--conditioning-scale", "--strength"} <= flags, command.__name__
+    out = tmp_path / "base.png"
+    assert run_tool_command(["sample", "--steps", "2", "--height", "32", "--width", "64", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 64  # one 32x64 image per seed in the grid
+    import numpy as np
+
+    seg = np.zeros((32, 32), np.uint8)
+    seg[8:24, 8:20] = 2
+    Image.fromarray(seg).save(tmp_path / "seg.png")
+    common = ["--cond", f"segmentation={tmp_path / 'seg.png'}", "--steps", "2"]
+    new, old = tmp_path / "new.png", tmp_path / "old.png"
+    assert run_tool_command(["sample", "--modules", "shapes32", "--conditioning-scale", "1.5", *common,
+                             "--out", str(new)]) == 0
+    assert run_tool_command(["sample", "--mcm", "shapes32", "--strength", "1.5", *common, "--out", str(old)]) == 0
+    assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old)))

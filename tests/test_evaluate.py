@@ -120,7 +120,7 @@ def test_evaluate_composes_modules(tiny_setup, tiny_pixel_base_dir, tmp_path):
 
 def test_evaluate_rejects_unknown_modalities(tiny_setup, tmp_path):
     mcm_dir, data = tiny_setup
-    with pytest.raises(ValueError, match="no --mcm module was trained on them"):
+    with pytest.raises(ValueError, match="no --modules module was trained on them"):
         _evaluate(tmp_path / "x", "--mcm", str(mcm_dir), "--data", data, "--modalities", "thermal")
 
 

@@ -11,7 +11,7 @@ first validation and kept) with the current adapter (its EMA weights when EMA is
 (those that apply to the module's modalities and judges) with ``pl_module.log`` (the step and row of
 ``val/loss``), plus one labelled grid (``align/samples``: conditions, then one row per setting).  Sampling and
 scores are :mod:`mcm.evaluation.evaluate`'s own functions (``make_settings``, ``generate``, ``score``),
-so a logged number equals what ``mcm evaluate --mcm EXPORT --n N --seeds SEED --steps STEPS
+so a logged number equals what ``mcm evaluate --modules EXPORT --n N --seeds SEED --steps STEPS
 --strength S`` gives for an export of the same weights.
 
 Settings: by default one, all the module's modalities together at one strength (``align/<metric>``).

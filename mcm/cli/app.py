@@ -2,8 +2,8 @@
 
     pip install -e ".[app]"
     mcm app                                   # the shipped shapes32 pipeline on http://127.0.0.1:7860
-    mcm app --model runs/a/export runs/b/export --weights 1 1 --port 7861    # compose two modules
-    mcm app --base path/to/base --model path/to/export --data "data/shapes/val-*.tar"
+    mcm app --modules runs/a/export runs/b/export --weights 1 1 --port 7861    # compose two modules
+    mcm app --base path/to/base --modules path/to/export --data "data/shapes/val-*.tar"
 
 One canvas per modality of the loaded modules, in the plugin's own colours (label maps: a brush per
 class; sketches: strokes; depth: grey levels from near to far, or an uploaded 8/16-bit map), "load a
@@ -300,7 +300,7 @@ def _run(a: argparse.Namespace) -> int:
         return 2
     try:
         serve(a)
-    except (ValueError, FileNotFoundError) as e:  # bad --model / --base / --data: a message, not a traceback
+    except (ValueError, FileNotFoundError) as e:  # bad --modules / --base / --data: a message, not a traceback
         log.error("mcm app: %s", e)
         return 2
     return 0
@@ -310,7 +310,7 @@ def add_command(sub) -> None:
     p = sub.add_parser("app", help="the browser app: draw a map, see base and base + MCM side by side (extra [app])",
                        description="Draw a map, pick the modules and strengths, see the base and base + MCM side "
                                    "by side in the browser (Gradio, served on 127.0.0.1, nothing fetched).")
-    p.add_argument("--model", "--mcm", dest="model", nargs="+", default=None,
+    p.add_argument("--modules", "--model", "--mcm", dest="model", nargs="+", default=None,
                    help="exported MCM/ControlNet dirs or built-in names (default: shapes32; several: composed)")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="composition weight per --model")
     p.add_argument("--base", default=None, help="base model (default: the one the first --model names)")

@@ -80,9 +80,10 @@ def add_command(sub) -> None:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--model", default="shapes32", help="'shapes32' or an exported MCM directory")
+    p.add_argument("--modules", "--model", dest="model", default="shapes32",
+                   help="'shapes32' or an exported MCM directory (--model is the earlier name)")
     p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--conditioning-scale", "--strength", dest="strength", type=float, default=None,
                    help="modulation strength (default: the module's recorded default_strength)")
     from mcm.evaluation.strength_args import add_strength_args
 

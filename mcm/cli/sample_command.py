@@ -1,9 +1,9 @@
 """``mcm sample``: sample a frozen base with one or several modules (MCMs or ControlNets) into a grid.
 
-    mcm sample --mcm runs/shapes32_compose_segmentation/export runs/shapes32_compose_sketch/export \\
+    mcm sample --modules runs/shapes32_compose_segmentation/export runs/shapes32_compose_sketch/export \\
         --weights 1 1 --data "data/shapes/val-*.tar" --n 8 --seeds 0 1 --out compose.png
-    mcm sample --mcm seg_export --cond segmentation=labels.png --prompt "a red circle" --out one.png
-    mcm sample --mcm sketch_export --derive sketch=photo.png --out from_photo.png
+    mcm sample --modules seg_export --cond segmentation=labels.png --prompt "a red circle" --out one.png
+    mcm sample --modules sketch_export --derive sketch=photo.png --out from_photo.png
 
 Several modules compose by MCDM (design.md §3): ``p_c = p_u + sum_i w_i (p_i - p_u)``, each
 module with its own conditions.  Conditions come from held-out shards (``--data``: each
@@ -15,7 +15,7 @@ starts from ``s * 100000 + i``.  Grid rows: the input maps (and the real images 
 ``--data``), then per seed the base alone and each module alone (``--compare``), then the
 composed samples.
 
-Regional and scheduled control: ``--regions a.png b.png`` (one greyscale mask per ``--mcm``, white =
+Regional and scheduled control: ``--regions a.png b.png`` (one greyscale mask per ``--modules``, white =
 the module acts, ``-`` = everywhere), ``--strength-map map.png`` (greyscale, white = full strength),
 ``--strength-schedule 1,1,0.5,...`` (one value per step, noisiest first) and ``--window LOW HIGH``
 (noise fractions t/T where the modules act, 1 = pure noise).
@@ -67,11 +67,11 @@ def conditions_from_files(modules: list, cond: list[str], derive: list[str]) -> 
         for spec in specs:
             index, name, path = parse_cond(spec, flag)
             if index is not None and index >= len(modules):
-                raise ValueError(f"{flag} {spec!r}: module index {index} but there are {len(modules)} --mcm modules")
+                raise ValueError(f"{flag} {spec!r}: module index {index} but there are {len(modules)} --modules modules")
             targets = [i for i, m in enumerate(modules) if (index is None or i == index) and name in m.plugins]
             if not targets:
                 known = sorted({n for m in modules for n in m.modality_names})
-                raise ValueError(f"{flag} {spec!r}: no --mcm module knows modality '{name}' (they know {known})")
+                raise ValueError(f"{flag} {spec!r}: no --modules module knows modality '{name}' (they know {known})")
             arr = _read_image(path, flag)
             for i in targets:
                 plugin = modules[i].plugins[name]
@@ -103,7 +103,7 @@ def regions_arg(a: argparse.Namespace, n_modules: int) -> list | None:
     if not a.regions:
         return None
     if len(a.regions) != n_modules:
-        raise ValueError(f"--regions: got {len(a.regions)} masks for {n_modules} --mcm modules; give one per "
+        raise ValueError(f"--regions: got {len(a.regions)} masks for {n_modules} --modules modules; give one per "
                          f"module ('-' = everywhere)")
     from mcm.evaluation.strength_args import read_mask
 
@@ -139,7 +139,8 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
             rows.append(p(conditions=c if given else {}, prompt=prompts, num_images=None if given else n,
                           num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
                           conditioning_scale=strength if given else None, regions=r if given else None,
-                          **window_arguments(a.window), seeds=seeds, output_type="pt").images.float().cpu())
+                          **window_arguments(a.window), seeds=seeds, height=getattr(a, "height", None),
+                          width=getattr(a, "width", None), output_type="pt").images.float().cpu())
     return rows
 
 
@@ -168,7 +169,7 @@ def run_sample(a: argparse.Namespace) -> Path:
     if a.data and (a.cond or a.derive):
         raise ValueError("--data and --cond/--derive: take the conditions from shards or from files, not both")
     if (a.cond or a.derive) and not a.mcm:
-        raise ValueError("--cond/--derive need at least one --mcm module to use them")
+        raise ValueError("--cond/--derive need at least one --modules module to use them")
     if a.threads:
         torch.set_num_threads(a.threads)
     pipe = build_pipeline(a.mcm, a.base, a.weights, a.device)
@@ -210,10 +211,15 @@ def _run(a: argparse.Namespace) -> int:
 def add_command(sub) -> None:
     p = sub.add_parser("sample", help="sample the base with one or several (composed) modules into a grid",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--mcm", nargs="*", default=[], help="exported MCM/ControlNet dirs or 'shapes32' "
-                   "(none: the base alone; several: composed)")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="composition weight per --mcm (default 1)")
-    p.add_argument("--base", default=None, help="base model (default: the one the first --mcm names, else shapes32)")
+    p.add_argument("--modules", "--mcm", dest="mcm", nargs="*", default=[],
+                   help="exported MCM/ControlNet dirs or 'shapes32' (none: the base alone; several: composed); "
+                   "--mcm is the earlier name")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="composition weight per --modules (default 1)")
+    p.add_argument("--base", default=None, help="base model (default: the one the first --modules names, else shapes32)")
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the maps', else the "
+                   "base's)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the maps', else the base's)")
     p.add_argument("--data", default=None, help="held-out shards for the conditions (path, glob or brace pattern)")
     p.add_argument("--n", type=int, default=8, help="conditions read from --data (default 8)")
     p.add_argument("--modalities", nargs="+", default=None, help="with --data: only these modalities")
@@ -224,13 +230,14 @@ def add_command(sub) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds, one row each (default 0)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--strength", type=float, default=None,
-                   help="modulation strength (ControlNet: conditioning scale); default: each module's default_strength")
+    p.add_argument("--conditioning-scale", "--strength", dest="strength", type=float, default=None,
+                   help="the modules' scale s in p + s (p gamma + beta) (ControlNet: its conditioning scale); default: "
+                   "each module's recorded default_strength; --strength is the earlier name")
     from mcm.evaluation.strength_args import add_strength_args
 
     add_strength_args(p)
     p.add_argument("--regions", nargs="+", default=None, metavar="PNG",
-                   help="one greyscale mask per --mcm (white = the module acts there; '-' = everywhere)")
+                   help="one greyscale mask per --modules (white = the module acts there; '-' = everywhere)")
     p.add_argument("--compare", action="store_true", help="also the base alone and each module alone, same seeds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mcm.evaluation import evaluate as E
 
     p = argparse.ArgumentParser(prog="python -m mcm.evaluation.condition_use", description=__doc__.split("\n\n")[0])
-    p.add_argument("--mcm", required=True, help="exported module directory (or a built-in module name)")
+    p.add_argument("--modules", "--mcm", dest="mcm", required=True, help="exported module directory (or a built-in module name)")
     p.add_argument("--base", default=None, help="base (default: the one the module names)")
     p.add_argument("--data", required=True, help="held-out shards")
     p.add_argument("--n", type=int, default=100, help="samples (default 100)")

@@ -1,6 +1,6 @@
 """``mcm evaluate``: sample on held-out maps with fixed seeds, score every metric, write a report.
 
-    mcm evaluate --mcm shapes32 --data "data/shapes/val-*.tar" --n 256 --seeds 0 1 \\
+    mcm evaluate --modules shapes32 --data "data/shapes/val-*.tar" --n 256 --seeds 0 1 \\
         --strength 0 0.5 1 1.5 --out runs/eval/shapes32
 
 For each setting (modality subset x strength) the MCM pipeline samples one image per held-out
@@ -8,8 +8,8 @@ condition and seed (image ``i`` of seed ``s`` starts from noise seed ``s * 10000
 results do not depend on ``--batch-size``); judges read the samples back and the metrics of
 ``mcm.evaluation.metrics`` compare them with the input maps.  Written to ``--out``: ``metrics.json``
 (stable keys, ``null`` where a metric does not apply), ``metrics.md``, sample grids and
-plots (see ``mcm.evaluation.eval_report``).  ``--mcm`` omitted = the base alone (alignment at chance
-level: the reference every MCM is compared with); several ``--mcm`` compose (MCDM).
+plots (see ``mcm.evaluation.eval_report``).  ``--modules`` omitted = the base alone (alignment at chance
+level: the reference every MCM is compared with); several ``--modules`` compose (MCDM).
 """
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def build_pipeline(mcm: Sequence[str], base: str | None, weights: Sequence[float
         if mcm and mcm[0] not in BUILTIN_MODULES:
             info = Path(mcm[0]) / BASE_INFO_FILE
             if not info.is_file():
-                raise FileNotFoundError(f"--mcm {mcm[0]}: {info} is missing; "
+                raise FileNotFoundError(f"--modules {mcm[0]}: {info} is missing; "
                                         f"pass --base to say which base it modulates")
             base = json.loads(info.read_text())["source"]
     if weights and len(weights) != len(mcm):
-        raise ValueError(f"--weights: got {len(weights)} weights for {len(mcm)} modules (--mcm)")
+        raise ValueError(f"--weights: got {len(weights)} weights for {len(mcm)} modules (--modules)")
     return MCMPipeline.from_pretrained(base, modules=list(mcm), weights=weights or None, device=device)
 
 
@@ -171,7 +171,7 @@ def make_settings(pipe, a: argparse.Namespace, available: Sequence[str]) -> list
         if pipe.modules:
             missing = sorted(set(mods) - set(trained))
             if missing:
-                raise ValueError(f"--modalities {missing}: no --mcm module was trained on them (they know {trained})")
+                raise ValueError(f"--modalities {missing}: no --modules module was trained on them (they know {trained})")
     else:
         mods = trained if pipe.modules else [m for m in BUILTIN_MODALITIES if m in available]
     lacking = sorted(set(mods) - set(available))
@@ -183,7 +183,7 @@ def make_settings(pipe, a: argparse.Namespace, available: Sequence[str]) -> list
     if strengths is None:  # each module's recorded default_strength: one number, to label the setting
         defaults = sorted({m.default_strength for m in pipe.modules})
         if len(defaults) > 1:
-            raise ValueError(f"--strength: the --mcm modules record different default strengths {defaults}; "
+            raise ValueError(f"--strength: the --modules modules record different default strengths {defaults}; "
                              f"give --strength explicitly")
         strengths = defaults
     return [{"modalities": list(s), "strength": float(st)} for s in subsets for st in strengths]
@@ -380,14 +380,16 @@ def _run(a: argparse.Namespace) -> int:
 def add_command(sub) -> None:
     p = sub.add_parser("evaluate", help="sample on held-out maps and score alignment, quality, diversity",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--mcm", nargs="*", default=[], help="exported MCM dirs or 'shapes32' (none: the base alone; "
-                   "several: composed)")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="composition weight per --mcm (default 1)")
+    p.add_argument("--modules", "--mcm", dest="mcm", nargs="*", default=[],
+                   help="exported MCM dirs or 'shapes32' (none: the base alone; several: composed); --modules is the "
+                   "earlier name")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="composition weight per --modules (default 1)")
     p.add_argument("--base", default=None, help="base model (default: the one the first --mcm names, else shapes32)")
     p.add_argument("--data", default=None, help="held-out shards: path, glob or brace pattern")
     p.add_argument("--n", type=int, default=64, help="held-out conditions (default 64)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds per condition (default 0 1)")
-    p.add_argument("--strength", nargs="+", type=float, default=None,
+    p.add_argument("--conditioning-scale", "--strength", dest="strength", nargs="+", type=float, default=None,
                    help="modulation strengths to sweep (default: the modules' recorded default_strength)")
     from mcm.evaluation.strength_args import add_strength_args
 

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mcm.evaluation import evaluate as E
 
     p = argparse.ArgumentParser(prog="python -m mcm.evaluation.sketch_by_hint", description=__doc__.split("\n\n")[0])
-    p.add_argument("--mcm", required=True, help="exported module trained on segmentation and sketch")
+    p.add_argument("--modules", "--mcm", dest="mcm", required=True, help="exported module trained on segmentation and sketch")
     p.add_argument("--base", default=None, help="base (default: the one the module names)")
     p.add_argument("--data", required=True, help="held-out shards with segmentation")
     p.add_argument("--n", type=int, default=64)
