@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from datamodules.prediction_cache import prediction_batch, prediction_members  # noqa: E402
+from mcm.training.prediction_cache import prediction_batch, prediction_members  # noqa: E402
 
 
 def measure_steps(args) -> dict:

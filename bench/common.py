@@ -222,7 +222,7 @@ def base_forward(m: BenchModel, batch: dict) -> torch.Tensor:
 def cached_prediction_batch(m: BenchModel, batch: dict, k: int) -> dict:
     """``batch`` plus its cached base predictions for ``k`` draws per sample, as a ``mcm data encode
     --predictions k`` shard gives them (float16 on disk, read back as float32)."""
-    from datamodules.prediction_cache import prediction_batch, prediction_members
+    from mcm.training.prediction_cache import prediction_batch, prediction_members
 
     keys = [f"bench{i:05d}" for i in range(batch["latent"].shape[0])]
     members = prediction_members(m.base, batch["latent"], batch["text_emb"], keys, k)

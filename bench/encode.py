@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from datamodules.encode import encode_shards
+    from mcm.training.encode import encode_shards
 
     size = args.image_size or (64 if args.arch == "tiny" else 256)
     res: dict = {"arch": args.arch, "image_size": size, "samples": args.samples, "threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ Member names (design.md §6), each one ``np.save``'d array per sample (never pic
 
 - ``base_hash.txt``: the base's ``content_hash()``, so that shards read from a URL or ``pipe:`` (where no
   ``base.json`` can be found next to them) are checked against the training base too, batch by batch.
-- with ``--predictions K`` (``datamodules.prediction_cache``): ``pred_t.npy`` and ``noise_seed.npy``
+- with ``--predictions K`` (``mcm.training.prediction_cache``): ``pred_t.npy`` and ``noise_seed.npy``
   (int64), ``xt.npy``, ``target.npy``, ``pred.npy``, ``pred_uncond.npy``, each ``(K, ...)``.
 
 Stored fp16 where the round trip is negligible (latents and embeddings: relative error <= 2^-11,

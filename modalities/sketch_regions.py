@@ -17,7 +17,7 @@ of the strokes, so the same hint is computed at training and at sampling:
   gap or a border cut (only the rays through it vote wrong), noisy along strokes parallel to a ray.
 
 On the 200 held-out shapes32 maps the foreground IoU of ``enclosed`` is 0.47, of ``crossing_parity >= 0.5``
-0.64 and of ``enclosed_open_border >= 0.5`` 0.68 (``python -m modalities.sketch_regions``; what is left is
+0.64 and of ``enclosed_open_border >= 0.5`` 0.68 (``python -m mcm.evaluation.hint_accuracy``; what is left is
 mostly background edges of the photo-like backdrop that close loops): evidence, not an answer; the encoder
 learns how much to trust each next to the strokes themselves.
 
@@ -31,11 +31,9 @@ sparse), so SD-sized sketches want a GPU (not measured there). ``enclosed_open_b
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .masks import mask_iou
 
 
 def _dilate4(x: torch.Tensor) -> torch.Tensor:
@@ -127,22 +125,3 @@ DEFAULT_HINTS = ("enclosed", "crossing_parity")
 def region_hints(strokes: torch.Tensor, names: tuple[str, ...] = DEFAULT_HINTS) -> torch.Tensor:
     """``(B, 1, H, W)`` -> ``(B, len(names), H, W)``: the named hints of :data:`HINTS`, in that order."""
     return torch.cat([HINTS[n](strokes) for n in names], dim=1)
-
-
-def _foreground_iou(n: int = 200) -> None:  # pragma: no cover - the figures in the module docstring
-    from datamodules.shapes import make_sample
-    from modalities.sketch import detect_edges
-
-    samples = [make_sample(0, i, 32, "val") for i in range(n)]
-    images = torch.from_numpy(np.stack([s.image for s in samples])).float().permute(0, 3, 1, 2) / 255
-    edges = detect_edges(images)
-    fg = torch.from_numpy(np.stack([s.seg != 0 for s in samples]))
-    tests = {"enclosed": enclosed(edges) > 0.5, "crossing_parity >= 0.5": crossing_parity(edges) >= 0.5,
-             "enclosed_open_border >= 0.5": enclosed_open_border(edges) >= 0.5}
-    for name, hint in tests.items():
-        iou = mask_iou(hint[:, 0], fg).mean().item()
-        print(f"{name}: mean foreground IoU {iou:.3f} over {n} held-out shapes32 maps")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _foreground_iou()

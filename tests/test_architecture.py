@@ -45,6 +45,34 @@ def test_imports_run_one_way():
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
+#: the whole tree, lowest first: a package imports only from itself and the ones before it
+TREE = ("modalities", "datamodules", "mcm")
+
+
+def top_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in ``path``, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module.split(".")[0]))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+    return out
+
+
+def test_the_whole_tree_imports_one_way():
+    """``modalities`` <- ``datamodules`` <- ``mcm``: the data never imports the model code (the encoding job and
+    the prediction cache, which run the base, live in ``mcm.training``), hidden function-level imports included."""
+    repo = ROOT.parent
+    bad = []
+    for i, package in enumerate(TREE):
+        above = set(TREE[i + 1:])
+        for path in sorted((repo / package).rglob("*.py")):
+            bad += [f"{path.relative_to(repo)}:{line} imports {mod}" for line, mod in top_level_imports(path)
+                    if mod in above]
+    assert not bad, "imports against the package order modalities <- datamodules <- mcm:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("statement", ["import mcm.pipelines", "from mcm import MCMPipeline",
                                        "import mcm.diffusion.control, mcm.models.t2i_adapter"])
 def test_inference_does_not_import_lightning(statement):

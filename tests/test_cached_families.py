@@ -17,8 +17,8 @@ from torch.utils.data import default_collate
 
 import modalities
 from datamodules.cached_fields import decode_cached
-from datamodules.encode import EncodeSettings, base_record, encode_batch
-from datamodules.prediction_cache import draw_noise
+from mcm.training.encode import EncodeSettings, base_record, encode_batch
+from mcm.training.prediction_cache import draw_noise
 from mcm.models.frozen_base import FrozenBase
 from mcm.training.mcm_module import MCMModule
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules.encode import encode_shards
+from mcm.training.encode import encode_shards
 from datamodules.shard_datamodule import ShardDataModule
 from shard_fixtures import png, sample_members, truncate, write_tar
 
@@ -239,7 +239,7 @@ def test_resume_skips_complete_shards_and_redoes_partial_ones(tiny_sd_dir, tmp_p
     (out / "train-01.tar").rename(out / "train-01.tar.tmp")  # interrupted while writing shard 1 ...
     truncate(out / "train-01.tar.tmp", 3000)
     (out / "train-02.tar").unlink()  # ... and shard 2 never started
-    with caplog.at_level(logging.INFO, logger="datamodules.encode"):
+    with caplog.at_level(logging.INFO, logger="mcm.training.encode"):
         report = encode_shards(str(tiny_sd_dir), [str(p) for p in raw], out, batch_size=2)
     assert report.shards_skipped == [str(out / "train-00.tar")]
     assert sorted(report.shards_done) == [str(raw[1]), str(raw[2])] and report.samples == 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import modalities
-from datamodules.prediction_cache import (decode_npy, draw_noise, prediction_batch, prediction_draws,
+from mcm.training.prediction_cache import (decode_npy, draw_noise, prediction_batch, prediction_draws,
                                           prediction_members)
 from mcm.diffusion.forward_process import forward_process_for
 from mcm.models.frozen_base import FrozenBase

@@ -2,9 +2,17 @@
 
 Imports from ``models``, ``diffusion`` and ``pipelines``; never from ``evaluation`` or ``cli``.
 """
-from mcm.training.adapter_module import AdapterModule
-from mcm.training.controlnet_module import ControlNetModule
-from mcm.training.mcm_module import MCMModule
-from mcm.training.t2i_adapter_module import T2IAdapterModule
+_LAZY = {"AdapterModule": "mcm.training.adapter_module", "ControlNetModule": "mcm.training.controlnet_module",
+         "MCMModule": "mcm.training.mcm_module", "T2IAdapterModule": "mcm.training.t2i_adapter_module"}
+
+
+def __getattr__(name: str):
+    # lazy: the encoding job (`mcm data encode`, mcm.training.encode) does not import Lightning
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mcm.training' has no attribute {name!r}")
+
 
 __all__ = ["AdapterModule", "ControlNetModule", "MCMModule", "T2IAdapterModule"]

@@ -43,10 +43,11 @@ import torch
 from torchvision import tv_tensors
 from webdataset.tariterators import base_plus_ext
 
-from .cached_fields import BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
-from .sample_decoding import (IMAGE_EXPECTED, BadSampleError, ShardDecodeError, SkipCounter, decode_caption,
+from datamodules.cached_fields import BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
+from datamodules.sample_decoding import (IMAGE_EXPECTED, BadSampleError, ShardDecodeError, SkipCounter, decode_caption,
                               decode_class_label, decode_image, image_field, joint_transform)
-from .shard_stream import TAR_ERRORS
+from datamodules.shard_stream import TAR_ERRORS
+from mcm.diffusion.forward_process import forward_process_for
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ def base_record(base, settings: EncodeSettings) -> dict:
 
 def prediction_density(base) -> str:
     """The density cached prediction draws come from: the base's default training forward process's."""
-    from mcm.diffusion.forward_process import forward_process_for  # this job runs the base
 
     return forward_process_for(base.scheduler).timestep_density
 
@@ -198,7 +198,7 @@ def encode_batch(base, settings: EncodeSettings, images: list[torch.Tensor], cap
     out = [{member(k): array_bytes(k, v[i]) for k, v in arrays.items()} | {BASE_HASH_MEMBER: base_hash}
            for i in range(B)]
     if settings.predictions > 0:
-        from datamodules.prediction_cache import prediction_members  # written alongside; imported when asked
+        from mcm.training.prediction_cache import prediction_members  # written alongside; imported when asked
 
         # the predictions are drawn for x0 and context exactly as the DataModule will read them back
         stored = {k: torch.stack([_np_load(o[member(k)]) for o in out]).to(base.device) for k in arrays}
@@ -308,13 +308,13 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
         base: a diffusers-layout directory or a built-in name (``shapes32``).
         image_size: side of the presented image in pixels; default the base's native size.
         batch_size: images per VAE / text-encoder call.  workers: parallel shards (0 = in-process).
-        predictions: K noise draws of the base's predictions per sample (``datamodules.prediction_cache``).
+        predictions: K noise draws of the base's predictions per sample (``mcm.training.prediction_cache``).
         flip: also cache the mirrored image's latent (``latent_flip.npy``).
         device / dtype: where and in which dtype (``float32``, ``float16``, ``bfloat16``) the base runs.
     """
     from tqdm import tqdm
 
-    from .shard_datamodule import expand_shards
+    from datamodules.shard_datamodule import expand_shards
 
     if batch_size < 1 or workers < 0 or predictions < 0:
         raise ValueError(f"--batch-size must be >= 1, --workers and --predictions >= 0; got {batch_size}, "

@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .cached_fields import INT_KEYS, PREDICTION_KEYS, decode_cached
+from datamodules.cached_fields import INT_KEYS, PREDICTION_KEYS, decode_cached
+from mcm.diffusion.forward_process import forward_process_for
 
 #: members a sample gains with ``--predictions K`` (``pred_uncond`` only for bases with guidance)
 PREDICTION_FIELDS, INT_FIELDS = PREDICTION_KEYS, INT_KEYS  # the member names the DataModule reads
@@ -83,8 +84,6 @@ def prediction_members(base, x0: torch.Tensor, context: Any, keys: Sequence[str]
         forward_process: the training forward process; default ``forward_process_for(base.scheduler)``.
         dtype: ``"float16"`` or ``"float32"`` for ``xt`` / ``target`` / ``pred`` / ``pred_uncond``.
     """
-    from mcm.diffusion.forward_process import forward_process_for
-
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if not (isinstance(k, int) and k >= 1):
