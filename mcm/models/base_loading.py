@@ -48,20 +48,6 @@ def builtin_base_name(name_or_path: str | Path) -> str | None:
     return next((n for n, p in BUILTIN_BASES.items() if Path(p).resolve() == here), None)
 
 
-def detect_family(path: Path) -> str:
-    """``sd`` (SD 1.x/2.x, pixel UNets), ``sdxl``, ``dit`` or ``sd3``, from the denoiser's config class."""
-    if (path / "transformer" / "config.json").is_file():
-        name = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name", "")
-        if name == "DiTTransformer2DModel":
-            return "dit"
-        if name == "SD3Transformer2DModel":
-            return "sd3"
-        raise ValueError(f"base '{path}': transformer/ holds a {name!r}; supported transformers are "
-                         f"DiTTransformer2DModel (DiT) and SD3Transformer2DModel (SD3)")
-    cfg = json.loads((path / "unet" / "config.json").read_text())
-    return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
-
-
 def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | None):
     """Load ``path/sub`` with the class its config names (``_class_name``), from ``library``."""
     cfg_file = next((path / sub / f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")

@@ -14,12 +14,22 @@ from pathlib import Path
 import torch
 
 from mcm.models.base_loading import load_optional
+from mcm.models.families import denoiser_config
 from mcm.models.frozen_base import FrozenBase
 
 
 class SDXLBase(FrozenBase):
     family = "sdxl"
     extra_component_names = ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt")
+
+    @classmethod
+    def claims_directory(cls, path: Path) -> bool:
+        found = denoiser_config(path)
+        return found is not None and found[0] == "unet" and found[1].get("addition_embed_type") == "text_time"
+
+    @classmethod
+    def claims_denoiser(cls, denoiser) -> bool:
+        return getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time"
 
     @classmethod
     def load_components(cls, path: Path) -> dict:

@@ -18,8 +18,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component, detect_family,  # noqa: F401
+from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component,  # noqa: F401
                                      load_optional, resolve_base_path)
+from mcm.models.families import denoiser_config, detect_family, family_of_denoiser, get_family
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class FrozenBase(nn.Module):
         match the same base loaded in fp32 (and vice versa).
         """
         path = resolve_base_path(name_or_path)
-        klass = family_class(detect_family(path))
+        klass = get_family(detect_family(path))
         parts = klass.load_components(path)
         base = klass(**parts, source=str(name_or_path))
         log.info("loaded base %s (%s family, %s, %s, %.1fM params)", name_or_path, klass.family,
@@ -109,13 +110,21 @@ class FrozenBase(nn.Module):
     def from_components(cls, source: str | None = None, **components) -> "FrozenBase":
         """The family's base over already-loaded components (a pipeline's), picked from their types."""
         den = components.get("unet") if components.get("unet") is not None else components.get("transformer")
-        name = type(den).__name__
-        family = {"DiTTransformer2DModel": "dit", "SD3Transformer2DModel": "sd3"}.get(name)
-        if family is None:
-            family = "sdxl" if getattr(den.config, "addition_embed_type", None) == "text_time" else "sd"
-        klass = family_class(family)
+        klass = get_family(family_of_denoiser(den))
         keep = {"scheduler", "vae", "text_encoder", "tokenizer", *klass.extra_component_names}
         return klass(den, source=source, **{k: v for k, v in components.items() if k in keep})
+
+    # ---- which directories and denoisers are this family's (the registry asks, mcm.models.families) -----
+    @classmethod
+    def claims_directory(cls, path: Path) -> bool:
+        """SD 1.x / 2.x and pixel UNets: a ``unet/`` without SDXL's ``text_time`` embedding."""
+        found = denoiser_config(path)
+        return found is not None and found[0] == "unet" and found[1].get("addition_embed_type") != "text_time"
+
+    @classmethod
+    def claims_denoiser(cls, denoiser: nn.Module) -> bool:
+        return type(denoiser).__name__ in ("UNet2DConditionModel", "UNet2DModel") and \
+            getattr(denoiser.config, "addition_embed_type", None) != "text_time"
 
     # ---- refusing to train ------------------------------------------------------------------
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -340,22 +349,8 @@ class FrozenBase(nn.Module):
 
 
 def family_class(family: str) -> type[FrozenBase]:
-    """The ``FrozenBase`` subclass of a family name (``sd``, ``sdxl``, ``dit``, ``sd3``)."""
-    if family == "sd":
-        return FrozenBase
-    if family == "sdxl":
-        from mcm.models.base_sdxl import SDXLBase
-
-        return SDXLBase
-    if family == "dit":
-        from mcm.models.base_dit import DiTBase
-
-        return DiTBase
-    if family == "sd3":
-        from mcm.models.base_sd3 import SD3Base
-
-        return SD3Base
-    raise ValueError(f"family: expected one of sd, sdxl, dit, sd3, got {family!r}")
+    """The ``FrozenBase`` subclass of a registered family name (:func:`mcm.models.families.get_family`)."""
+    return get_family(family)
 
 
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
