@@ -74,3 +74,45 @@ def test_register_family_refuses_what_is_not_a_frozen_base():
     with mock.patch.object(families, "_entry_points", return_value={}):
         with pytest.raises(ValueError, match="registered: \\[\\]"):
             families.get_family("sd")
+
+
+def test_an_adapter_kind_registered_outside_mcm_samples_exports_and_reloads(tiny_pixel_base_dir, tmp_path):
+    """A toy adapter kind: sampled in a pipeline, exported from a checkpoint, reloaded by its export's marker and
+    labelled by its display name, with no change to ``mcm/`` (every adapter list there is a registry lookup)."""
+    from toy_adapter import TOY_KIND, ToyAdapter
+
+    from mcm.models import adapter_kinds
+    from mcm.pipelines.grids import adapter_display_name
+    from mcm.training.export import adapter_from_checkpoint
+
+    base = FrozenBase.from_pretrained(tiny_pixel_base_dir)
+    toy = ToyAdapter(default_strength=2.0).eval()
+    with torch.no_grad():
+        toy.w.fill_(0.25)
+    depth = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(conditions={"depth": depth}, num_inference_steps=2, seeds=[0], output_type="pt")
+    with pytest.raises(ValueError, match="adapter kind 'toy' is unknown"):
+        adapter_kinds.get_adapter_kind("toy")
+    adapter_kinds.register_adapter_kind(TOY_KIND)
+    try:
+        live = MCMPipeline.from_base(base, [toy])
+        live.set_progress_bar_config(disable=True)
+        want = live(**kw).images
+        assert adapter_display_name(toy) == "Toy" and adapter_kinds.kind_of(toy).name == "toy"
+        # a checkpoint as its LightningModule would write it -> the export, then reload by the marker
+        ckpt = {"toy_config": dict(toy.config), "state_dict": {f"toy.{k}": v for k, v in toy.state_dict().items()}}
+        rebuilt, kind = adapter_from_checkpoint(ckpt)
+        assert kind == "toy" and float(rebuilt.w) == 0.25
+        save_module(rebuilt, tmp_path / "toy_export", {"source": str(tiny_pixel_base_dir),
+                                                       "hash": base.content_hash()})
+        reloaded = MCMPipeline.from_pretrained(tmp_path / "toy_export")
+        reloaded.set_progress_bar_config(disable=True)
+        assert isinstance(reloaded.modules[0], ToyAdapter)
+        assert torch.equal(reloaded(**kw).images, want)
+        plain = MCMPipeline.from_base(base, [])
+        plain.set_progress_bar_config(disable=True)
+        assert not torch.equal(plain(num_images=1, num_inference_steps=2, seeds=[0], output_type="pt").images, want)
+    finally:
+        adapter_kinds.unregister_adapter_kind("toy")
+    with pytest.raises(ValueError, match="no adapter kinds claim this export"):
+        adapter_kinds.kind_of_export(tmp_path / "toy_export")

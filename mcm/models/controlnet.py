@@ -57,6 +57,7 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
     wrapped_class = ControlNetModel
     export_kind = "ControlNet adapter"
     adapter_key = "controlnet"
+    checkpoint_model_key = "controlnet"
     method_name = "ControlNet"
 
     def __init__(self, controlnet: ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 1,
@@ -143,10 +144,5 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
 
     # ---- export ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ControlNetAdapter":
-        controlnet, cfg = cls.read_export(path)
+    def from_parts(cls, controlnet, cfg: dict) -> "ControlNetAdapter":
         return cls(controlnet, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0))
-
-
-def is_controlnet_dir(path: str | Path) -> bool:
-    return ControlNetAdapter.is_export_dir(path)

@@ -8,6 +8,8 @@ Saved like any diffusers model: ``config.json`` + safetensors.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +22,7 @@ import modalities as modality_registry
 from modalities import ModalityError
 
 from mcm.models.adapter import Adapter, BasePrediction, repeat_batch
+from mcm.models.export_checks import WEIGHTS_FILE, check_tensors, tensor_names
 
 
 def modulate(p: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -125,6 +128,41 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         p = base_prediction()
         gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]))
         return modulate(p, gamma, beta, strength)
+
+    # ---- export and checkpoint (the adapter-kind registry, mcm.models.adapter_kinds, asks these) -----------
+    @classmethod
+    def is_export_dir(cls, path: Path) -> bool:
+        """A ``save_pretrained`` directory of this class (``config.json`` naming it, or naming no class)."""
+        cfg = Path(path) / "config.json"
+        if not cfg.is_file():
+            return False
+        try:
+            name = json.loads(cfg.read_text()).get("_class_name")
+        except (ValueError, AttributeError):
+            return False
+        return name in (None, cls.__name__)
+
+    @classmethod
+    def load_export(cls, path: Path) -> "MultimodalConditioningModule":
+        """The exported MCM, its safetensors checked to hold exactly its tensors (never pickle)."""
+        weights = Path(path) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"'{path}': expected the weights in {WEIGHTS_FILE} next to config.json, "
+                                    f"found {sorted(p.name for p in Path(path).iterdir())}")
+        on_disk = tensor_names(weights)
+        try:
+            module = cls.from_pretrained(path, use_safetensors=True)
+        except ModalityError:  # names the modality already
+            raise
+        except (OSError, ValueError) as e:  # e.g. a tensor of another shape
+            raise ValueError(f"'{path}': cannot load the exported MCM: {e}") from e
+        check_tensors(module, weights, on_disk)
+        return module
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict) -> "MultimodalConditioningModule":
+        """An untrained MCM of the config an ``MCMModule`` checkpoint records (its weights are loaded after)."""
+        return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
     def forward(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor],
                 present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

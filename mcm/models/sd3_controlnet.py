@@ -41,6 +41,7 @@ class SD3ControlNetAdapter(WrappedModelExport, Adapter):
     wrapped_class = SD3ControlNetModel
     export_kind = "SD3 ControlNet adapter"
     adapter_key = "sd3_controlnet"
+    checkpoint_model_key = "controlnet"
     method_name = "ControlNet"
 
     def __init__(self, controlnet: SD3ControlNetModel, modalities: dict[str, dict[str, Any]], downsample: int = 8,
@@ -102,10 +103,5 @@ class SD3ControlNetAdapter(WrappedModelExport, Adapter):
         return tokens * s.flatten(2).transpose(1, 2)  # (B, N, 1)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SD3ControlNetAdapter":
-        controlnet, cfg = cls.read_export(path)
+    def from_parts(cls, controlnet, cfg: dict) -> "SD3ControlNetAdapter":
         return cls(controlnet, cfg["modalities"], cfg.get("downsample", 8), cfg.get("default_strength", 1.0))
-
-
-def is_sd3_controlnet_dir(path: str | Path) -> bool:
-    return SD3ControlNetAdapter.is_export_dir(path)

@@ -55,6 +55,7 @@ class T2IAdapterControl(WrappedModelExport, Adapter):
     wrapped_class = T2IAdapter
     export_kind = "T2I-Adapter"
     adapter_key = "t2i_adapter"
+    checkpoint_model_key = "t2i_adapter"
     method_name = "T2I-Adapter"
 
     def __init__(self, adapter: T2IAdapter, modalities: dict[str, dict[str, Any]], downsample: int = 1,
@@ -109,11 +110,6 @@ class T2IAdapterControl(WrappedModelExport, Adapter):
 
     # ---- export ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "T2IAdapterControl":
-        adapter, cfg = cls.read_export(path)
+    def from_parts(cls, adapter, cfg: dict) -> "T2IAdapterControl":
         return cls(adapter, cfg["modalities"], cfg.get("downsample", 1), cfg.get("default_strength", 1.0),
                    cfg.get("level_factors"))
-
-
-def is_t2i_adapter_dir(path: str | Path) -> bool:
-    return T2IAdapterControl.is_export_dir(path)

@@ -54,6 +54,28 @@ class WrappedModelExport:
         (out / self.export_file).write_text(json.dumps(self.config, indent=2))
         return out
 
+    #: the key of the wrapped model's config in a checkpoint's adapter config (``ControlNetModule``: "controlnet")
+    checkpoint_model_key: ClassVar[str]
+
+    @classmethod
+    def from_parts(cls, model: Any, cfg: dict[str, Any]) -> Any:
+        """The adapter around a wrapped diffusers ``model`` and our config (the export's JSON file)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Any:
+        return cls.from_parts(*cls.read_export(path))
+
+    @classmethod
+    def load_export(cls, path: str | Path) -> Any:
+        return cls.from_pretrained(path)
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any]) -> Any:
+        """An untrained adapter of the config its LightningModule's checkpoint records (weights loaded after)."""
+        model_cfg = {k: v for k, v in cfg[cls.checkpoint_model_key].items() if not k.startswith("_")}
+        return cls.from_parts(cls.wrapped_class.from_config(model_cfg), cfg["adapter"])
+
     @classmethod
     def is_export_dir(cls, path: str | Path) -> bool:
         return (Path(path) / cls.export_file).is_file()

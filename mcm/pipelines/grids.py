@@ -7,11 +7,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
+from mcm.models.adapter_kinds import display_name
+
 #: the smallest side a tile of a labelled grid is shown at (a 32 px base is blown up x4, nearest)
 MIN_TILE = 128
-#: display names of the adapters in grid labels ("base + MCM, strength 1.5")
-ADAPTER_NAMES = {"MultimodalConditioningModule": "MCM", "ControlNetAdapter": "ControlNet",
-                 "T2IAdapterControl": "T2I-Adapter"}
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
@@ -25,7 +24,8 @@ def upscale_factor(size: int, min_tile: int = MIN_TILE) -> int:
 
 
 def adapter_display_name(adapter) -> str:
-    return ADAPTER_NAMES.get(type(adapter).__name__, type(adapter).__name__)
+    """How grid labels name an adapter ("base + MCM, strength 1.5"): its registered kind's display name."""
+    return display_name(adapter)
 
 
 def comparison_labels(adapter, modalities: list[str], strength) -> list[str]:

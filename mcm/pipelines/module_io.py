@@ -1,7 +1,7 @@
 """Exported adapters on disk: ``config.json`` + safetensors + ``mcm_base.json`` (base source and hash).
 
-``load_module`` reads an MCM or a ControlNet / T2I-Adapter export (safetensors only, never
-pickle) and refuses, clearly, to pair it with a base other than the one it was trained on.
+``load_module`` reads the export of any registered adapter kind (``mcm.models.adapter_kinds``: MCM,
+ControlNet, SD3 ControlNet, T2I-Adapter, or a package's own; safetensors only, never pickle) and refuses, clearly, to pair it with a base other than the one it was trained on.
 """
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import difflib
 import json
 from pathlib import Path
 
-from modalities import ModalityError
-
 from mcm.models.adapter import Adapter
-from mcm.models.controlnet import ControlNetAdapter, is_controlnet_dir
+from mcm.models.adapter_kinds import kind_of_export
+from mcm.models.export_checks import WEIGHTS_FILE  # noqa: F401 - the name exports' weights have
 from mcm.models.frozen_base import WEIGHTS_DIR, FrozenBase, check_base
-from mcm.models.modulator import MultimodalConditioningModule
 
 BUILTIN_MODULES = {
     "shapes32": WEIGHTS_DIR / "shapes32" / "mcm_multimodal",
@@ -36,9 +34,6 @@ def save_module(module: Adapter, out: str | Path, base: FrozenBase | dict) -> Pa
     return out
 
 
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
-
 def resolve_module_path(path: str | Path) -> Path:
     """A built-in module name or an export directory -> its directory; anything else is refused with the
     built-in names (and the closest one)."""
@@ -52,29 +47,6 @@ def resolve_module_path(path: str | Path) -> Path:
     return resolved
 
 
-def _tensor_names(file: Path) -> set[str]:
-    """The tensor names of a safetensors file (its header only); a truncated or corrupt file is refused."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return set(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"'{file}': not a complete safetensors file ({e}); the export may be truncated or "
-                         f"corrupt, export it again with `mcm export`") from e
-
-
-def _check_tensors(module: Adapter, file: Path, on_disk: set[str]) -> None:
-    """The export's safetensors hold exactly the module's tensors (diffusers fills missing ones with random
-    initial values and drops extra ones with a warning only)."""
-    expected = set(module.state_dict())
-    missing, extra = sorted(expected - on_disk), sorted(on_disk - expected)
-    if missing or extra:
-        raise ValueError(f"'{file}': expected the {len(expected)} tensors of the {type(module).__name__} its "
-                         f"config.json describes, got {len(missing)} missing {missing[:5]} and {len(extra)} "
-                         f"unexpected {extra[:5]}; the weights do not belong to this config")
-
-
 def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bool = False
                 ) -> tuple[Adapter, dict]:
     """Load an exported adapter (a built-in name or a directory) and check it matches ``base``."""
@@ -82,33 +54,12 @@ def load_module(path: str | Path, base: FrozenBase | None = None, force_base: bo
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' is not an exported MCM (expected config.json + safetensors; "
                                 f"make one with `mcm export CKPT OUT`)")
-    from mcm.models.t2i_adapter import T2IAdapterControl, is_t2i_adapter_dir
-
     try:
         json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"'{path / 'config.json'}': not valid JSON ({e}); expected the config `mcm export` "
                          f"writes") from e
-    from mcm.models.sd3_controlnet import SD3ControlNetAdapter, is_sd3_controlnet_dir
-
-    if is_controlnet_dir(path):
-        module = ControlNetAdapter.from_pretrained(path)
-    elif is_sd3_controlnet_dir(path):
-        module = SD3ControlNetAdapter.from_pretrained(path)
-    elif is_t2i_adapter_dir(path):
-        module = T2IAdapterControl.from_pretrained(path)
-    else:
-        if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"'{path}': expected the weights in {WEIGHTS_FILE} next to config.json, "
-                                    f"found {sorted(p.name for p in path.iterdir())}")
-        on_disk = _tensor_names(path / WEIGHTS_FILE)
-        try:
-            module = MultimodalConditioningModule.from_pretrained(path, use_safetensors=True)
-        except ModalityError:  # names the modality already
-            raise
-        except (OSError, ValueError) as e:  # e.g. a tensor of another shape
-            raise ValueError(f"'{path}': cannot load the exported MCM: {e}") from e
-        _check_tensors(module, path / WEIGHTS_FILE, on_disk)
+    module = kind_of_export(path).load_class().load_export(path)  # the registered kind whose export this is
     info = json.loads((path / BASE_INFO_FILE).read_text()) if (path / BASE_INFO_FILE).is_file() else {}
     if base is not None:
         check_base(info, base, force_base, f"the MCM at '{path}'")

@@ -12,15 +12,11 @@ import logging
 import math
 import pickle
 from pathlib import Path
-from typing import Callable
-
 import torch
-from diffusers import ControlNetModel, T2IAdapter
 
 from mcm.models.adapter import Adapter
-from mcm.models.controlnet import ControlNetAdapter
+from mcm.models.adapter_kinds import checkpoint_keys, kind_of_checkpoint
 from mcm.models.modulator import MultimodalConditioningModule
-from mcm.models.t2i_adapter import T2IAdapterControl
 from mcm.pipelines.module_io import save_module
 
 log = logging.getLogger(__name__)
@@ -46,41 +42,6 @@ def load_checkpoint(path: str | Path) -> dict:
                          f"(a checkpoint still being written, or copied incompletely)") from e
 
 
-def _no_private(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def _mcm(cfg: dict) -> MultimodalConditioningModule:
-    return MultimodalConditioningModule.from_config(_no_private(cfg))
-
-
-def _controlnet(cfg: dict) -> Adapter:
-    a = cfg["adapter"]
-    if a.get("adapter") == "sd3_controlnet":
-        from diffusers import SD3ControlNetModel
-
-        from mcm.models.sd3_controlnet import SD3ControlNetAdapter
-
-        return SD3ControlNetAdapter(SD3ControlNetModel.from_config(_no_private(cfg["controlnet"])), a["modalities"],
-                                    a.get("downsample", 8), a.get("default_strength", 1.0))
-    return ControlNetAdapter(ControlNetModel.from_config(_no_private(cfg["controlnet"])), a["modalities"],
-                             a.get("downsample", 1), a.get("default_strength", 1.0))
-
-
-def _t2i(cfg: dict) -> T2IAdapterControl:
-    a = cfg["adapter"]
-    return T2IAdapterControl(T2IAdapter.from_config(_no_private(cfg["t2i_adapter"])), a["modalities"],
-                             a.get("downsample", 1), a.get("default_strength", 1.0), a.get("level_factors"))
-
-
-#: checkpoint config key -> (state_dict prefix, builder, name)
-ADAPTER_KINDS: dict[str, tuple[str, Callable[[dict], Adapter], str]] = {
-    "mcm_config": ("mcm.", _mcm, "mcm"),
-    "controlnet_config": ("adapter.", _controlnet, "controlnet"),
-    "t2i_adapter_config": ("adapter.", _t2i, "t2i_adapter"),
-}
-
-
 def copy_ema(module: torch.nn.Module, ema_state: dict, what: str = "checkpoint") -> None:
     """Copy an ``EMAModel.state_dict()``'s shadow parameters into ``module``'s parameters (same order)."""
     shadow, params = ema_state["shadow_params"], list(module.parameters())
@@ -98,12 +59,12 @@ def copy_ema(module: torch.nn.Module, ema_state: dict, what: str = "checkpoint")
 def adapter_from_checkpoint(ckpt: dict, use_ema: bool = True, what: str = "checkpoint") -> tuple[Adapter, str]:
     """Rebuild the adapter of an adapter-module checkpoint (EMA weights if present and ``use_ema``);
     ``what`` names the checkpoint in errors."""
-    key = next((k for k in ADAPTER_KINDS if k in ckpt), None)
-    if key is None:
+    kind = kind_of_checkpoint(ckpt)
+    if kind is None:
         raise ValueError(f"{what}: not written by an adapter LightningModule (none of "
-                         f"{sorted(ADAPTER_KINDS)}); nothing to export")
-    prefix, build, kind = ADAPTER_KINDS[key]
-    module = build(ckpt[key])
+                         f"{checkpoint_keys()}); nothing to export")
+    key, prefix = kind.checkpoint_key, kind.state_prefix
+    module = kind.load_class().from_checkpoint_config(ckpt[key])
     state = {k.removeprefix(prefix): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     expected = module.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -116,7 +77,7 @@ def adapter_from_checkpoint(ckpt: dict, use_ema: bool = True, what: str = "check
     module.load_state_dict(state, strict=True)
     if use_ema and "ema" in ckpt:
         copy_ema(module, ckpt["ema"], what)
-    return module.eval(), kind
+    return module.eval(), kind.name
 
 
 def module_from_checkpoint(ckpt: dict, use_ema: bool = True) -> MultimodalConditioningModule:
