@@ -19,7 +19,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from mcm.diffusion.sampling import Generator, Predictor, guided, initial_noise, noise_fraction, sample
+from mcm.diffusion.sampling import (Generator, Predictor, generators_for, guided, initial_noise, noise_fraction,
+                                   sample)
 from mcm.diffusion.strength import Strength, strength_at
 from mcm.models.adapter import Adapter
 
@@ -129,3 +130,13 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, siz
     predict = controlled_predictor(base, controls, size, window, scheduler.config.num_train_timesteps)
     return sample(guided(predict, context, uncond, guidance_scale), latents, scheduler, num_inference_steps,
                   generator, eta, callback, progress)
+
+
+def sample_base(base, prompts: list[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
+                scheduler=None) -> torch.Tensor:
+    """Samples of a frozen base alone for ``prompts`` (DDIM by default), ``(B,3,H,W)`` in [0, 1]: the one loop
+    driver, ``controlled_sample``, with no controls; image ``i`` from its own seed ``seed * 100003 + i``."""
+    gens = generators_for([seed * 100003 + i for i in range(len(prompts))], None)
+    x0 = controlled_sample(base, [], len(prompts), prompts=list(prompts), num_inference_steps=steps,
+                           guidance_scale=guidance_scale, generator=gens, scheduler=scheduler)
+    return (base.decode(x0) + 1) / 2

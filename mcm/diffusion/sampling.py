@@ -92,12 +92,12 @@ def generators_for(seeds: list[int] | None, generator: Generator) -> Generator:
 @torch.no_grad()
 def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_steps: int = 50,
            generator: Generator = None, eta: float = 0.0,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+           callback: Callable[[dict], torch.Tensor | None] | None = None,
            progress: Callable | None = None) -> torch.Tensor:
     """Run the reverse process from ``latents`` ``(B, C, h, w)`` (unit Gaussian noise); returns ``x_0``.
 
-    ``callback(i, t, x)`` runs after each step and may return a replacement for ``x``
-    (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
+    ``callback({"i": i, "t": t, "x": x})`` runs after each step (a dict, as k-diffusion's samplers give it)
+    and may return a replacement for ``x`` (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
             or num_inference_steps < 1:
@@ -113,7 +113,7 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
         p = denoise(scale_input(x, t) if scale_input is not None else x, t, steps.next())
         x = scheduler.step(p, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
-            replaced = callback(i, t, x)
+            replaced = callback({"i": i, "t": t, "x": x})
             x = x if replaced is None else replaced
     return x
 
@@ -145,18 +145,3 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
         return p_u + guidance_scale * (p_c - p_u)
 
     return denoise
-
-
-def sample_base(base, prompts: list[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
-                scheduler=None) -> torch.Tensor:
-    """Samples of a frozen base alone for ``prompts`` (DDIM by default), ``(B,3,H,W)`` in [0, 1]."""
-    from diffusers import DDIMScheduler
-
-    scheduler = scheduler or DDIMScheduler.from_config(base.scheduler.config)
-    size = base.sample_size
-    gens = generators_for([seed * 100003 + i for i in range(len(prompts))], None)
-    noise = initial_noise((len(prompts), base.latent_channels, *size), gens, base.device)
-    cond, uncond = base.encode_context(prompts, batch_size=len(prompts)), base.uncond_context(len(prompts))
-    x0 = sample(guided(lambda x, t, ctx, step=None: base.predict(x, t, ctx), cond, uncond, guidance_scale), noise,
-                scheduler, steps, gens)
-    return (base.decode(x0) + 1) / 2

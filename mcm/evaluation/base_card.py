@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 from datamodules.shapes import CLASS_NAMES, COLOURS, make_sample
 
-from mcm.diffusion.sampling import sample_base
+from mcm.diffusion.control import sample_base
 from mcm.models.frozen_base import FrozenBase
 
 log = logging.getLogger(__name__)

@@ -375,8 +375,8 @@ class MCMPipeline(DiffusionPipeline):
         generator = generators_for(seeds, generator)
         callback = None
         if callback_on_step_end is not None:
-            def callback(i, t, x):
-                out = callback_on_step_end(self, i, t, {"latents": x})
+            def callback(step: dict):
+                out = callback_on_step_end(self, step["i"], step["t"], {"latents": step["x"]})
                 return (out or {}).get("latents")
         x0 = controlled_sample(self.base, controls, B, size=size, prompts=prompts, negative_prompt=negative_prompt,
                                class_labels=class_labels, num_inference_steps=num_inference_steps,

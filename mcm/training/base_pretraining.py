@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from mcm.models.frozen_base import FrozenBase, encode_prompts
 from mcm.training.image_logging import log_image_grid
 from mcm.diffusion.forward_process import diffusion_target, min_snr_weights
-from mcm.diffusion.sampling import sample_base
+from mcm.diffusion.control import sample_base
 from mcm.models.text_vocab import build_shapes_tokenizer
 
 log = logging.getLogger(__name__)
