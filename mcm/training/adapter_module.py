@@ -83,8 +83,10 @@ def evaluation_noise(forward_process, keys: list[str] | None, x0: torch.Tensor
 class AdapterModule(L.LightningModule):
     """Base LightningModule of an adapter trained against a frozen base.
 
-    Subclasses call ``super().__init__()``, ``self.save_hyperparameters()``, then
-    ``self.setup_adapter()`` and implement ``build_adapter``.  Shared arguments (all subclasses):
+    The arguments every adapter's module shares are declared here, once; a subclass lists only its own and
+    passes the rest on (``def __init__(self, own_arg=..., **kwargs): super().__init__(**kwargs)``: LightningCLI
+    follows ``**kwargs`` to this signature, and ``save_hyperparameters`` here records both frames' arguments),
+    then implements ``build_adapter``.  Shared arguments:
 
     Args:
         base: built-in base name (``shapes32``) or a diffusers-layout directory.
@@ -119,6 +121,18 @@ class AdapterModule(L.LightningModule):
     #: with no host synchronisation (the DataModule checks every sample's values where it decodes it).  A step
     #: called outside a Trainer (a hand-made batch) always checks the values.
     value_check_batches = 2
+
+    def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
+                 drop_all_prob: float = 0.1, single_modality_prob: float = 0.0, caption_dropout: float = 0.3,
+                 ema_decay: float | None = None, loss_weighting: str = "none", snr_gamma: float = 5.0,
+                 timestep_sampling: str = "uniform", map_loss_weight: float = 0.0, num_val_samples: int = 8,
+                 val_sample_steps: int = 25, val_guidance_scale: float = 1.0, val_strength: float | None = None,
+                 force_base: bool = False, base_dtype: str | None = None, channels_last: bool = False,
+                 compile: bool | str = False):
+        super().__init__()
+        self.save_hyperparameters()  # this signature's arguments and the subclass's own
+        self.setup_adapter()
 
     # ---- construction ------------------------------------------------------------------------------
     def setup_adapter(self) -> None:

@@ -24,20 +24,10 @@ class MCMModule(AdapterModule):
     config_key = "mcm_config"
     param_key = "mcm"
 
-    def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
-                 block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+    def __init__(self, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  attention_levels: tuple[int, ...] = (1,), norm_num_groups: int = 8, lr: float = 3e-4,
-                 weight_decay: float = 0.0, warmup_steps: int = 100, modality_dropout: float = 0.3,
-                 drop_all_prob: float = 0.1, single_modality_prob: float = 0.0, caption_dropout: float = 0.3,
-                 ema_decay: float | None = None,
-                 loss_weighting: str = "none", snr_gamma: float = 5.0, timestep_sampling: str = "uniform",
-                 map_loss_weight: float = 0.0,
-                 num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
-                 val_strength: float | None = None, force_base: bool = False, base_dtype: str | None = None,
-                 channels_last: bool = False, compile: bool | str = False):
-        super().__init__()
-        self.save_hyperparameters()
-        self.setup_adapter()
+                 **kwargs: Any):
+        super().__init__(lr=lr, **kwargs)
 
     def build_adapter(self) -> MultimodalConditioningModule:
         h = self.hparams

@@ -23,18 +23,8 @@ class T2IAdapterModule(AdapterModule):
     config_key = "t2i_adapter_config"
     param_key = "t2i_adapter"
 
-    def __init__(self, base: str = "shapes32", modalities: dict[str, dict[str, Any]] | None = None,
-                 num_res_blocks: int = 2, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 100,
-                 modality_dropout: float = 0.3, drop_all_prob: float = 0.1, single_modality_prob: float = 0.0,
-                 caption_dropout: float = 0.3, ema_decay: float | None = None, loss_weighting: str = "none",
-                 snr_gamma: float = 5.0, timestep_sampling: str = "uniform",
-                 map_loss_weight: float = 0.0,
-                 num_val_samples: int = 8, val_sample_steps: int = 25, val_guidance_scale: float = 1.0,
-                 val_strength: float | None = None, force_base: bool = False, base_dtype: str | None = None,
-                 channels_last: bool = False, compile: bool | str = False):
-        super().__init__()
-        self.save_hyperparameters()
-        self.setup_adapter()
+    def __init__(self, num_res_blocks: int = 2, **kwargs: Any):
+        super().__init__(**kwargs)
 
     def build_adapter(self) -> T2IAdapterControl:
         return T2IAdapterControl.from_base(self.base, self.hparams.modalities or {}, self.hparams.num_res_blocks)
