@@ -16,6 +16,8 @@ Formats used throughout (B = batch):
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 from typing import Any, ClassVar, Mapping
 
@@ -64,6 +66,31 @@ def one_hot_channels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return out.scatter_(-1, labels.long().unsqueeze(-1), 1.0).permute(0, 3, 1, 2)
 
 
+def _plain(x: Any) -> Any:
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _recording(init):
+    """``init`` that records its bound arguments (with defaults) as ``self._config``, once per object: the
+    outermost ``__init__`` of a subclass chain records, a ``super().__init__`` call inside it does not."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        outer = "_config" not in vars(self)
+        if outer:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._config = {}  # marks the outermost call while the chain runs
+        init(self, *args, **kwargs)
+        if outer:
+            self._config = {k: _plain(v) for k, v in list(bound.arguments.items())[1:]
+                            if signature.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                    inspect.Parameter.VAR_KEYWORD)}
+
+    return wrapper
+
+
 def png_bytes_to_array(data: bytes, what: str) -> np.ndarray:
     """Decode PNG/JPEG bytes to ``(H, W)`` or ``(H, W, C)`` (never pickle); 16-bit PNGs stay uint16.
 
@@ -104,6 +131,13 @@ class Modality:
         self.feature_channels = feature_channels
         self.encoder_hidden = encoder_hidden
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # record every plugin's constructor arguments (diffusers' register_to_config habit): config() returns
+        # them, so a plugin never copies its __init__ arguments into config() by hand
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _recording(cls.__init__)
+
     # ---- what the map is -------------------------------------------------------------
     @property
     def channels(self) -> int:
@@ -116,8 +150,10 @@ class Modality:
         return self.channels
 
     def config(self) -> dict[str, Any]:
-        """Options that rebuild this plugin: ``modalities.create(name, **config())``."""
-        return {"feature_channels": self.feature_channels, "encoder_hidden": self.encoder_hidden}
+        """Options that rebuild this plugin: ``modalities.create(name, **config())``: the arguments it was built
+        with, defaults filled in, tuples as lists (JSON)."""
+        return dict(getattr(self, "_config", None) or {"feature_channels": self.feature_channels,
+                                                       "encoder_hidden": self.encoder_hidden})
 
     # ---- data --------------------------------------------------------------------------
     def decode(self, sample: Mapping[str, Any]) -> torch.Tensor | None:

@@ -56,9 +56,6 @@ class Depth(Modality):
     def channels(self) -> int:
         return 1
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "noise_std": self.noise_std, "max_gamma": self.max_gamma}
-
     def shard_format(self) -> str:
         return "'depth.png': a greyscale 16-bit (or 8-bit) PNG, 0 = nearest, at the image's size"
 

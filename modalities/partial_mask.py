@@ -109,9 +109,6 @@ class PartialMask(Segmentation):
     def channels(self) -> int:
         return self.num_classes + 1
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "hide_object_prob": self.hide_object_prob, "hide_rect_prob": self.hide_rect_prob}
-
     # ---- data ---------------------------------------------------------------------------
     def shard_format(self) -> str:
         return (f"'partial.png' (class ids 0..{self.num_classes - 1}, 255 = unknown) or 'seg.png' (class ids "

@@ -120,10 +120,6 @@ class Segmentation(Modality):
     def channels(self) -> int:
         return self.num_classes
 
-    def config(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, **super().config(), "soft_prob": self.soft_prob,
-                "soft_sigma": list(self.soft_sigma)}
-
     # ---- data ---------------------------------------------------------------------------
     def _decode_key(self, sample: Mapping[str, Any], key: str) -> torch.Tensor | None:
         """PNG bytes of class ids under ``key`` -> ``(H, W)`` int64, validated; ``None`` if absent."""

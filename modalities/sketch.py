@@ -140,19 +140,6 @@ class Sketch(Modality):
     def raw_channels(self) -> int:
         return 1  # the strokes; region hints are computed from them
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "low_threshold": self.low_threshold,
-            "high_threshold": self.high_threshold,
-            "sigma": self.sigma,
-            "max_dropout": self.max_dropout,
-            "dilate_prob": self.dilate_prob,
-            "detail_levels": None if self.detail_levels is None else [list(p) for p in self.detail_levels],
-            "stroke_width_range": None if self.stroke_width_range is None else list(self.stroke_width_range),
-            "region_hints": self.region_hints if isinstance(self.region_hints, bool) else list(self.hint_names),
-        }
-
     # ---- data ---------------------------------------------------------------------------
     def shard_format(self) -> str:
         return "'sketch.png': a greyscale PNG of strokes at the image's size (or none: derived from the image)"

@@ -18,7 +18,6 @@ and ``mcm_base.json`` (base source and hash).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch

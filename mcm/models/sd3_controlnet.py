@@ -11,7 +11,6 @@ learns from is the maps themselves.  A strength map scales the residual tokens p
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch

@@ -16,7 +16,6 @@ Exported as a plain diffusers ``T2IAdapter`` directory plus ``mcm_t2i_adapter.js
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
