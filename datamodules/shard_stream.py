@@ -30,7 +30,7 @@ import logging
 import random
 import tarfile
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -214,33 +214,68 @@ class ShardStream(IterableDataset):
         return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The batches of this reader (rank, worker): a webdataset ``DataPipeline`` of stages, each a plain
+        generator function over the previous one's items (:func:`every_nth`, :func:`decoded`, :func:`batched`
+        are testable alone); one :class:`SkipCounter` counts the bad samples every stage drops."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shards, stride, offset = assign_shards(self.urls, self.rank, self.world_size, worker, workers)
         counter = SkipCounter()
-        samples: Iterator[dict] = group_by_keys(self._members(self._shard_urls(shards), counter), handler=counter)
-        if stride > 1:
-            samples = (s for i, s in enumerate(samples) if i % stride == offset)
+        stages: list[Any] = [
+            lambda: self._shard_urls(shards),  # shard URLs (train: endless, seeded order per epoch and pass)
+            lambda urls: self._members(urls, counter),  # their selected tar members, a marker per shard end
+            lambda members: group_by_keys(members, handler=counter),  # samples
+            every_nth(stride, offset),  # few shards for many readers: every n-th sample
+        ]
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "shuffle"))
-            samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
-        batch: list[dict[str, Any]] = []
-        pending: dict[str, Any] | None = None  # eval: the last full batch, held back to carry late skip counts
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+        stages += [decoded(self._decode, counter), batched(self.batch_size, counter, self.train, shards)]
+        yield from wds.DataPipeline(*stages)
+
+
+def every_nth(stride: int, offset: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Stage: every ``stride``-th sample from ``offset`` (the sample-level split of :func:`assign_shards`)."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        return samples if stride <= 1 else (s for i, s in enumerate(samples) if i % stride == offset)
+
+    return stage
+
+
+def decoded(decode: Callable[[dict], dict], counter: SkipCounter) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Stage: ``decode`` each sample; bad data (``BadSampleError``) is skipped and counted, anything else
+    (a bug) propagates."""
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
             try:
-                batch.append(self._decode(sample))
-            except BadSampleError as e:  # bad data only; anything else propagates
+                item = decode(sample)
+            except BadSampleError as e:
                 counter(e)
                 continue
-            if len(batch) == self.batch_size:
-                if self.train:
+            yield item
+
+    return stage
+
+
+def batched(batch_size: int, counter: SkipCounter, train: bool, shards: list[str]
+            ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Stage: items -> collated batches carrying the skip count since the previous batch.  Training yields full
+    batches of an endless stream; evaluation also yields the last partial one (no padding) and holds each full
+    batch back one step so that skips counted after it are carried by the last batch."""
+    def stage(items: Iterator[dict]) -> Iterator[dict]:
+        batch: list[dict[str, Any]] = []
+        pending: dict[str, Any] | None = None  # eval: the last full batch, held back to carry late skip counts
+        for item in items:
+            batch.append(item)
+            if len(batch) == batch_size:
+                if train:
                     yield collate(batch, counter.take())
                 else:
                     if pending is not None:
                         yield pending
                     pending = collate(batch, counter.take())
                 batch = []
-        if self.train:
+        if train:
             return
         if batch:  # eval: the last partial batch, no padding
             if pending is not None:
@@ -251,6 +286,8 @@ class ShardStream(IterableDataset):
             yield pending
         elif counter.count:
             log.warning("%d bad sample(s) and no good one in this reader's share of %s", counter.take(), shards)
+
+    return stage
 
 
 def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:

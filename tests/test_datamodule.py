@@ -364,3 +364,31 @@ def test_captions_only_does_not_need_seg(tmp_path):
                          batch_size=4, num_workers=0)
     batches = list(dm.val_dataloader())
     assert keys_of(batches) == ["w0", "w1", "w2"] and skipped_of(batches) == 1
+
+
+def test_the_stream_stages_work_alone():
+    """``ShardStream`` is a webdataset ``DataPipeline`` of stages, each testable alone: every n-th sample, decoding
+    that skips and counts bad data, batching that carries the skip counts (evaluation: the last batch too)."""
+    from datamodules.sample_decoding import BadSampleError, SkipCounter
+    from datamodules.shard_stream import batched, decoded, every_nth
+
+    assert list(every_nth(3, 1)(iter(range(10)))) == [1, 4, 7]
+    assert list(every_nth(1, 0)(iter(range(3)))) == [0, 1, 2]
+    counter = SkipCounter()
+
+    def decode(s):
+        if s["i"] % 4 == 3:
+            raise BadSampleError(f"sample {s['i']} is bad")
+        return {"key": str(s["i"]), "x": torch.tensor([float(s["i"])])}
+
+    items = list(decoded(decode, counter)(iter({"i": i} for i in range(10))))
+    assert [it["key"] for it in items] == ["0", "1", "2", "4", "5", "6", "8", "9"] and counter.count == 2
+    with pytest.raises(KeyError):  # a bug is never counted as bad data
+        list(decoded(lambda s: s["missing"], SkipCounter())(iter([{}])))
+    counter = SkipCounter()
+    counter(BadSampleError("one"))
+    evaluation = list(batched(3, counter, False, ["s.tar"])(iter(items)))
+    assert [len(b["key"]) for b in evaluation] == [3, 3, 2]  # the last partial batch, no padding
+    assert [int(b["skipped"]) for b in evaluation] == [1, 0, 0]
+    training = list(batched(3, SkipCounter(), True, ["s.tar"])(iter(items)))
+    assert [len(b["key"]) for b in training] == [3, 3]  # full batches only
