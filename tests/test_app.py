@@ -433,3 +433,15 @@ def test_held_out_examples_from_shards(specs, tmp_path):
     assert set(maps) == set(plugins) and maps["sketch"].shape == (1, 1, 32, 32)
     _, caption5, _ = held(5)  # past the end: wraps around
     assert caption5 == make_sample(0, 1, 32, split="val").caption
+
+
+def test_gather_maps_takes_a_file_then_a_canvas_then_the_example():
+    from mcm.cli.app import gather_maps
+
+    seg = _plugin("segmentation")
+    specs = {"segmentation": M.canvas_spec("segmentation", seg), "sketch": M.canvas_spec("sketch", _plugin("sketch"))}
+    example = {"segmentation": torch.zeros(32, 32, dtype=torch.long)}
+    maps, notes, empty = gather_maps(specs, (32, 32), ["segmentation", "sketch"], {}, {}, example)
+    assert list(maps) == ["segmentation"] and empty == ["sketch"] and notes == []
+    with pytest.raises(M.AppError, match="nothing to condition on"):
+        gather_maps(specs, (32, 32), ["sketch"], {}, {}, example)

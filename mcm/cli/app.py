@@ -48,7 +48,6 @@ def build_app(session, title: str = "MCM: control a frozen diffusion model"):
     """The Gradio page over a :class:`~mcm.cli.app_session.Session`."""
     import gradio as gr
     import numpy as np
-    import torch
 
     from mcm.cli import app_maps as M
     from mcm.cli import app_session as S
@@ -113,18 +112,19 @@ def build_app(session, title: str = "MCM: control a frozen diffusion model"):
                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=scale * 3),
                         eraser=gr.Eraser(scale * 3), canvas_size=(canvas_hw[1], canvas_hw[0]), fixed_canvas=True,
                         height=canvas_hw[0] + 110, elem_id="region")
-                    gr.Markdown("Painted pixels get the module's strength, the rest 0 (a strength map); "
-                                "leave it black for strength everywhere.")
+                    gr.Markdown("Painted pixels get the module's conditioning scale, the rest 0 (a scale map); "
+                                "leave it black for the scale everywhere.")
             with gr.Column():
                 module_box = gr.CheckboxGroup([(n, i) for i, n in enumerate(session.module_names)],
                                               value=list(range(len(session.modules))), label="modules to use",
                                               type="value")
                 strengths = [gr.Slider(0.0, 3.0, value=float(m.default_strength), step=0.05,
-                                       label=f"strength: {n} (module default {m.default_strength:g})")
+                                       label=f"conditioning scale: {n} (module default {m.default_strength:g})")
                              for n, m in zip(session.module_names, session.modules)]
                 with gr.Row():
-                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="modulation window: low (t/T)")
-                    hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="high (t/T, 1 = pure noise)")
+                    # the noise levels t/T where the modules act (control_guidance_start = 1 - high, end = 1 - low)
+                    lo = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="control acts from noise level t/T")
+                    hi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="up to t/T (1 = pure noise)")
             with gr.Column():
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=25, step=1, label="steps")
@@ -174,74 +174,29 @@ def build_app(session, title: str = "MCM: control a frozen diffusion model"):
 
         clear_btn.click(clear, None, [*editor_list, *upload_list, example_maps])
 
-        def run(*args):
-            it = iter(args)
-            canvases = {n: next(it) for n in editors}
-            files_in = {n: next(it) for n in names}
-            used_v, region_v, prompt_v, neg_v, cls_v, mods_v = (next(it) for _ in range(6))
-            strength_v = [next(it) for _ in strengths]
-            lo_v, hi_v, steps_v, guid_v, seed_v, num_v, sched_v, example_v = (next(it) for _ in range(8))
+        inputs = dict(canvases=editors, files=uploads, used=used, region=region, prompt=prompt, negative=negative,
+                      class_label=class_label, modules=module_box, strengths=strengths, lo=lo, hi=hi, steps=steps,
+                      guidance=guidance, seed=seed, num=num, scheduler=scheduler, example=example_maps)
+
+        def run(data: dict):
+            # gradio passes a set of inputs as one {component: value} dict: read it back by name, not by position
+            v = {k: ({n: data[c] for n, c in comp.items()} if isinstance(comp, dict) else
+                     [data[c] for c in comp] if isinstance(comp, list) else data[comp])
+                 for k, comp in inputs.items()}
             t0 = time.time()
             try:
-                notes, maps, empty = [], {}, []
-                for n in used_v or []:
-                    comp = canvases.get(n)
-                    comp = comp.get("composite") if isinstance(comp, dict) else comp
-                    if files_in.get(n):
-                        maps[n], note = M.read_map_file(specs[n], files_in[n], size)
-                        notes += [note] if note else []
-                    elif n in canvases and not M.is_blank(specs[n], comp):
-                        maps[n] = M.canvas_to_raw(specs[n], comp, size)
-                    elif n in (example_v or {}):
-                        maps[n] = example_v[n]
-                    else:
-                        empty.append(n)
-                if not maps:
-                    raise M.AppError("conditions: nothing to condition on; draw on a canvas, upload a map or load a "
-                                     "held-out example, and tick its condition")
-                comp = region_v.get("composite") if isinstance(region_v, dict) else region_v
-                req = S.Request(maps=maps, modules=sorted(int(i) for i in (mods_v or [])),
-                                strengths=[float(s) for s in strength_v], region=M.region_mask(comp, size),
-                                prompt=prompt_v or "", negative_prompt=neg_v or "", num_images=int(num_v),
-                                steps=int(steps_v), guidance_scale=float(guid_v), window=(float(lo_v), float(hi_v)),
-                                seed=int(seed_v or 0), scheduler=sched_v,
-                                class_label=int(cls_v) if session.is_class_conditional and cls_v is not None else None)
+                maps, notes, empty = gather_maps(specs, size, v["used"], v["canvases"], v["files"], v["example"])
+                req = make_request(session, maps, v, size)
                 result = session.generate(req)
                 paths = S.save_result(result, tempfile.mkdtemp(dir=workdir))
             except Exception as e:
                 log.warning("mcm app: generation failed: %s", e, exc_info=not isinstance(e, ValueError))
                 raise gr.Error(_message(e), duration=None) from None
-            cond_imgs = [(im, n) for im, n in zip(S.upscale(torch.cat(list(result.conditions.values()))),
-                                                  result.conditions)]
-            captions = {r["sample"]: r for r in result.scores}
+            return result_views(result, req, paths, notes, empty, time.time() - t0)
 
-            def caption(i, row):
-                r = captions.get(i, {})
-                key = next((k for k in r if k.endswith(f"({row})")), None)
-                if not key or r[key] is None:
-                    return f"seed {req.seeds[i]}"
-                return f"seed {req.seeds[i]} · {key.split(' (')[0].split()[-1]} {r[key]:.2f}"
-
-            base_imgs = [(im, caption(i, "base")) for i, im in enumerate(S.upscale(result.base))]
-            mcm_imgs = [(im, caption(i, "MCM")) for i, im in enumerate(S.upscale(result.mcm))]
-            table = _table(result.scores)
-            region_note = " · region brush on" if req.region is not None else ""
-            n_img = req.num_images
-            made = f"{n_img} controlled images (the base alone reused: same sampler settings)" \
-                if result.base_reused else f"{n_img} base + {n_img} controlled images"
-            msg = (f"{made} in {result.seconds:.2f} s ({req.steps} {req.scheduler} steps, conditions: "
-                   f"{', '.join(maps)}{region_note}; page round trip {time.time() - t0:.2f} s)")
-            if empty:
-                notes.append(f"not used (empty canvas): {', '.join(empty)}")
-            if notes:
-                msg += "\n\n" + "\n\n".join(f"⚠ {x}" for x in notes)
-            downloads = [str(paths[k]) for k in ("mcm_app_run.zip", "mcm_images.png", "base_images.png",
-                                                   "reproduce.py", "conditions.npz")]
-            return cond_imgs, base_imgs, mcm_imgs, table, msg, downloads, result.code
-
-        generate_btn.click(run, [*editor_list, *upload_list, used, region, prompt, negative, class_label, module_box,
-                                 *strengths, lo, hi, steps, guidance, seed, num, scheduler, example_maps],
-                           [cond_gallery, base_gallery, mcm_gallery, scores, status, files, code],
+        all_inputs = {c for comp in inputs.values()
+                      for c in (comp.values() if isinstance(comp, dict) else comp if isinstance(comp, list) else [comp])}
+        generate_btn.click(run, all_inputs, [cond_gallery, base_gallery, mcm_gallery, scores, status, files, code],
                            concurrency_limit=1, show_progress="minimal")
 
         def switch(base):
@@ -254,6 +209,80 @@ def build_app(session, title: str = "MCM: control a frozen diffusion model"):
 
         base_btn.click(switch, base_box, base_box, concurrency_limit=1)
     return demo
+
+
+def gather_maps(specs: dict, size: tuple[int, int], used: list[str] | None, canvases: dict, files: dict,
+                example: dict | None) -> tuple[dict, list[str], list[str]]:
+    """The raw map of every ticked condition: an uploaded file first, else a drawn canvas, else a loaded held-out
+    example's map; returns ``(maps, notes, empty)`` (``empty``: ticked but nothing there)."""
+    from mcm.cli import app_maps as M
+
+    notes, maps, empty = [], {}, []
+    for n in used or []:
+        comp = canvases.get(n)
+        comp = comp.get("composite") if isinstance(comp, dict) else comp
+        if files.get(n):
+            maps[n], note = M.read_map_file(specs[n], files[n], size)
+            notes += [note] if note else []
+        elif n in canvases and not M.is_blank(specs[n], comp):
+            maps[n] = M.canvas_to_raw(specs[n], comp, size)
+        elif n in (example or {}):
+            maps[n] = example[n]
+        else:
+            empty.append(n)
+    if not maps:
+        raise M.AppError("conditions: nothing to condition on; draw on a canvas, upload a map or load a "
+                         "held-out example, and tick its condition")
+    return maps, notes, empty
+
+
+def make_request(session, maps: dict, v: dict, size: tuple[int, int]):
+    """The page's values (by name) -> the session's :class:`~mcm.cli.app_session.Request`."""
+    from mcm.cli import app_maps as M
+    from mcm.cli import app_session as S
+
+    comp = v["region"].get("composite") if isinstance(v["region"], dict) else v["region"]
+    cls = v["class_label"]
+    return S.Request(maps=maps, modules=sorted(int(i) for i in (v["modules"] or [])),
+                     strengths=[float(s) for s in v["strengths"]], region=M.region_mask(comp, size),
+                     prompt=v["prompt"] or "", negative_prompt=v["negative"] or "", num_images=int(v["num"]),
+                     steps=int(v["steps"]), guidance_scale=float(v["guidance"]),
+                     window=(float(v["lo"]), float(v["hi"])), seed=int(v["seed"] or 0), scheduler=v["scheduler"],
+                     class_label=int(cls) if session.is_class_conditional and cls is not None else None)
+
+
+def result_views(result, req, paths: dict, notes: list[str], empty: list[str], seconds: float) -> tuple:
+    """What the page shows of a run: the three galleries (captions with the judges' scores), the table, the
+    status line, the downloads and the reproducing code."""
+    import torch
+
+    from mcm.cli import app_session as S
+
+    cond_imgs = [(im, n) for im, n in zip(S.upscale(torch.cat(list(result.conditions.values()))), result.conditions)]
+    captions = {r["sample"]: r for r in result.scores}
+
+    def caption(i, row):
+        r = captions.get(i, {})
+        key = next((k for k in r if k.endswith(f"({row})")), None)
+        if not key or r[key] is None:
+            return f"seed {req.seeds[i]}"
+        return f"seed {req.seeds[i]} · {key.split(' (')[0].split()[-1]} {r[key]:.2f}"
+
+    base_imgs = [(im, caption(i, "base")) for i, im in enumerate(S.upscale(result.base))]
+    mcm_imgs = [(im, caption(i, "MCM")) for i, im in enumerate(S.upscale(result.mcm))]
+    region_note = " · region brush on" if req.region is not None else ""
+    n_img = req.num_images
+    made = f"{n_img} controlled images (the base alone reused: same sampler settings)" \
+        if result.base_reused else f"{n_img} base + {n_img} controlled images"
+    msg = (f"{made} in {result.seconds:.2f} s ({req.steps} {req.scheduler} steps, conditions: "
+           f"{', '.join(req.maps)}{region_note}; page round trip {seconds:.2f} s)")
+    if empty:
+        notes = notes + [f"not used (empty canvas): {', '.join(empty)}"]
+    if notes:
+        msg += "\n\n" + "\n\n".join(f"⚠ {x}" for x in notes)
+    downloads = [str(paths[k]) for k in ("mcm_app_run.zip", "mcm_images.png", "base_images.png", "reproduce.py",
+                                          "conditions.npz")]
+    return cond_imgs, base_imgs, mcm_imgs, _table(result.scores), msg, downloads, result.code
 
 
 def _message(e: BaseException) -> str:
