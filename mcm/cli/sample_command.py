@@ -211,12 +211,9 @@ def _run(a: argparse.Namespace) -> int:
 def add_command(sub) -> None:
     p = sub.add_parser("sample", help="sample the base with one or several (composed) modules into a grid",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--modules", "--mcm", dest="mcm", nargs="*", default=[],
-                   help="exported MCM/ControlNet dirs or 'shapes32' (none: the base alone; several: composed); "
-                   "--mcm is the earlier name")
-    p.add_argument("--weights", nargs="+", type=float, default=None,
-                   help="composition weight per --modules (default 1)")
-    p.add_argument("--base", default=None, help="base model (default: the one the first --modules names, else shapes32)")
+    from mcm.evaluation.evaluate import add_module_args
+
+    add_module_args(p)
     p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the maps', else the "
                    "base's)")
     p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the maps', else the base's)")

@@ -377,15 +377,21 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_module_args(p) -> None:
+    """``--modules`` (``--mcm`` the earlier name), ``--weights`` and ``--base``: the modules a command samples."""
+    p.add_argument("--modules", "--mcm", dest="mcm", nargs="*", default=[],
+                   help="exported MCM/ControlNet dirs or built-in names such as 'shapes32' (none: the base alone; "
+                   "several: composed); --mcm is the earlier name")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="composition weight per --modules (default 1)")
+    p.add_argument("--base", default=None,
+                   help="base model (default: the one the first --modules names, else shapes32)")
+
+
 def add_command(sub) -> None:
     p = sub.add_parser("evaluate", help="sample on held-out maps and score alignment, quality, diversity",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--modules", "--mcm", dest="mcm", nargs="*", default=[],
-                   help="exported MCM dirs or 'shapes32' (none: the base alone; several: composed); --modules is the "
-                   "earlier name")
-    p.add_argument("--weights", nargs="+", type=float, default=None,
-                   help="composition weight per --modules (default 1)")
-    p.add_argument("--base", default=None, help="base model (default: the one the first --mcm names, else shapes32)")
+    add_module_args(p)
     p.add_argument("--data", default=None, help="held-out shards: path, glob or brace pattern")
     p.add_argument("--n", type=int, default=64, help="held-out conditions (default 64)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds per condition (default 0 1)")

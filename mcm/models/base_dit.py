@@ -12,21 +12,12 @@ from pathlib import Path
 import torch
 
 from mcm.models.base_loading import _load_component, load_optional
-from mcm.models.families import denoiser_config
 from mcm.models.frozen_base import FrozenBase
 
 
 class DiTBase(FrozenBase):
     family = "dit"
-
-    @classmethod
-    def claims_directory(cls, path: Path) -> bool:
-        found = denoiser_config(path)
-        return found is not None and found[1].get("_class_name") == "DiTTransformer2DModel"
-
-    @classmethod
-    def claims_denoiser(cls, denoiser) -> bool:
-        return type(denoiser).__name__ == "DiTTransformer2DModel"
+    denoiser_class = "DiTTransformer2DModel"
 
     @classmethod
     def load_components(cls, path: Path) -> dict:

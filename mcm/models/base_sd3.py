@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from mcm.models.base_loading import _load_component, load_optional
-from mcm.models.families import denoiser_config
 from mcm.models.frozen_base import FrozenBase
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -23,16 +22,8 @@ T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 class SD3Base(FrozenBase):
     family = "sd3"
+    denoiser_class = "SD3Transformer2DModel"
     extra_component_names = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-
-    @classmethod
-    def claims_directory(cls, path: Path) -> bool:
-        found = denoiser_config(path)
-        return found is not None and found[1].get("_class_name") == "SD3Transformer2DModel"
-
-    @classmethod
-    def claims_denoiser(cls, denoiser) -> bool:
-        return type(denoiser).__name__ == "SD3Transformer2DModel"
 
     @classmethod
     def load_components(cls, path: Path) -> dict:

@@ -115,14 +115,23 @@ class FrozenBase(nn.Module):
         return klass(den, source=source, **{k: v for k, v in components.items() if k in keep})
 
     # ---- which directories and denoisers are this family's (the registry asks, mcm.models.families) -----
+    #: a family whose denoiser is one diffusers class names it here, and claims what holds that class
+    denoiser_class: str | None = None
+
     @classmethod
     def claims_directory(cls, path: Path) -> bool:
-        """SD 1.x / 2.x and pixel UNets: a ``unet/`` without SDXL's ``text_time`` embedding."""
+        """``denoiser_class`` if set; else (SD 1.x / 2.x, pixel UNets) a ``unet/`` without SDXL's ``text_time``."""
         found = denoiser_config(path)
-        return found is not None and found[0] == "unet" and found[1].get("addition_embed_type") != "text_time"
+        if found is None:
+            return False
+        if cls.denoiser_class is not None:
+            return found[1].get("_class_name") == cls.denoiser_class
+        return found[0] == "unet" and found[1].get("addition_embed_type") != "text_time"
 
     @classmethod
     def claims_denoiser(cls, denoiser: nn.Module) -> bool:
+        if cls.denoiser_class is not None:
+            return type(denoiser).__name__ == cls.denoiser_class
         return type(denoiser).__name__ in ("UNet2DConditionModel", "UNet2DModel") and \
             getattr(denoiser.config, "addition_embed_type", None) != "text_time"
 
