@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .devices import resolve_device
 from .captions import IMAGE_EXTS, load_captions
 
 if TYPE_CHECKING:
@@ -500,7 +501,8 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-model", metavar="DIR", help="--derive depth: local transformers depth model dir")
     p.add_argument("--depth-kind", choices=("auto", "inverse", "metric"), default="auto",
                    help="--depth-model output: inverse depth (DPT, Depth Anything) or metric (default auto: by type)")
-    p.add_argument("--device", default="cpu", help="device of the --derive models (default cpu)")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=_cmd_pack)
 
     from .inspect_shards import add_inspect_command

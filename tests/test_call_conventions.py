@@ -169,3 +169,17 @@ def test_cli_flags_have_one_name_for_modules_and_keep_the_old_ones(tmp_path):
                              "--out", str(new)]) == 0
     assert run_tool_command(["sample", "--mcm", "shapes32", "--strength", "1.5", *common, "--out", str(old)]) == 0
     assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old)))
+
+
+def test_device_auto_is_the_gpu_when_there_is_one():
+    from unittest import mock
+
+    from datamodules.devices import resolve_device
+
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        assert resolve_device("auto") == "cpu" and resolve_device(None) == "cpu"
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"):
+        resolve_device("gpu0")

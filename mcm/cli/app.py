@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from datamodules.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 #: environment that keeps Gradio and the Hugging Face libraries offline (set before they are imported)
@@ -348,6 +350,7 @@ def add_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (contacts gradio.app)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run)

@@ -33,7 +33,7 @@ def shapes_conditions(n: int, seed: int = 1234, size: int = 32) -> tuple[dict[st
 
 
 def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, seed: int = 0,
-             model: str = "shapes32", guidance_scale: float = 1.0, only: list[str] | None = None,
+             model: str = "shapes32", guidance_scale: float | None = None, only: list[str] | None = None,
              strength=None, window: tuple[float, float] = (0.0, 1.0)) -> Path:
     """Grid of held-out conditions | base | base + MCM; ``only`` restricts the conditions to a subset.
 
@@ -79,7 +79,8 @@ def add_command(sub) -> None:
     p.add_argument("--n", type=int, default=8, help="number of held-out layouts (columns)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the base family pipeline's own)")
     p.add_argument("--modules", "--model", dest="model", default="shapes32",
                    help="'shapes32' or an exported MCM directory (--model is the earlier name)")
     p.add_argument("--modalities", nargs="*", default=None, help="condition on this subset only (default: all)")

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -226,7 +228,8 @@ def add_command(sub) -> None:
     p.add_argument("--prompt", default=None, help="text for text-conditional bases (default: --data captions, else '')")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds, one row each (default 0)")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the base family pipeline's own)")
     p.add_argument("--conditioning-scale", "--strength", dest="strength", type=float, default=None,
                    help="the modules' scale s in p + s (p gamma + beta) (ControlNet: its conditioning scale); default: "
                    "each module's recorded default_strength; --strength is the earlier name")
@@ -236,7 +239,8 @@ def add_command(sub) -> None:
     p.add_argument("--regions", nargs="+", default=None, metavar="PNG",
                    help="one greyscale mask per --modules (white = the module acts there; '-' = everywhere)")
     p.add_argument("--compare", action="store_true", help="also the base alone and each module alone, same seeds")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=_run)

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from datamodules.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 #: every key of ``settings[i]["metrics"]``, in report order
@@ -315,6 +317,8 @@ def run_evaluate(a: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = build_pipeline(a.mcm, a.base, a.weights, a.device)
+    if a.guidance_scale is None:  # the family pipeline's default, recorded in the report as used
+        a.guidance_scale = pipe.base.default_guidance_scale
     judges = load_judges(a, segmentation_classes(pipe.modules), str(pipe.base.source))
     from datamodules.shard_datamodule import expand_shards
 
@@ -405,7 +409,8 @@ def add_command(sub) -> None:
                    "base alone: all available)")
     p.add_argument("--per-modality", action="store_true", help="also evaluate each modality alone (and all together)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the base family pipeline's own)")
     p.add_argument("--prompts", choices=("caption", "empty"), default="caption",
                    help="text-conditional bases: condition on the held-out captions or on '' (default caption)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -435,7 +440,8 @@ def add_command(sub) -> None:
     p.add_argument("--clip-config", default=None, help="JSON model config registering a custom --clip-arch")
     p.add_argument("--curve", nargs="+", default=None, metavar="N=METRICS_JSON",
                    help="plot alignment and FID vs number of training images from earlier runs")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_run)

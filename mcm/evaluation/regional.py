@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.devices import resolve_device
 from modalities.masks import foreground_iou
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="docs/eval/regional")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     print(markdown(run(a.data, a.n, a.seeds, Path(a.out), a.device)))

@@ -44,6 +44,7 @@ from torchvision import tv_tensors
 from webdataset.tariterators import base_plus_ext
 
 from datamodules.cached_fields import BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
+from datamodules.devices import resolve_device
 from datamodules.sample_decoding import (IMAGE_EXPECTED, BadSampleError, ShardDecodeError, SkipCounter, decode_caption,
                               decode_class_label, decode_image, image_field, joint_transform)
 from datamodules.shard_stream import TAR_ERRORS
@@ -399,7 +400,8 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--predictions", type=int, default=0, metavar="K",
                    help="also cache the base's predictions for K noise draws per sample (default 0)")
     p.add_argument("--no-flip", action="store_true", help="do not cache latent_flip.npy (no flip in training)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="auto", type=resolve_device,
+                   help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the base runs in (default float32)")
     p.set_defaults(func=_cmd_encode)
