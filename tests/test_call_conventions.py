@@ -183,3 +183,12 @@ def test_device_auto_is_the_gpu_when_there_is_one():
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="--device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"):
         resolve_device("gpu0")
+
+
+def test_precision_null_is_bf16_mixed_on_a_gpu_and_fp32_on_the_cpu():
+    from mcm.cli.lightning_cli import default_precision
+
+    assert default_precision("auto", cuda_available=True) == "bf16-mixed"
+    assert default_precision("gpu", cuda_available=True) == "bf16-mixed"
+    assert default_precision("auto", cuda_available=False) == "32-true"
+    assert default_precision("cpu", cuda_available=True) == "32-true"

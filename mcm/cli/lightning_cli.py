@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -263,8 +264,9 @@ class MCMCLI(LightningCLI):
             raise SystemExit(f"mcm: error: {e}") from None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``, and
-        :class:`RNGState` / :class:`CheckpointOnStop` unless the config lists them."""
+        """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``,
+        :class:`RNGState` / :class:`CheckpointOnStop` unless the config lists them, and ``precision: null``
+        resolved (:func:`default_precision`: bf16 mixed precision on a GPU, 32-bit on the CPU)."""
         from mcm.training.rng_state import RNGState
         from mcm.training.stop_checkpoint import CheckpointOnStop
 
@@ -283,7 +285,17 @@ class MCMCLI(LightningCLI):
             if not any(isinstance(c, cls) for c in callbacks):
                 callbacks.append(cls())
         kwargs["callbacks"] = callbacks
+        if kwargs.get("precision", config.get("precision")) is None:
+            kwargs["precision"] = default_precision(config.get("accelerator", "auto"), torch.cuda.is_available())
         return super().instantiate_trainer(**kwargs)
+
+
+def default_precision(accelerator: Any, cuda_available: bool) -> str:
+    """``precision: null`` in an experiment: ``bf16-mixed`` where the run uses a GPU (the trainable adapter's
+    matmuls in bf16, its weights and optimizer in fp32, as diffusers' train scripts do), ``32-true`` on the CPU,
+    where bf16 autocast is slower and the shapes32 figures were measured in fp32."""
+    on_gpu = str(accelerator).lower() in ("gpu", "cuda") or (str(accelerator).lower() == "auto" and cuda_available)
+    return "bf16-mixed" if on_gpu else "32-true"
 
 
 def run_lightning_cli(argv: list[str]) -> MCMCLI:
