@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
-STEM_FIELDS = ("stem", "key", "file")
+STEM_FIELDS = ("file_name", "stem", "key", "file")  # file_name: the metadata.jsonl of HF imagefolder datasets
 TEXT_FIELDS = ("caption", "text")
 
 

@@ -32,15 +32,17 @@ import io
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
-from .devices import resolve_device
 from .captions import IMAGE_EXTS, load_captions
+from .devices import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -67,8 +69,10 @@ class Problem:
 class PackReport:
     """What ``pack_folder`` did.  Every skipped sample or stray file is in exactly one list."""
 
-    packed: int = 0
+    packed: int = 0  # written, training and validation together
     shards: list[str] = field(default_factory=list)
+    val_packed: int = 0  # of them, in the validation split (--val-fraction)
+    val_shards: list[str] = field(default_factory=list)
     unpaired: list[Problem] = field(default_factory=list)  # missing partner, stray map, no caption
     unreadable: list[Problem] = field(default_factory=list)  # PIL / numpy could not decode, wrong mode
     size_mismatch: list[Problem] = field(default_factory=list)  # map size != image size
@@ -82,7 +86,10 @@ class PackReport:
         return len(self.unpaired) + len(self.unreadable) + len(self.size_mismatch)
 
     def summary(self) -> str:
-        return (f"packed {self.packed} samples into {len(self.shards)} shards; skipped {self.skipped} "
+        val = (f" ({self.packed - self.val_packed} train, {self.val_packed} validation in {len(self.val_shards)} "
+               f"shards)") if self.val_shards else ""
+        return (f"packed {self.packed} samples into {len(self.shards) + len(self.val_shards)} shards{val}; "
+                f"skipped {self.skipped} "
                 f"(unpaired {len(self.unpaired)}, unreadable {len(self.unreadable)}, "
                 f"size mismatch {len(self.size_mismatch)})")
 
@@ -396,10 +403,24 @@ def depth_to_uint16(depth: torch.Tensor) -> np.ndarray:
     return np.round(depth.double().clamp(0, 1).numpy() * 65535.0).astype(np.uint16)
 
 
+def val_pattern(out: str) -> str:
+    """Where ``--val-fraction``'s shards go: beside ``out``, ``train`` in its file name becoming ``val``
+    (``DIR/train-%06d.tar`` -> ``DIR/val-%06d.tar``), else ``val-`` before it."""
+    folder, _, name = out.rpartition("/")
+    name = name.replace("train", "val", 1) if "train" in name else f"val-{name}"
+    return f"{folder}/{name}" if folder else name
+
+
+def in_validation(stem: str, fraction: float) -> bool:
+    """The deterministic split: a sample is in validation when the hash of its stem falls below ``fraction``
+    (the same sample lands in the same split whatever the folder's order or size)."""
+    return zlib.crc32(stem.encode("utf-8")) / 2**32 < fraction
+
+
 def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, depth: str | Path | None = None,
                 sketch: str | Path | None = None, captions: str | Path | None = None,
-                maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], bytes]] | None = None
-                ) -> PackReport:
+                maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], bytes]] | None = None,
+                val_fraction: float = 0.0) -> PackReport:
     """Pack ``images`` (+ maps paired by stem, + captions) into shards ``out % 0, out % 1, ...``.
 
     Args:
@@ -409,12 +430,16 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
         captions: optional captions file (see ``load_captions``).
         maxcount: samples per shard (default 1000).
         derivers: ``make_derivers(...)``: maps a sample lacks are derived from its image.
+        val_fraction: this fraction of the samples (by a hash of the stem, :func:`in_validation`) goes to
+            validation shards beside the training ones (:func:`val_pattern`); 0 = none.
     Returns: a ``PackReport``; problems are also logged at WARNING, each by file name.
     """
     # 1. check arguments and index the folders
     check_pattern(out)
     if maxcount < 1:
         raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a fraction in [0, 1), got {val_fraction}")
     report = PackReport()
     folders = {"images": Path(images)}
     folders |= {w: Path(f) for w, f in (("seg", seg), ("depth", depth), ("sketch", sketch)) if f is not None}
@@ -428,8 +453,8 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
     derivers = dict(derivers or {})
     stems = _pair(image_files, maps, folders, caps, Path(captions).name if captions else "", report, list(derivers))
     used: set[str] = set()
-    with AtomicShardSink(out, maxcount) as sink:
-        for stem in stems:
+    with AtomicShardSink(out, maxcount) as sink, AtomicShardSink(val_pattern(out), maxcount) as val_sink:
+        for stem in tqdm(stems, desc="mcm data pack", unit="sample", disable=None):
             sample_maps = {w: files[stem] for w, files in maps.items() if stem in files}
             try:
                 sample = _build_sample(_sample_key(stem, used), stem, image_files[stem], sample_maps,
@@ -439,12 +464,14 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
                 continue
             if sample["__key__"] != stem:
                 report.renamed_keys[stem] = sample["__key__"]
-            sink.write(sample)
+            val = in_validation(stem, val_fraction)
+            (val_sink if val else sink).write(sample)
             report.packed += 1
+            report.val_packed += val
             report.without_sketch += "sketch" in maps and "sketch.png" not in sample
             for what in json.loads(sample["json"]).get("derived", []):
                 report.derived[what] = report.derived.get(what, 0) + 1
-    report.shards = sink.shards
+    report.shards, report.val_shards = sink.shards, val_sink.shards
     log_report(report)
     return report
 
@@ -474,7 +501,7 @@ def _cmd_pack(a: argparse.Namespace) -> int:
         derive = [x for arg in (a.derive or []) for x in arg.split(",") if x]
         derivers = make_derivers(derive, a.segmenter, a.label_map, a.depth_model, a.depth_kind, a.device)
         report = pack_folder(a.images, a.out, seg=a.seg, depth=a.depth, sketch=a.sketch, captions=a.captions,
-                             maxcount=a.maxcount, derivers=derivers)
+                             maxcount=a.maxcount, derivers=derivers, val_fraction=a.val_fraction)
     except (ValueError, OSError) as e:
         log.error("mcm data pack: %s", e)
         return 2
@@ -489,9 +516,13 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--seg", help="folder of label-id pngs (mode L or P), same stems as the images")
     p.add_argument("--depth", help="folder of 8/16-bit depth pngs or float .npy in [0,1], 0 = nearest")
     p.add_argument("--sketch", help="folder of sketch pngs (optional per image)")
-    p.add_argument("--captions", help="captions: .json {stem: caption}, .jsonl or .tsv/.txt (stem<TAB>caption)")
+    p.add_argument("--captions", help="captions: .json {stem: caption}, .jsonl (an imagefolder metadata.jsonl with "
+                   "file_name and text/caption too) or .tsv/.txt (stem<TAB>caption)")
     p.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="put this fraction of the samples (chosen by a hash of the file stem) in validation shards "
+                   "beside the training ones: --out DIR/train-%%06d.tar -> DIR/val-%%06d.tar (default 0)")
     p.add_argument("--derive", action="append", metavar="MAPS",
                    help="derive the maps a sample lacks from its image: segmentation,depth,sketch (comma-separated)")
     p.add_argument("--segmenter", metavar="DIR", help="--derive segmentation: local transformers segmenter "

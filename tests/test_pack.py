@@ -195,3 +195,30 @@ def test_ambiguous_stems_and_pickled_npy_are_skipped(tmp_path: Path) -> None:
     assert [p.name for p in report.unpaired] == ["img/a.jpg, img/a.png, depth/a.npy"]
     assert [p.name for p in report.unreadable] == ["depth/b.npy"]
     assert "allow_pickle=False" in report.unreadable[0].reason
+
+
+def test_val_fraction_and_imagefolder_metadata_jsonl(tmp_path: Path) -> None:
+    """``--val-fraction``: a deterministic split by stem into val shards beside the training ones; ``--captions``
+    takes the ``metadata.jsonl`` of a HF / diffusers ``imagefolder`` (``file_name`` + ``text``)."""
+    from datamodules.pack import in_validation, val_pattern
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "photos"
+    stems = [f"img{i:03d}" for i in range(40)]
+    for s in stems:
+        _save(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), root / f"{s}.png")
+    lines = [json.dumps({"file_name": f"{s}.png", "text": f"photo {s}"}) for s in stems]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert val_pattern(str(tmp_path / "out" / "train-%06d.tar")) == str(tmp_path / "out" / "val-%06d.tar")
+    assert val_pattern("shards/%04d.tar") == "shards/val-%04d.tar"
+    report = pack_folder(root, str(tmp_path / "out" / "train-%06d.tar"), captions=tmp_path / "metadata.jsonl",
+                         val_fraction=0.25)
+    want_val = {s for s in stems if in_validation(s, 0.25)}
+    assert 0 < len(want_val) < 20 and report.packed == 40 and report.val_packed == len(want_val)
+    val_keys, train_keys = set(read_shard_members(report.val_shards)), set(read_shard_members(report.shards))
+    assert val_keys == want_val and train_keys == set(stems) - want_val
+    assert all(Path(s).name.startswith("val-") for s in report.val_shards)
+    members = read_shard_members(report.shards)
+    assert all(m["txt"].decode() == f"photo {k}" for k, m in members.items())
+    with pytest.raises(ValueError, match=r"--val-fraction: expected a fraction in \[0, 1\), got 1.5"):
+        pack_folder(root, str(tmp_path / "o2" / "train-%06d.tar"), val_fraction=1.5)
