@@ -192,3 +192,17 @@ def test_precision_null_is_bf16_mixed_on_a_gpu_and_fp32_on_the_cpu():
     assert default_precision("gpu", cuda_available=True) == "bf16-mixed"
     assert default_precision("auto", cuda_available=False) == "32-true"
     assert default_precision("cpu", cuda_available=True) == "32-true"
+
+
+def test_a_trainer_block_without_a_checkpoint_gets_one_back(tmp_path, monkeypatch, caplog):
+    """A user's own ``trainer:`` block replaces the experiment's callbacks: ``mcm fit`` adds back the checkpoint
+    that ``--ckpt_path last`` resumes from, saying so in one line."""
+    import logging
+
+    from mcm.cli.lightning_cli import required_checkpoint
+
+    with caplog.at_level(logging.INFO, logger="mcm.cli.lightning_cli"):
+        ckpt = required_checkpoint({"default_root_dir": str(tmp_path / "run"), "val_check_interval": 50})
+    assert ckpt.save_last and ckpt.dirpath == str(tmp_path / "run" / "checkpoints")
+    assert ckpt._every_n_train_steps == 50 and "added one keeping last.ckpt" in caplog.text
+    assert required_checkpoint({"val_check_interval": 0.5})._every_n_train_steps == 1000

@@ -40,11 +40,14 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from mcm.training.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
 
 #: modules a config may import classes from (dot-terminated: "mcm." does not admit "mcmx")
 ALLOWED_CLASS_PREFIXES = ("lightning.", "torch.", "diffusers.", "transformers.", "mcm.", "modalities.",
@@ -284,10 +287,26 @@ class MCMCLI(LightningCLI):
         for cls in (RNGState, CheckpointOnStop):
             if not any(isinstance(c, cls) for c in callbacks):
                 callbacks.append(cls())
+        if config.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks):
+            # a user's own `trainer:` block replaces the experiment's whole trainer section, callbacks included:
+            # without this, Lightning's default checkpoint keeps no last.ckpt and `--ckpt_path last` cannot resume
+            callbacks.append(required_checkpoint(config))
         kwargs["callbacks"] = callbacks
         if kwargs.get("precision", config.get("precision")) is None:
             kwargs["precision"] = default_precision(config.get("accelerator", "auto"), torch.cuda.is_available())
         return super().instantiate_trainer(**kwargs)
+
+
+def required_checkpoint(trainer_config: dict) -> ModelCheckpoint:
+    """The checkpoint every ``mcm fit`` keeps when its config names none: ``last.ckpt`` (and the step's) in
+    ``<default_root_dir>/checkpoints`` every ``val_check_interval`` steps (1000 if that is not a step count)."""
+    root = trainer_config.get("default_root_dir") or "runs/mcm"
+    every = trainer_config.get("val_check_interval")
+    every = every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else 1000
+    log.info("mcm fit: the trainer's callbacks name no ModelCheckpoint; added one keeping last.ckpt in "
+             "%s/checkpoints every %d steps (name your own to choose)", root, every)
+    return ModelCheckpoint(dirpath=f"{root}/checkpoints", save_last=True, every_n_train_steps=every, save_top_k=0)
 
 
 def default_precision(accelerator: Any, cuda_available: bool) -> str:
