@@ -206,3 +206,22 @@ def test_a_trainer_block_without_a_checkpoint_gets_one_back(tmp_path, monkeypatc
     assert ckpt.save_last and ckpt.dirpath == str(tmp_path / "run" / "checkpoints")
     assert ckpt._every_n_train_steps == 50 and "added one keeping last.ckpt" in caplog.text
     assert required_checkpoint({"val_check_interval": 0.5})._every_n_train_steps == 1000
+
+
+def test_mcm_sample_makes_one_image_from_your_own_map(tmp_path):
+    """The README's last step: ``mcm sample --modules EXPORT --cond segmentation=my_map.png --prompt ... --out``
+    writes the image itself, at the base's default size or at ``--height/--width`` (the map resized to it)."""
+    import numpy as np
+    from PIL import Image
+
+    from mcm.cli.tool_commands import run_tool_command
+
+    seg = np.zeros((48, 40), np.uint8)  # not the base's size: resized (nearest) to the output size
+    seg[10:30, 8:24] = 2
+    Image.fromarray(seg).save(tmp_path / "my_map.png")
+    common = ["sample", "--modules", "shapes32", "--cond", f"segmentation={tmp_path / 'my_map.png'}",
+              "--prompt", "a blue square", "--steps", "3"]
+    assert run_tool_command([*common, "--out", str(tmp_path / "a.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
+    assert run_tool_command([*common, "--height", "64", "--width", "32", "--out", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").size == (32, 64)

@@ -146,6 +146,16 @@ def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] |
     return rows
 
 
+def save_image(image: torch.Tensor, out: str | Path) -> Path:
+    """One ``(3, H, W)`` image in [0, 1] as a PNG at its own size."""
+    from torchvision.utils import save_image as save
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save(image.clamp(0, 1), out)
+    return out
+
+
 def save_grid(rows: list[torch.Tensor], out: str | Path, ncol: int) -> Path:
     from torchvision.utils import save_image
 
@@ -180,6 +190,13 @@ def run_sample(a: argparse.Namespace) -> Path:
         conds, data = conditions_from_data(pipe, a)
     elif pipe.modules:
         conds = conditions_from_files(pipe.modules, a.cond, a.derive)
+        # your own maps come out at --height/--width, else at the base's default size (as its diffusers
+        # pipeline samples): each is resized by its plugin (label maps nearest)
+        ds = pipe.base.downsample
+        size = (a.height or pipe.base.sample_size[0] * ds, a.width or pipe.base.sample_size[1] * ds)
+        conds = [{k: m.plugins[k].resize(x, size) if tuple(x.shape[-2:]) != size else x for k, x in c.items()}
+                 for m, c in zip(pipe.modules, conds)]
+        a.height = a.width = None  # the maps' size is the output size now
     else:
         conds = []
     batches = {x.shape[0] for c in conds for x in c.values()}
@@ -199,7 +216,10 @@ def run_sample(a: argparse.Namespace) -> Path:
     if data:
         vis.append(data["image"][:n])
     rows = vis + sample_rows(pipe, conds, prompts, n, a)
-    out = save_grid(rows, a.out, ncol=n)
+    if pipe.modules and not a.data and not a.compare and len(a.seeds) == 1 and n == 1:
+        out = save_image(rows[-1][0], a.out)  # one image from your own maps: the image itself, at its size
+    else:
+        out = save_grid(rows, a.out, ncol=n)
     log.info("mcm sample: %d modules (weights %s), %d conditions x %d seeds -> %s", len(pipe.modules),
              pipe.weights, n, len(a.seeds), out)
     return out
