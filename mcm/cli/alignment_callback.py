@@ -76,7 +76,7 @@ class AlignmentCallback(L.Callback):
         seed: noise seed: condition ``i`` starts from seed ``seed * 100000 + i`` (``mcm evaluate --seeds``).
         modalities: the modalities to condition on together (``None`` = all of the module's).
         per_modality: also sample each modality alone (``mcm evaluate --per-modality``).
-        guidance_scale: ``None`` = the module's ``val_guidance_scale`` (1.0 if it has none).
+        guidance_scale: ``None`` = the module's ``val_guidance_scale`` (its base family's default if it has none).
         batch_size: images per sampling call.
         judges: ``build_judges`` options (``segmenter``, ``label_map``, ``depth_model``, ``seg_judge``, ...),
             see the module docstring; ``None`` = the base's shipped judges, if any.
@@ -184,7 +184,7 @@ class AlignmentCallback(L.Callback):
             val = h.get("val_strength") if hasattr(h, "get") else None
             strength = [float(val)] if val is not None else None  # None: the adapter's default_strength
         guidance = self.guidance_scale if self.guidance_scale is not None else \
-            float(h.get("val_guidance_scale", 1.0) if hasattr(h, "get") else 1.0)
+            float(getattr(pl_module, "val_guidance_scale", None) or 1.0)  # the module's, else its family's
         return argparse.Namespace(modalities=self.modalities, per_modality=self.per_modality, strength=strength,
                                   seeds=[self.seed], steps=self.steps, guidance_scale=guidance, prompts="caption",
                                   batch_size=self.batch_size, window=(0.0, 1.0), sketch_tolerance=self.sketch_tolerance)

@@ -105,7 +105,8 @@ class AdapterModule(L.LightningModule):
         map_loss_weight: ``lambda >= 0``: training weighs each pixel's squared error by ``1 + lambda w``, ``w``
             the largest ``loss_weight_map`` of the maps present there (sketch: within 1 px of a stroke),
             normalised to mean 1 per sample; 0 (default): off.  Validation losses stay unweighted.
-        num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings.
+        num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings
+            (``val_guidance_scale=None``: the base family pipeline's default, 1 for pixel bases).
         force_base: load checkpoints made for another base anyway.
         base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32.
         channels_last / compile: speed options for the frozen UNet and the adapter (in place).
@@ -127,7 +128,7 @@ class AdapterModule(L.LightningModule):
                  drop_all_prob: float = 0.1, single_modality_prob: float = 0.0, caption_dropout: float = 0.3,
                  ema_decay: float | None = None, loss_weighting: str = "none", snr_gamma: float = 5.0,
                  timestep_sampling: str = "uniform", map_loss_weight: float = 0.0, num_val_samples: int = 8,
-                 val_sample_steps: int = 25, val_guidance_scale: float = 1.0, val_strength: float | None = None,
+                 val_sample_steps: int = 25, val_guidance_scale: float | None = None, val_strength: float | None = None,
                  force_base: bool = False, base_dtype: str | None = None, channels_last: bool = False,
                  compile: bool | str = False):
         super().__init__()
@@ -152,6 +153,12 @@ class AdapterModule(L.LightningModule):
 
     def build_adapter(self) -> Adapter:
         raise NotImplementedError
+
+    @property
+    def val_guidance_scale(self) -> float:
+        """The grids' and the alignment callback's guidance: ``val_guidance_scale``, else the family's default."""
+        g = self.hparams.get("val_guidance_scale")
+        return float(g) if g is not None else self.base.default_guidance_scale
 
     @property
     def trainable(self) -> Adapter:
@@ -369,7 +376,7 @@ class AdapterModule(L.LightningModule):
         """
         h = self.hparams
         grid = comparison_grid(self.base, self.exported_module(), batch, n=batch["image"].shape[0],
-                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale,
+                               steps=h.val_sample_steps, guidance_scale=self.val_guidance_scale,
                                seed=batch_idx * 100003, strength=h.val_strength)
         return {"grid": grid, "key": list(batch["key"]), "modalities": [n for n in self.modality_names if n in batch]}
 
@@ -484,7 +491,7 @@ class AdapterModule(L.LightningModule):
         h = self.hparams
         module = self.exported_module()
         grid = comparison_grid(self.base, module, self._val_batch, n=h.num_val_samples,
-                               steps=h.val_sample_steps, guidance_scale=h.val_guidance_scale, seed=0,
+                               steps=h.val_sample_steps, guidance_scale=self.val_guidance_scale, seed=0,
                                strength=h.val_strength)
         labels = comparison_labels(module, [k for k in module.modality_names if k in self._val_batch], h.val_strength)
         n = min(h.num_val_samples, self._val_batch["image"].shape[0])
