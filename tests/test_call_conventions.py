@@ -225,3 +225,16 @@ def test_mcm_sample_makes_one_image_from_your_own_map(tmp_path):
     assert Image.open(tmp_path / "a.png").size == (32, 32)
     assert run_tool_command([*common, "--height", "64", "--width", "32", "--out", str(tmp_path / "b.png")]) == 0
     assert Image.open(tmp_path / "b.png").size == (32, 64)
+
+
+def test_the_frozen_base_runs_in_bf16_on_a_gpu_by_default():
+    import torch
+
+    from mcm.training.adapter_module import resolve_base_dtype
+
+    assert resolve_base_dtype("auto", cuda_available=True) is torch.bfloat16
+    assert resolve_base_dtype("auto", cuda_available=False) is None  # fp32 on the CPU: nothing changes here
+    assert resolve_base_dtype("float16", cuda_available=False) is torch.float16
+    assert resolve_base_dtype(None, cuda_available=True) is None
+    with pytest.raises(ValueError, match="base_dtype: expected auto, float32, bfloat16, float16 or null, got 'int8'"):
+        resolve_base_dtype("int8", cuda_available=True)

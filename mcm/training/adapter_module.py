@@ -63,6 +63,18 @@ def plain(x: Any) -> Any:
     return str(x)  # e.g. a config's _name_or_path as a pathlib.Path: not loadable with weights_only=True
 
 
+def resolve_base_dtype(name: str | None, cuda_available: bool) -> torch.dtype | None:
+    """``base_dtype`` -> a torch dtype, or ``None`` for the weights' own (fp32): ``"auto"`` is bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.bfloat16 if cuda_available else None
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"base_dtype: expected auto, float32, bfloat16, float16 or null, got {name!r}")
+    return dtype
+
+
 def evaluation_noise(forward_process, keys: list[str] | None, x0: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise ``(B, C, h, w)`` and timesteps ``(B,)`` for validation / test, a function of each sample's key.
@@ -108,7 +120,9 @@ class AdapterModule(L.LightningModule):
         num_val_samples / val_sample_steps / val_guidance_scale / val_strength: grid settings
             (``val_guidance_scale=None``: the base family pipeline's default, 1 for pixel bases).
         force_base: load checkpoints made for another base anyway.
-        base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32.
+        base_dtype: run the frozen base in this dtype (``bfloat16``/``float16``); ``None`` keeps fp32; ``"auto"``
+            (the default): bfloat16 where a GPU is visible, fp32 on the CPU (where bf16 is slow and the shapes32
+            figures were measured).  The base takes no gradient, so its dtype costs no training stability.
         channels_last / compile: speed options for the frozen UNet and the adapter (in place).
     """
 
@@ -129,7 +143,7 @@ class AdapterModule(L.LightningModule):
                  ema_decay: float | None = None, loss_weighting: str = "none", snr_gamma: float = 5.0,
                  timestep_sampling: str = "uniform", map_loss_weight: float = 0.0, num_val_samples: int = 8,
                  val_sample_steps: int = 25, val_guidance_scale: float | None = None, val_strength: float | None = None,
-                 force_base: bool = False, base_dtype: str | None = None, channels_last: bool = False,
+                 force_base: bool = False, base_dtype: str | None = "auto", channels_last: bool = False,
                  compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()  # this signature's arguments and the subclass's own
@@ -138,7 +152,7 @@ class AdapterModule(L.LightningModule):
     # ---- construction ------------------------------------------------------------------------------
     def setup_adapter(self) -> None:
         h = self.hparams
-        dtype = getattr(torch, h.base_dtype) if h.base_dtype else None
+        dtype = resolve_base_dtype(h.base_dtype, torch.cuda.is_available())
         object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
         self.forward_process = forward_process_for(self.base.scheduler, h.loss_weighting, h.snr_gamma,
                                                    h.timestep_sampling)
