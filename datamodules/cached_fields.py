@@ -49,6 +49,8 @@ CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled")
 PREDICTION_KEYS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
 INT_KEYS = ("pred_t", "noise_seed")  # integer arrays, except pred_t of a flow base (float32 t = 1000 sigma)
 FLOAT_OR_INT_KEYS = ("pred_t",)
+#: numpy dtype kinds -> how an error names them
+_KINDS = {"iu": "an integer", "f": "a float", "iuf": "an integer or float"}
 CACHED_KEYS = LATENT_KEYS + (TEXT_KEY,) + CONTEXT_EXTRA_KEYS + PREDICTION_KEYS
 #: stored fp32: fp16 is exact for integers only up to 2048 (SDXL's time_ids are pixel sizes)
 FP32_KEYS = ("time_ids",)
@@ -95,11 +97,11 @@ def _load(sample: Mapping[str, Any], key: str) -> torch.Tensor:
         arr = np.load(io.BytesIO(sample[name]), allow_pickle=False)
     except Exception as e:  # ValueError (object arrays, bad header), OSError / EOFError (junk)
         raise BadSampleError(f"'{name}' is not a plain .npy array ({type(e).__name__}: {e})") from None
-    want_int = key in INT_KEYS and not (key in FLOAT_OR_INT_KEYS and getattr(arr, "dtype", None) is not None
-                                        and arr.dtype.kind == "f")
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in ("iu" if want_int else "f"):
-        raise BadSampleError(f"'{name}' holds {getattr(arr, 'dtype', type(arr))}; expected "
-                             f"{'an integer' if want_int else 'a float'} array (from mcm data encode)")
+    kinds = "iuf" if key in FLOAT_OR_INT_KEYS else "iu" if key in INT_KEYS else "f"
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in kinds:
+        raise BadSampleError(f"'{name}' holds {getattr(arr, 'dtype', type(arr))}; expected {_KINDS[kinds]} array "
+                             f"(from mcm data encode)")
+    want_int = arr.dtype.kind in "iu"
     if not want_int and not np.isfinite(arr).all():
         raise BadSampleError(f"'{name}' has {int((~np.isfinite(arr)).sum())} NaN/Inf values; expected finite")
     return torch.from_numpy(arr.astype(np.int64 if want_int else np.float32))

@@ -207,8 +207,9 @@ class ShardStream(IterableDataset):
         for (n, p), t in zip(self.plugins.items(), out[1:] if wrapped else ()):
             raw = unwrap(p, t)
             raw = p.augment(raw, gen) if self.train else p.eval_transform(raw, key)
-            # every map's values checked here, per sample on the CPU where it is decoded (a bad one is skipped and
-            # counted, ModalityError), so the training step need not read them back from the device each step
+            # the map as the step will see it, checked here on the CPU, so the step need not read values back from
+            # the device: bad data was already skipped and counted in _decode_fields; what fails here came from
+            # the plugin's own derive / augment (a bug, not bad data), and stops the run naming the modality
             p.validate(raw[None])
             item[n] = raw
         return item

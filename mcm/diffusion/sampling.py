@@ -97,7 +97,8 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
     """Run the reverse process from ``latents`` ``(B, C, h, w)`` (unit Gaussian noise); returns ``x_0``.
 
     ``callback({"i": i, "t": t, "x": x})`` runs after each step (a dict, as k-diffusion's samplers give it)
-    and may return a replacement for ``x`` (diffusers' ``callback_on_step_end``); ``progress`` wraps the timestep iterator (a progress bar).
+    and may return a replacement for ``x`` (diffusers' ``callback_on_step_end``); ``progress`` wraps the
+    timestep iterator (a progress bar).
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
             or num_inference_steps < 1:

@@ -357,11 +357,6 @@ class FrozenBase(nn.Module):
         return self.unet(x, t, **kwargs, **extra).sample
 
 
-def family_class(family: str) -> type[FrozenBase]:
-    """The ``FrozenBase`` subclass of a registered family name (:func:`mcm.models.families.get_family`)."""
-    return get_family(family)
-
-
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
     """Tokenize to the tokenizer's max length and take the encoder's last hidden state, with the
     attention mask only where the encoder's config asks for it (``StableDiffusionPipeline.encode_prompt``)."""

@@ -51,6 +51,8 @@ class MCMPipelineOutput(BaseOutput):
     """
 
     images: Union[list, np.ndarray, torch.Tensor]
+
+
 _EXTRA_COMPONENTS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 PIPELINE_INDEX = "model_index.json"
 
@@ -362,7 +364,6 @@ class MCMPipeline(DiffusionPipeline):
                 class_labels = labels.repeat_interleave(n_per).tolist()
             conds = [{k: x.repeat_interleave(n_per, 0) for k, x in c.items()} for c in conds]
             B = B * n_per
-        lo, hi = window
         # 3. controls: each adapter with its conditions (resized to the output size), weight, scale and region
         controls = self.prepare_controls(conds, B, size, conditioning_scale, regions, num_inference_steps, name)
         # 4-6. noise, denoising loop (guidance, adapters, composition, scheduler.step)
@@ -380,7 +381,7 @@ class MCMPipeline(DiffusionPipeline):
                 return (out or {}).get("latents")
         x0 = controlled_sample(self.base, controls, B, size=size, prompts=prompts, negative_prompt=negative_prompt,
                                class_labels=class_labels, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, window=(lo, hi), generator=generator,
+                               guidance_scale=guidance_scale, window=window, generator=generator,
                                scheduler=self.scheduler, eta=eta, latents=latents, callback=callback,
                                progress=self.progress_bar)
         # 7. decode and convert

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from mcm.diffusion.forward_process import forward_process_for
+from mcm.diffusion.forward_process import FlowMatchingProcess, forward_process_for
 from mcm.models.adapter import Adapter
 from mcm.models.frozen_base import BaseMismatchError, FrozenBase, check_base
 from mcm.pipelines.grids import comparison_grid, comparison_labels
@@ -147,6 +147,7 @@ class AdapterModule(L.LightningModule):
                  compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()  # this signature's arguments and the subclass's own
+        self._checked_batches = 0  # training batches whose values the step has checked (value_check_batches)
         self.setup_adapter()
 
     # ---- construction ------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ class AdapterModule(L.LightningModule):
         """Whether this step reads the batch's values back to check them (see ``value_check_batches``)."""
         if not train or self._trainer is None:
             return True
-        self._checked_batches = getattr(self, "_checked_batches", 0) + 1
+        self._checked_batches += 1
         return self._checked_batches <= self.value_check_batches
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
@@ -411,7 +412,7 @@ class AdapterModule(L.LightningModule):
 
     @property
     def _flow(self) -> bool:
-        return self.forward_process.timestep_density.startswith("flow/")
+        return isinstance(self.forward_process, FlowMatchingProcess)
 
     def check_cached_base(self, datamodule) -> None:
         """Refuse cached shards (``mcm data encode``) made for another base: their latents / embeddings are not

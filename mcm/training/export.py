@@ -12,6 +12,7 @@ import logging
 import math
 import pickle
 from pathlib import Path
+
 import torch
 
 from mcm.models.adapter import Adapter
