@@ -22,6 +22,9 @@ DataModule config reads raw and cached shards.
 * Resumable: a shard is written to ``NAME.tmp`` and renamed when complete; a rerun skips complete
   shards and redoes partial ones.  ``--workers W`` encodes W shards at once, each worker process
   loading the base once (``W=0``: in this process); the output bytes do not depend on W.
+* Many GPUs or nodes: ``--devices N [--num-nodes M]`` runs the encoding through Lightning's
+  ``Trainer.predict`` under DDP (:mod:`mcm.training.encode_distributed`), each rank encoding its own share of
+  the shards; the bytes are those one process writes.  ``docs/multi_node.md`` shows torchrun and SLURM.
 * Bad samples (unreadable image, bad class label, a truncated shard's last sample) are skipped,
   logged and counted as the DataModule counts them (:class:`~datamodules.sample_decoding.SkipCounter`).
 """
@@ -113,21 +116,29 @@ def prediction_density(base) -> str:
     return forward_process_for(base.scheduler).timestep_density
 
 
-def _write_base_json(out: Path, record: dict) -> None:
-    """Write ``out/base.json``, or check that the one there describes the same encoding."""
+def check_base_json(out: Path, record: dict) -> bool:
+    """Whether ``out/base.json`` exists; a :class:`ValueError` if it describes another encoding than ``record``."""
     path = out / BASE_JSON
-    if path.is_file():
-        old = json.loads(path.read_text())
-        keys = ("hash", "image_size", "flip", "predictions", "members", "dtype")
-        # a base.json written before "dtype" was recorded: those encodings ran in float32 or said nothing
-        old.setdefault("dtype", record["dtype"])
-        diff = {k: (old.get(k), record[k]) for k in keys if old.get(k) != record[k]}
-        if diff:
-            raise ValueError(f"--out {out}: holds shards encoded for base '{old.get('source')}' "
-                             f"(sha256 {str(old.get('hash'))[:12]}...) with other settings "
-                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                             + "; use another --out folder or delete it")
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text())
+    keys = ("hash", "image_size", "flip", "predictions", "members", "dtype")
+    # a base.json written before "dtype" was recorded: those encodings ran in float32 or said nothing
+    old.setdefault("dtype", record["dtype"])
+    diff = {k: (old.get(k), record[k]) for k in keys if old.get(k) != record[k]}
+    if diff:
+        raise ValueError(f"--out {out}: holds shards encoded for base '{old.get('source')}' "
+                         f"(sha256 {str(old.get('hash'))[:12]}...) with other settings "
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                         + "; use another --out folder or delete it")
+    return True
+
+
+def write_base_json(out: Path, record: dict) -> None:
+    """Write ``out/base.json``, or check that the one there describes the same encoding."""
+    if check_base_json(out, record):
         return
+    path = out / BASE_JSON
     tmp = path.with_name(BASE_JSON + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
@@ -302,7 +313,8 @@ def _plan(shards: list[str], out: Path) -> list[tuple[str, Path]]:
 
 def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int | None = None,
                   batch_size: int = 16, workers: int = 0, predictions: int = 0, flip: bool = True,
-                  device: str = "cpu", dtype: str | None = None) -> EncodeReport:
+                  device: str = "cpu", dtype: str | None = None, devices: int = 1, num_nodes: int = 1,
+                  accelerator: str = "auto") -> EncodeReport:
     """Encode ``shards`` (paths, globs or brace patterns) for ``base`` into ``out``; see the module docstring.
 
     Args:
@@ -312,14 +324,18 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
         predictions: K noise draws of the base's predictions per sample (``mcm.training.prediction_cache``).
         flip: also cache the mirrored image's latent (``latent_flip.npy``).
         device / dtype: where and in which dtype (``float32``, ``float16``, ``bfloat16``) the base runs.
+        devices / num_nodes / accelerator: more than one rank runs the encoding through Lightning
+            (``mcm.training.encode_distributed``; ``device`` is then each rank's own, as Lightning assigns it).
     """
     from tqdm import tqdm
 
     from datamodules.shard_datamodule import expand_shards
 
-    if batch_size < 1 or workers < 0 or predictions < 0:
-        raise ValueError(f"--batch-size must be >= 1, --workers and --predictions >= 0; got {batch_size}, "
-                         f"{workers}, {predictions}")
+    if devices * num_nodes > 1:
+        device = "cpu"  # loaded here, moved to each rank's device by Lightning
+    if batch_size < 1 or workers < 0 or predictions < 0 or devices < 1 or num_nodes < 1:
+        raise ValueError(f"--batch-size, --devices and --num-nodes must be >= 1, --workers and --predictions "
+                         f">= 0; got {batch_size}, {devices}, {num_nodes}, {workers}, {predictions}")
     urls = [u for s in shards for u in expand_shards(s, "SHARDS")]
     if any(u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) for u in urls):
         raise ValueError("SHARDS: mcm data encode reads local shard files; copy remote shards first")
@@ -334,7 +350,17 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
         raise ValueError(f"--image-size {image_size}: expected a multiple of {multiple} for the base '{base}' "
                          f"(8 x its x{b.downsample} VAE downsampling), as training needs")
     out.mkdir(parents=True, exist_ok=True)
-    _write_base_json(out, base_record(b, settings))
+    record = base_record(b, settings)
+    if devices * num_nodes > 1:
+        from mcm.training.encode_distributed import encode_distributed
+
+        if workers:
+            raise ValueError("--workers is for one process on one machine; with --devices / --num-nodes each "
+                             "rank encodes its own shards (drop --workers)")
+        check_base_json(out, record)  # on every rank, before any starts; rank 0 writes it
+        return encode_distributed(b, settings, [(s, str(d)) for s, d in _plan(urls, out)], out, devices,
+                                  num_nodes, accelerator)
+    write_base_json(out, record)
     report, jobs = EncodeReport(str(out)), []
     for src, dst in _plan(urls, out):
         if dst.is_file():
@@ -380,7 +406,8 @@ def _cmd_encode(a: argparse.Namespace) -> int:
     try:
         report = encode_shards(a.base, a.shards, a.out, image_size=a.image_size, batch_size=a.batch_size,
                                workers=a.workers, predictions=a.predictions, flip=not a.no_flip, device=a.device,
-                               dtype=None if a.dtype == "float32" else a.dtype)
+                               dtype=None if a.dtype == "float32" else a.dtype, devices=a.devices,
+                               num_nodes=a.num_nodes, accelerator=a.accelerator)
     except (ValueError, OSError) as e:
         log.error("mcm data encode: %s", e)
         return 2
@@ -402,6 +429,11 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flip", action="store_true", help="do not cache latent_flip.npy (no flip in training)")
     p.add_argument("--device", default="auto", type=resolve_device,
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="ranks per node; > 1 runs through Lightning under DDP, each rank encoding its own shards")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM start one launcher per node)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+                   help="Lightning accelerator of the --devices ranks (default auto: GPUs when present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the base runs in (default float32)")
     p.set_defaults(func=_cmd_encode)
