@@ -325,8 +325,8 @@ def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], capti
                   derivers: Mapping[str, Callable] | None = None) -> dict:
     """The webdataset sample for one stem; raises ``SampleError`` for unreadable files or sizes.
 
-    ``derivers``: map name -> function of the RGB image ``(3, H, W)`` in [0, 1] giving its PNG bytes,
-    for the maps ``maps`` lacks."""
+    ``derivers``: the maps to derive when ``maps`` lacks them; such a sample lists them in its ``json``'s
+    ``derived`` and keeps its RGB image under ``__rgb__`` for :func:`derive_maps`, which fills them in."""
     ext, data, size = read_image(image)
     sample: dict = {"__key__": key, ext: data}
     meta: dict = {"stem": stem, "files": {"image": image.name}, "width": size[0], "height": size[1]}
@@ -344,14 +344,29 @@ def _build_sample(key: str, stem: str, image: Path, maps: dict[str, Path], capti
         import torch  # only deriving needs it
 
         rgb = np.asarray(_open_checked(image, data).convert("RGB"), dtype=np.float32) / 255.0
-        rgb = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) in [0, 1]
-        for what in missing:
-            sample[MAP_KEYS[what]] = derivers[what](rgb)
+        sample["__rgb__"] = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W) in [0, 1], for derive_maps
         meta["derived"] = missing
     if caption is not None:
         sample["txt"] = caption
     sample["json"] = json.dumps(meta)
     return sample
+
+
+def derive_maps(samples: list[dict], derivers: Mapping[str, Callable]) -> None:
+    """Fill in the maps each sample of ``samples`` lacks (its ``json``'s ``derived``), one annotator call per
+    map and image size: photos of one size, the common case, go through each model as one batch."""
+    import torch
+
+    for what, derive in derivers.items():
+        by_size: dict[tuple, list[dict]] = {}
+        for s in samples:
+            if what in json.loads(s["json"]).get("derived", []):
+                by_size.setdefault(tuple(s["__rgb__"].shape), []).append(s)
+        for group in by_size.values():
+            for s, png in zip(group, derive(torch.stack([s["__rgb__"] for s in group]))):
+                s[MAP_KEYS[what]] = png
+    for s in samples:
+        s.pop("__rgb__", None)
 
 
 DERIVABLE = {"segmentation": "seg", "depth": "depth", "sketch": "sketch"}  # --derive name -> map
@@ -360,7 +375,7 @@ DERIVABLE = {"segmentation": "seg", "depth": "depth", "sketch": "sketch"}  # --d
 def make_derivers(derive: Sequence[str], segmenter: str | Path | None = None, label_map: str | Path | None = None,
                   depth_model: str | Path | None = None, depth_kind: str = "auto",
                   device: str = "cpu") -> dict[str, Callable[[torch.Tensor], bytes]]:
-    """``{"seg" | "depth" | "sketch": image (3, H, W) in [0, 1] -> PNG bytes}`` for ``--derive``.
+    """``{"seg" | "depth" | "sketch": images (B, 3, H, W) in [0, 1] -> B PNGs}`` for ``--derive``.
 
     Each goes through its modality plugin's ``derive`` (with the local model as ``annotator``), so a
     derived map is exactly what the plugin would make from the photo at inference."""
@@ -377,7 +392,7 @@ def make_derivers(derive: Sequence[str], segmenter: str | Path | None = None, la
             raise ValueError(f"{flag} {str(model)!r} is only used with --derive {name}")
     if label_map is not None and segmenter is None:
         raise ValueError(f"--label-map {str(label_map)!r} maps a segmenter's labels; give --segmenter too")
-    out: dict[str, Callable[[torch.Tensor], bytes]] = {}
+    out: dict[str, Callable[[torch.Tensor], list[bytes]]] = {}
     if "segmentation" in derive:
         annotator = load_segmenter(segmenter, label_map, device=device)
         if annotator.label_map is not None and annotator.label_map.ignored:
@@ -387,14 +402,18 @@ def make_derivers(derive: Sequence[str], segmenter: str | Path | None = None, la
             raise ValueError(f"--segmenter {str(segmenter)!r}: {annotator.num_classes} classes do not fit the uint8 "
                              "seg.png; give --label-map to fewer classes")
         plugin = modalities.get("segmentation", num_classes=annotator.num_classes)
-        out["seg"] = lambda img: _png(plugin.derive(img, {}, annotator=annotator).numpy().astype(np.uint8))
+        out["seg"] = lambda imgs: [_png(m.cpu().numpy().astype(np.uint8))
+                                   for m in plugin.derive(imgs, {}, annotator=annotator)]
     if "depth" in derive:
         depth_annotator = load_depth_model(depth_model, depth_kind, device=device)
         depth_plugin = modalities.get("depth")
-        out["depth"] = lambda img: _png(depth_to_uint16(depth_plugin.derive(img, {}, annotator=depth_annotator)[0]))
+        out["depth"] = lambda imgs: [_png(depth_to_uint16(d[0].cpu()))
+                                     for d in depth_plugin.derive(imgs, {}, annotator=depth_annotator)]
     if "sketch" in derive:
         sketch_plugin = modalities.get("sketch")
-        out["sketch"] = lambda img: _png((sketch_plugin.derive(img, {})[0].numpy() * 255).round().astype(np.uint8))
+        # Canny runs per image (its thresholds adapt to each photo)
+        out["sketch"] = lambda imgs: [_png((sketch_plugin.derive(img, {})[0].numpy() * 255).round().astype(np.uint8))
+                                      for img in imgs]
     return out
 
 
@@ -420,7 +439,7 @@ def in_validation(stem: str, fraction: float) -> bool:
 def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, depth: str | Path | None = None,
                 sketch: str | Path | None = None, captions: str | Path | None = None,
                 maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], bytes]] | None = None,
-                val_fraction: float = 0.0) -> PackReport:
+                val_fraction: float = 0.0, batch_size: int = 16) -> PackReport:
     """Pack ``images`` (+ maps paired by stem, + captions) into shards ``out % 0, out % 1, ...``.
 
     Args:
@@ -432,12 +451,13 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
         derivers: ``make_derivers(...)``: maps a sample lacks are derived from its image.
         val_fraction: this fraction of the samples (by a hash of the stem, :func:`in_validation`) goes to
             validation shards beside the training ones (:func:`val_pattern`); 0 = none.
+        batch_size: images per annotator call when deriving (same-size images are batched).
     Returns: a ``PackReport``; problems are also logged at WARNING, each by file name.
     """
     # 1. check arguments and index the folders
     check_pattern(out)
-    if maxcount < 1:
-        raise ValueError(f"--maxcount must be >= 1, got {maxcount}")
+    if maxcount < 1 or batch_size < 1:
+        raise ValueError(f"--maxcount and --batch-size must be >= 1, got {maxcount} and {batch_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a fraction in [0, 1), got {val_fraction}")
     report = PackReport()
@@ -454,23 +474,31 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
     stems = _pair(image_files, maps, folders, caps, Path(captions).name if captions else "", report, list(derivers))
     used: set[str] = set()
     with AtomicShardSink(out, maxcount) as sink, AtomicShardSink(val_pattern(out), maxcount) as val_sink:
-        for stem in tqdm(stems, desc="mcm data pack", unit="sample", disable=None):
-            sample_maps = {w: files[stem] for w, files in maps.items() if stem in files}
-            try:
-                sample = _build_sample(_sample_key(stem, used), stem, image_files[stem], sample_maps,
-                                       caps[stem] if caps is not None else None, derivers)
-            except SampleError as e:
-                getattr(report, e.kind).append(e.problem)
-                continue
-            if sample["__key__"] != stem:
-                report.renamed_keys[stem] = sample["__key__"]
-            val = in_validation(stem, val_fraction)
-            (val_sink if val else sink).write(sample)
-            report.packed += 1
-            report.val_packed += val
-            report.without_sketch += "sketch" in maps and "sketch.png" not in sample
-            for what in json.loads(sample["json"]).get("derived", []):
-                report.derived[what] = report.derived.get(what, 0) + 1
+        bar = tqdm(total=len(stems), desc="mcm data pack", unit="sample", disable=None)
+        for start in range(0, len(stems), batch_size):  # a chunk at a time: the annotators run batched
+            chunk = []
+            for stem in stems[start:start + batch_size]:
+                sample_maps = {w: files[stem] for w, files in maps.items() if stem in files}
+                try:
+                    chunk.append(_build_sample(_sample_key(stem, used), stem, image_files[stem], sample_maps,
+                                               caps[stem] if caps is not None else None, derivers))
+                except SampleError as e:
+                    getattr(report, e.kind).append(e.problem)
+            derive_maps(chunk, derivers)
+            for sample in chunk:
+                stem = json.loads(sample["json"])["stem"]
+                if sample["__key__"] != stem:
+                    report.renamed_keys[stem] = sample["__key__"]
+                val = in_validation(stem, val_fraction)
+                (val_sink if val else sink).write(sample)
+                report.packed += 1
+                report.val_packed += val
+                report.without_sketch += "sketch" in maps and "sketch.png" not in sample
+                for what in json.loads(sample["json"]).get("derived", []):
+                    report.derived[what] = report.derived.get(what, 0) + 1
+            bar.update(min(batch_size, len(stems) - start))
+            bar.set_postfix(packed=report.packed, skipped=report.skipped, refresh=False)
+        bar.close()
     report.shards, report.val_shards = sink.shards, val_sink.shards
     log_report(report)
     return report
@@ -501,7 +529,8 @@ def _cmd_pack(a: argparse.Namespace) -> int:
         derive = [x for arg in (a.derive or []) for x in arg.split(",") if x]
         derivers = make_derivers(derive, a.segmenter, a.label_map, a.depth_model, a.depth_kind, a.device)
         report = pack_folder(a.images, a.out, seg=a.seg, depth=a.depth, sketch=a.sketch, captions=a.captions,
-                             maxcount=a.maxcount, derivers=derivers, val_fraction=a.val_fraction)
+                             maxcount=a.maxcount, derivers=derivers, val_fraction=a.val_fraction,
+                             batch_size=a.batch_size)
     except (ValueError, OSError) as e:
         log.error("mcm data pack: %s", e)
         return 2
@@ -532,6 +561,8 @@ def add_command(data: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-model", metavar="DIR", help="--derive depth: local transformers depth model dir")
     p.add_argument("--depth-kind", choices=("auto", "inverse", "metric"), default="auto",
                    help="--depth-model output: inverse depth (DPT, Depth Anything) or metric (default auto: by type)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per annotator call when deriving (same-size photos are batched; default 16)")
     p.add_argument("--device", default="auto", type=resolve_device,
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=_cmd_pack)

@@ -76,12 +76,13 @@ class Depth(Modality):
         return torch.from_numpy(arr.astype(np.float32) / top)[None]  # (1, H, W)
 
     def derive(self, image: torch.Tensor, sample: Mapping[str, Any], annotator: Any = None) -> torch.Tensor:
-        """Depth ``(1, H, W)`` in [0, 1] (0 = nearest) of a local depth model, validated; none without one."""
+        """Depth ``(1, H, W)`` in [0, 1] (0 = nearest) of a local depth model, validated; none without one.
+        A batch ``(B, 3, H, W)`` of same-size images gives ``(B, 1, H, W)`` in one model call."""
         if annotator is None:
             return super().derive(image, sample)
-        depth = annotator.depth(image[None])[0].float()
-        self.validate(depth[None])
-        return depth
+        depth = annotator.depth(image if image.ndim == 4 else image[None]).float()
+        self.validate(depth)
+        return depth if image.ndim == 4 else depth[0]
 
     def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random monotone gamma, then small gaussian noise, clamped to [0, 1]."""

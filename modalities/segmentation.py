@@ -142,15 +142,16 @@ class Segmentation(Modality):
         return self._decode_key(sample, "seg.png")
 
     def derive(self, image: torch.Tensor, sample: Mapping[str, Any], annotator: Any = None) -> torch.Tensor:
-        """Labels ``(H, W)`` int64 of a local segmenter (``modalities.annotators.load_segmenter``), validated.
+        """Labels ``(H, W)`` int64 of a local segmenter (``modalities.annotators.load_segmenter``), validated;
+        a batch ``(B, 3, H, W)`` of same-size images gives ``(B, H, W)`` in one segmenter call.
 
         Without ``annotator`` there is nothing to derive from: the base class's error.
         """
         if annotator is None:
             return super().derive(image, sample)
-        labels = annotator.segment(image[None])[0].long()
-        self.validate(labels[None])
-        return labels
+        labels = annotator.segment(image if image.ndim == 4 else image[None]).long()
+        self.validate(labels)
+        return labels if image.ndim == 4 else labels[0]
 
     def augment(self, raw: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Off by default (the map untouched); with ``soft_prob`` > 0 see :meth:`soften`."""

@@ -224,10 +224,9 @@ def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
     samples = read_shard_members(sorted(str(p) for p in out.parent.glob("*.tar")))
     assert sorted(samples) == ["im0", "im1", "im2"]
     batch = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images.values()]).float() / 255
-    ids = load_segmenter(seg_dir, labels).segment(batch)
-    # one image at a time, as pack runs it (batched convolutions round differently in the last bit)
-    estimator = load_depth_model(depth_dir)
-    depth = torch.cat([estimator.depth(batch[i:i + 1]) for i in range(len(batch))])
+    # batched as pack runs them (same-size photos, one call per map): seg for im1, im2; depth for all three
+    ids = torch.cat([torch.zeros_like(batch[:1, 0]).long(), load_segmenter(seg_dir, labels).segment(batch[1:])])
+    depth = load_depth_model(depth_dir).depth(batch)
     for i, stem in enumerate(images):
         seg = png_array(samples[stem]["seg.png"])
         assert seg.dtype == np.uint8
@@ -237,6 +236,16 @@ def test_pack_derives_seg_and_depth_members(seg_dir, depth_dir, tmp_path):
         np.testing.assert_array_equal(d16, np.round(depth[i, 0].double().numpy() * 65535).astype(np.uint16))
         meta = json.loads(samples[stem]["json"])
         assert meta["derived"] == (["depth"] if stem == "im0" else ["seg", "depth"])
+    # one image per annotator call gives the same maps (depth: batched kernels may round the last bit apart)
+    out1 = tmp_path / "shards1" / "train-%06d.tar"
+    assert run_tool_command(["data", "pack", "--images", str(tmp_path / "images"), "--seg", str(tmp_path / "seg"),
+                             "--out", str(out1), "--derive", "segmentation,depth", "--segmenter", str(seg_dir),
+                             "--label-map", str(labels), "--depth-model", str(depth_dir), "--batch-size", "1"]) == 0
+    one_by_one = read_shard_members(sorted(str(p) for p in out1.parent.glob("*.tar")))
+    for stem in images:
+        np.testing.assert_array_equal(png_array(one_by_one[stem]["seg.png"]), png_array(samples[stem]["seg.png"]))
+        diff = np.abs(png_array(one_by_one[stem]["depth.png"]).astype(int) - png_array(samples[stem]["depth.png"]))
+        assert diff.max() <= 1, diff.max()
     # an "ignore" label map has no meaning in a derived seg.png; a model without --derive is a mistake
     labels.write_text(json.dumps({"sky": "ignore"}))
     args = ["data", "pack", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "x" / "t-%06d.tar")]
