@@ -240,7 +240,7 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
         console.print(f"  ... and {len(summary['problems']) - 20} more")
 
 
-def run_inspect(spec: str, max_samples: int | None) -> int:
+def run_inspect(spec: str | list[str], max_samples: int | None) -> int:
     """CLI body: 0 when every sample read cleanly, 1 when anything was unreadable or empty, 2 on bad args."""
     try:
         summary = inspect_shards(spec, max_samples)
@@ -256,6 +256,7 @@ def add_inspect_command(data: argparse._SubParsersAction) -> None:
     """Attach ``mcm data inspect`` (called from ``datamodules.pack.add_command``)."""
     i = data.add_parser("inspect", help="summarise shards: counts, keys, sizes, labels, depth, captions; "
                                         "exit code 1 if anything is unreadable")
-    i.add_argument("shards", help="shard path, glob or brace pattern, e.g. 'out/train-{000000..000009}.tar'")
+    i.add_argument("shards", nargs="+", help="shard paths, globs or brace patterns, e.g. "
+                   "'out/train-{000000..000009}.tar' 'out/val-*.tar' (summarised together)")
     i.add_argument("--max-samples", type=int, default=None, help="stop after this many samples")
     i.set_defaults(func=lambda a: run_inspect(a.shards, a.max_samples))

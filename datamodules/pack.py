@@ -204,6 +204,10 @@ READERS = {"seg": read_seg, "depth": read_depth, "sketch": read_sketch}
 
 # ---- pairing by stem --------------------------------------------------------------------------
 
+#: the metadata files a diffusers / HF imagefolder keeps beside its images: not images, and expected there
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
 def _index_dir(folder: Path, exts: tuple[str, ...], what: str) -> dict[str, list[Path]]:
     """stem -> files of ``folder`` with one of ``exts`` (more than one file means an ambiguous stem)."""
     if not folder.is_dir():
@@ -211,7 +215,7 @@ def _index_dir(folder: Path, exts: tuple[str, ...], what: str) -> dict[str, list
     by_stem: dict[str, list[Path]] = {}
     ignored = []
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or p.name in IMAGEFOLDER_METADATA:
             continue
         if p.suffix.lower() in exts:
             by_stem.setdefault(p.stem, []).append(p)

@@ -55,3 +55,19 @@ def tiny_sd3_dir(tmp_path_factory):
     from tiny_models import make_tiny_sd3
 
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="session")
+def seg_dir(tmp_path_factory):
+    """A tiny random SegFormer directory (labels wall, person, car, sky)."""
+    from tiny_models import make_tiny_segformer
+
+    return make_tiny_segformer(tmp_path_factory.mktemp("segformer"))
+
+
+@pytest.fixture(scope="session")
+def depth_dir(tmp_path_factory):
+    """A tiny random DPT depth directory."""
+    from tiny_models import make_tiny_dpt
+
+    return make_tiny_dpt(tmp_path_factory.mktemp("dpt"))

@@ -16,52 +16,7 @@ from torch.nn import functional as F
 
 from modalities.annotators import IGNORE, AnnotatorError, LabelMap, load_depth_model, load_segmenter
 
-LABELS = {0: "wall", 1: "person", 2: "car", 3: "sky"}
-
-
-def _jitter(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Random matrices large enough that outputs vary over the image (the default init is nearly flat)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-@pytest.fixture(scope="module")
-def seg_dir(tmp_path_factory) -> Path:
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
-
-    cfg = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
-                          decoder_hidden_size=16, num_labels=4, id2label=LABELS,
-                          label2id={v: k for k, v in LABELS.items()})
-    torch.manual_seed(0)
-    model = SegformerForSemanticSegmentation(cfg)
-    with torch.no_grad():  # spread the logits so that every class wins somewhere
-        model.decode_head.classifier.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("segformer")
-    model.save_pretrained(path)
-    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def depth_dir(tmp_path_factory) -> Path:
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    cfg = DPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
-                    patch_size=8, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], fusion_hidden_size=16,
-                    reassemble_factors=[2, 1], head_in_index=-1)
-    torch.manual_seed(0)
-    model = DPTForDepthEstimation(cfg)
-    _jitter(model, 1)
-    with torch.no_grad():
-        model.head.head[4].bias.fill_(1.0)  # the head ends in a ReLU: keep most pixels above 0
-    path = tmp_path_factory.mktemp("dpt")
-    model.save_pretrained(path)
-    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(path)
-    return path
+from tiny_models import TINY_SEGMENTER_LABELS as LABELS
 
 
 def _own_segformer(path: Path, images: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
@@ -257,6 +257,16 @@ def check_shards(subcommand: str | None, data: Any) -> None:
 
 
 class MCMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        """``--judges.segmenter DIR --judges.label_map FILE --judges.depth_model DIR``: the alignment callback's
+        local judges from the command line (a callback's options sit deep in a list the command line cannot
+        index); applied by :meth:`instantiate_trainer`."""
+        from mcm.cli.alignment_callback import JUDGE_OPTIONS
+
+        for key in JUDGE_OPTIONS:
+            parser.add_argument(f"--judges.{key}", type=Optional[str], default=None,
+                                help=f"AlignmentCallback judges: {key} (sets it on the config's callback, or adds one)")
+
     def before_instantiate_classes(self) -> None:
         """Missing shards end here, in one line, before a run directory or wandb run exists."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -292,10 +302,31 @@ class MCMCLI(LightningCLI):
             # a user's own `trainer:` block replaces the experiment's whole trainer section, callbacks included:
             # without this, Lightning's default checkpoint keeps no last.ckpt and `--ckpt_path last` cannot resume
             callbacks.append(required_checkpoint(config))
+        apply_judges(callbacks, self._get(self.config_init, "judges", default=None))
         kwargs["callbacks"] = callbacks
         if kwargs.get("precision", config.get("precision")) is None:
             kwargs["precision"] = default_precision(config.get("accelerator", "auto"), torch.cuda.is_available())
         return super().instantiate_trainer(**kwargs)
+
+
+def apply_judges(callbacks: list, judges: Any) -> None:
+    """Set the ``--judges.*`` given on the command line on every :class:`AlignmentCallback` of ``callbacks``
+    (over the config's own judges), or add one with them when the callbacks (a user's own ``trainer:`` block)
+    list none."""
+    from mcm.cli.alignment_callback import AlignmentCallback
+
+    given = {k: v for k, v in dict(vars(judges) if hasattr(judges, "__dict__") else judges or {}).items()
+             if v is not None}
+    if not given:
+        return
+    aligned = [c for c in callbacks if isinstance(c, AlignmentCallback)]
+    for cb in aligned:
+        cb.judges = {**(cb.judges or {}), **given}
+        cb._loaded_judges = None
+    if not aligned:
+        log.info("mcm fit: --judges given and the trainer's callbacks name no AlignmentCallback; added one "
+                 "with its defaults and these judges")
+        callbacks.append(AlignmentCallback(judges=given))
 
 
 def required_checkpoint(trainer_config: dict) -> ModelCheckpoint:

@@ -242,8 +242,9 @@ def add_command(sub) -> None:
     p.add_argument("--data", default=None, help="held-out shards for the conditions (path, glob or brace pattern)")
     p.add_argument("--n", type=int, default=8, help="conditions read from --data (default 8)")
     p.add_argument("--modalities", nargs="+", default=None, help="with --data: only these modalities")
-    p.add_argument("--cond", nargs="+", default=[], metavar="[I:]MODALITY=PATH", help="a map file per modality")
-    p.add_argument("--derive", nargs="+", default=[], metavar="[I:]MODALITY=IMAGE",
+    p.add_argument("--cond", nargs="+", action="extend", default=[], metavar="[I:]MODALITY=PATH",
+                   help="a map file per modality (repeat --cond or list several)")
+    p.add_argument("--derive", nargs="+", action="extend", default=[], metavar="[I:]MODALITY=IMAGE",
                    help="derive the map from an RGB image with the plugin's preprocessing (e.g. sketch edges)")
     p.add_argument("--prompt", default=None, help="text for text-conditional bases (default: --data captions, else '')")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25, DDIM)")
