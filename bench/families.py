@@ -92,12 +92,14 @@ def _build(family: str, latent: int, tiny: bool):
 def setup(family: str, a):
     base, ctx = build(family, a.latent, a.tiny)
     base._apply(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)  # MCMModule(base_dtype=bfloat16)
+    base.to(a.device)
     S = a.latent * 8
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(1, 3, S, S, generator=g) * 2 - 1,
              "segmentation": torch.randint(0, 6, (1, S, S), generator=g),
              "latent": torch.randn(1, base.latent_channels, a.latent, a.latent, generator=g), "text_emb": ctx}
-    return base, batch
+    to = (lambda v: v.to(a.device) if torch.is_tensor(v) else {k: x.to(a.device) for k, x in v.items()})
+    return base, {k: to(v) for k, v in batch.items()}
 
 
 def mcm_module(base):
@@ -105,12 +107,13 @@ def mcm_module(base):
 
     with mock.patch.object(FrozenBase, "from_pretrained", lambda *x, **k: base):
         m = MCMModule(base="in-memory", modalities=SEG, caption_dropout=0.0, **PAPER_MCM)
+    m.to(base.device)
     return m, m.configure_optimizers()["optimizer"]
 
 
 def base_forward(base, batch):
     fp = mcm_fp(base)
-    t = fp.sample_timesteps(1, "cpu")
+    t = fp.sample_timesteps(1, batch["latent"].device)
     return base.predict(fp.add_noise(batch["latent"], torch.randn_like(batch["latent"]), t), t, batch["text_emb"])
 
 
@@ -129,7 +132,7 @@ def mcm_fp(base):
 def controlnet_parts(base):
     from mcm.models.controlnet import ControlNetAdapter
 
-    adapter = ControlNetAdapter.from_base(base, SEG)
+    adapter = ControlNetAdapter.from_base(base, SEG).to(base.device)
     from mcm.training.adapter_module import adamw
 
     return adapter, adamw(adapter.parameters(), lr=1e-5)
@@ -138,10 +141,10 @@ def controlnet_parts(base):
 def controlnet_step(base, adapter, opt, batch):
     fp = mcm_fp(base)
     x0 = batch["latent"]
-    noise, t = torch.randn_like(x0), fp.sample_timesteps(1, "cpu")
+    noise, t = torch.randn_like(x0), fp.sample_timesteps(1, x0.device)
     x_t = fp.add_noise(x0, noise, t)
     state = adapter.encode_conditions({"segmentation": batch["segmentation"]}, None, tuple(x0.shape[-2:]), 1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16):
         pred = adapter.controlled_prediction(base, x_t, t, batch["text_emb"], state, 1.0, None)
     loss = fp.loss(pred, fp.target(x0, noise, t), t)
     loss.backward()
@@ -156,7 +159,7 @@ def training_bytes(n_params: int) -> int:
 
 
 def child(family: str, a) -> dict:
-    mem = C.PeakMemory("cpu")
+    mem = C.PeakMemory(a.device)
     base, batch = setup(family, a)
     out = {"base_params": base.num_parameters(), "denoiser_params": sum(p.numel() for p in base.unet.parameters())}
     out["peak_base_inference"] = mem.measure(lambda: base_forward(base, batch), repeat=1)
@@ -174,7 +177,8 @@ def child(family: str, a) -> dict:
                                                                    conditioning_channels=6).parameters())
         out["controlnet_params"] = n_cn
         out["controlnet_training_bytes_needed"] = training_bytes(n_cn) + out["peak_base_inference"]
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = (torch.cuda.get_device_properties(a.device).total_memory if a.device.startswith("cuda")
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         if out["controlnet_training_bytes_needed"] < 0.8 * total:
             adapter, cn_opt = controlnet_parts(base)
             cn = (adapter, cn_opt)
@@ -186,7 +190,7 @@ def child(family: str, a) -> dict:
                                          f"{n_cn / 1e9:.2f}B trainable parameters + the base), this machine has "
                                          f"{total / 2**30:.1f} GiB")
     mem.release()
-    out["times"] = C.interleaved(fns, a.reps, 1, "cpu", order=order)
+    out["times"] = C.interleaved(fns, a.reps, 1, a.device, order=order)
     t = {k: v["median_s"] for k, v in out["times"].items()}
     out["mcm_step_over_base_forward"] = t["mcm_step"] / t["base_forward"]
     out["mcm_peak_mem_over_base_inference"] = out["peak_mcm_step"] / out["peak_base_inference"]
@@ -194,6 +198,7 @@ def child(family: str, a) -> dict:
     if cn is not None:
         out["controlnet_step_over_mcm_step"] = t["controlnet_step"] / t["mcm_step"]
     out["shapes"] = {"latent": [base.latent_channels, a.latent, a.latent], "batch": 1}
+    out["device"] = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu"
     return out
 
 
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latent", type=int, default=32, help="latent side (image = 8x); small so the steps fit a CPU")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny widths: checks that the script runs (tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for fam in a.models.split(","):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fam, "--latent", str(a.latent),
-               "--reps", str(a.reps)] + (["--tiny"] if a.tiny else [])
+               "--reps", str(a.reps), "--device", a.device] + (["--tiny"] if a.tiny else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith(TAG)]
         if out.returncode or not lines:

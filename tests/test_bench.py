@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # steps run without a Trainer
 
@@ -85,3 +87,28 @@ def test_families_json(tmp_path):
                                   "controlnet_step_over_mcm_step"})
     _finite_numbers(res["sd3"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference"})
     assert res["sdxl"]["controlnet_params"] > 0 and res["sdxl"]["mcm_params"] > 0
+
+
+def test_gpu_suite_runs_its_cpu_parts(tmp_path):
+    """bench/gpu_suite.sh in its tiny mode on this CPU: the cuda tests are collected and skipped (none fails),
+    both benches write their JSON and the GPU table names every ratio; docs/performance.md is left alone."""
+    import os
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    env = {**os.environ, "MCM_GPU_SUITE_TINY": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    suite = ET.parse(tmp_path / "cuda_tests.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 8 and int(suite.get("failures")) == int(suite.get("errors")) == 0
+    if not torch.cuda.is_available():
+        assert int(suite.get("skipped")) == int(suite.get("tests"))
+    table = (tmp_path / "table.md").read_text()
+    for row in ("MCM step / base forward", "ControlNet step / MCM step", "base-free MCM step",
+                "peak memory: base inference / MCM step / ControlNet step"):
+        assert row in table, row
+    _finite_numbers(json.loads((tmp_path / "families_sdxl.json").read_text())["sdxl"],
+                    {"mcm_step_over_base_forward", "controlnet_step_over_mcm_step"})
+    assert (ROOT / "docs" / "performance.md").read_text() == doc
