@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: the two bench models, batches, the four steps, timing, memory.
 
-The bench models (design.md §2, §4):
+The bench models (docs/concepts.md#the-mcm):
 
 - ``shapes32``: the shipped pixel base if ``mcm/weights/shapes32/base`` exists, else a random
   base with the same architecture (``BasePretrainModule``'s defaults); MCM as in
@@ -172,7 +172,7 @@ def build_plugins(m: BenchModel):
 
 
 def control_image(m: BenchModel, batch: dict) -> torch.Tensor:
-    """ControlNet's input: the modality maps as channels at image resolution, concatenated (design.md §4)."""
+    """ControlNet's input: the modality maps as channels at image resolution, concatenated (docs/concepts.md#baselines)."""
     plugins = build_plugins(m)
     return torch.cat([p.to_channels(batch[n]).float() for n, p in plugins.items()], dim=1)
 

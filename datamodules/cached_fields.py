@@ -1,6 +1,6 @@
 """The members ``mcm data encode`` adds to a shard, and turning them back into batch entries.
 
-Member names (design.md §6), each one ``np.save``'d array per sample (never pickled):
+Member names (docs/concepts.md#data-and-shard-keys), each one ``np.save``'d array per sample (never pickled):
 
 - ``latent.npy`` ``(C, h, w)``: model-space ``x0`` of the image as the DataModule presents it without
   random augmentation (resize + centre crop); ``latent_flip.npy``: the same of the mirrored image.

@@ -1,4 +1,4 @@
-"""``mcm data pack``: user folders -> webdataset shards with the keys of design.md §6.
+"""``mcm data pack``: user folders -> webdataset shards with the keys of docs/concepts.md#data-and-shard-keys.
 
 Files are paired by *stem* (file name without extension) across the folders given; only the
 top level of each folder is read.
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MAP_EXTS = {"seg": (".png",), "depth": (".png", ".npy"), "sketch": (".png",)}
 MAP_KEYS = {"seg": "seg.png", "depth": "depth.png", "sketch": "sketch.png"}
-REQUIRED_MAPS = ("seg", "depth")  # a missing sketch is fine: design.md §6 makes it optional
+REQUIRED_MAPS = ("seg", "depth")  # a missing sketch is fine: docs/concepts.md#data-and-shard-keys makes it optional
 
 
 @dataclass

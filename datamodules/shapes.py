@@ -1,4 +1,4 @@
-"""The embedded ``shapes`` dataset (design.md §6): generated, deterministic per (seed, split, index).
+"""The embedded ``shapes`` dataset (docs/concepts.md#data-and-shard-keys): generated, deterministic per (seed, split, index).
 
 Each image holds one to four saturated objects (circle, square, triangle, ring, cross) on a
 desaturated gradient or noise background.  Objects are painted far to near, so nearer ones
@@ -146,7 +146,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def sample_to_wds(sample: ShapesSample, key: str) -> dict:
-    """A webdataset sample dict with the shard keys of design.md §6."""
+    """A webdataset sample dict with the shard keys of docs/concepts.md#data-and-shard-keys."""
     return {
         "__key__": key,
         "png": _png(sample.image),

@@ -3,7 +3,7 @@
 Reference: Ham et al., "Modulating Pretrained Diffusion Models for Multimodal Image
 Synthesis", SIGGRAPH 2023 (arXiv 2302.12764).
 
-Subpackages, whose imports run one way (design.md §7):
+Subpackages, whose imports run one way (docs/architecture.md):
 ``models`` <- ``diffusion`` <- ``pipelines`` <- ``training`` / ``evaluation`` <- ``cli``.
 """
 from __future__ import annotations

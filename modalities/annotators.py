@@ -1,4 +1,4 @@
-"""Annotators from local ``transformers`` models: segmenters and monocular depth models (design.md §12).
+"""Annotators from local ``transformers`` models: segmenters and monocular depth models (docs/judges.md).
 
 They derive the maps a dataset lacks (``mcm data pack --derive``, ``Segmentation.derive`` /
 ``Depth.derive`` with ``annotator=``) and judge samples (``mcm evaluate --segmenter / --depth-model``,

@@ -1,4 +1,4 @@
-"""The modality plugin API (design.md §5).
+"""The modality plugin API (docs/plugins.md).
 
 A modality says how a spatial control is read from a shard, derived from the RGB image
 when the shard lacks it, augmented for training, checked, turned into channels, encoded

@@ -1,4 +1,4 @@
-"""``depth``: 1 channel float in [0, 1], 0 = nearest (design.md §5).
+"""``depth``: 1 channel float in [0, 1], 0 = nearest (docs/plugins.md).
 
 Shard key ``depth.png``: 16-bit PNG (value / 65535) or 8-bit (value / 255).  ``derive`` needs a
 local depth model (``annotator=``, ``modalities.annotators.load_depth_model``, which documents how

@@ -1,4 +1,4 @@
-"""``partial_mask``: a segmentation where some pixels are unknown (label 255) (design.md §5).
+"""``partial_mask``: a segmentation where some pixels are unknown (label 255) (docs/plugins.md).
 
 Channels: K one-hot channels (all zero on unknown pixels) + 1 known-mask channel.  Training
 maps are made from full segmentations by hiding random objects and rectangles

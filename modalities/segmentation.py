@@ -1,4 +1,4 @@
-"""``segmentation``: integer class labels 0..K-1, one-hot into K channels (design.md §5).
+"""``segmentation``: integer class labels 0..K-1, one-hot into K channels (docs/plugins.md).
 
 Shard key ``seg.png`` holds uint8 class ids (for the ``shapes`` dataset: 0 background,
 1 circle, 2 square, 3 triangle, 4 ring, 5 cross).  Soft maps — class probabilities

@@ -1,4 +1,4 @@
-"""``sketch``: 1 channel, strokes = 1 on 0 background (design.md §5).
+"""``sketch``: 1 channel, strokes = 1 on 0 background (docs/plugins.md).
 
 Shard key ``sketch.png`` (greyscale; dark-on-white drawings are inverted).  When absent the
 sketch is derived from the image with kornia's Canny detector (Canny 1986, "A computational

@@ -1,4 +1,4 @@
-"""The package layout (design.md §7): imports run one way, models <- diffusion <- pipelines <-
+"""The package layout (docs/architecture.md): imports run one way, models <- diffusion <- pipelines <-
 training / evaluation <- cli; inference never imports Lightning; adapters are never told apart
 by type in the sampler."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Errors that keep their cause (design.md §13): bad data is wrapped in ``ShardDecodeError`` (shard, key, field,
+"""Errors that keep their cause (docs/reliability.md): bad data is wrapped in ``ShardDecodeError`` (shard, key, field,
 what was expected; the decoder's exception as ``__cause__``), skipped and counted; a bug in a plugin — any
 exception other than a decode / validation error of the data — stops the run with its own type and traceback,
 in the main process and from a data worker alike, and is never counted as a bad sample."""

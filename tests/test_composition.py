@@ -1,4 +1,4 @@
-"""Composition across modules (MCDM, design.md §3): ``p_c = p_u + sum_i w_i (p_i - p_u)`` with each
+"""Composition across modules (MCDM, docs/concepts.md#composition): ``p_c = p_u + sum_i w_i (p_i - p_u)`` with each
 module's own conditions; identities (one module at weight 1 = plain sampling, weights 0 = the
 base), the formula at the denoiser, order invariance, MCM + ControlNet mixes, ``mcm sample``."""
 from __future__ import annotations

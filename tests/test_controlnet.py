@@ -1,4 +1,4 @@
-"""ControlNet baseline (design.md §4): trains through the frozen UNet without changing it, the
+"""ControlNet baseline (docs/concepts.md#baselines): trains through the frozen UNet without changing it, the
 conditioning embedding downsamples like the base, zero-conv no-op at init, checkpoint/export/
 reload/sample round trip, ``mcm evaluate`` on an exported ControlNet."""
 from __future__ import annotations

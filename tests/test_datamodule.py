@@ -1,4 +1,4 @@
-"""``ShardDataModule`` / ``ShardStream``: exact counts, alignment, rank split, bad data, safety (design.md §6).
+"""``ShardDataModule`` / ``ShardStream``: exact counts, alignment, rank split, bad data, safety (docs/concepts.md#data-and-shard-keys).
 
 Shards are tiny (``shapes`` 32x32, or hand-made 16x16 ones from ``shard_fixtures``) and
 everything runs in the main process except the one ``num_workers=2`` check.

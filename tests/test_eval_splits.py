@@ -1,4 +1,4 @@
-"""Exact evaluation splits (design.md §13): val / test / predict read every sample of their shards exactly once
+"""Exact evaluation splits (docs/reliability.md): val / test / predict read every sample of their shards exactly once
 across ranks and workers (uneven shards, a last partial batch, no padding), their ``len`` is the number of
 batches each rank gets, and validation draws fixed noise and timesteps per sample (seeded by its key): two
 validations of the same weights give the same loss, whatever the batch size.

@@ -1,4 +1,4 @@
-"""``FrozenBase``: loads every base layout offline and refuses, loudly, to be trained (design.md §2, §8).
+"""``FrozenBase``: loads every base layout offline and refuses, loudly, to be trained (docs/concepts.md#the-mcm).
 
 Runs over the tiny Stable Diffusion, tiny pixel (shapes32 format) and tiny unconditional
 bases from ``tiny_models``, and over the shipped ``shapes32`` base when it is installed.

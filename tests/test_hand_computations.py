@@ -1,7 +1,7 @@
 """The method's formulas against hand computations, with modules off their zero init (non-zero gamma and beta),
 so that every check can fail: the modulation ``p + s (p gamma + beta)``, the MCM training loss, classifier-free
 guidance combined with modulation and with composition (one reference step written out here, then the
-scheduler's step), and partial modulation windows on the noise level (design.md §2, §3).
+scheduler's step), and partial modulation windows on the noise level (docs/concepts.md#the-mcm).
 
 The network outputs (the base's ``p``, the MCM's ``(gamma, beta)``) come from the modules; everything the
 framework does with them is recomputed here by hand, in the order the paper writes it.

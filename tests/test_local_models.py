@@ -1,4 +1,4 @@
-"""Annotators and judges from local ``transformers`` models (design.md §12): tiny random SegFormer and DPT
+"""Annotators and judges from local ``transformers`` models (docs/judges.md): tiny random SegFormer and DPT
 saved with ``save_pretrained`` and loaded back through the code path a user's checkpoint takes;
 every value is recomputed here from the model's own output."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact resume (design.md §13): a ``shapes32`` fit killed with SIGKILL and resumed with ``--ckpt_path last``
+"""Exact resume (docs/reliability.md): a ``shapes32`` fit killed with SIGKILL and resumed with ``--ckpt_path last``
 ends with the MCM weights, EMA weights, optimizer moments and learning rate of the uninterrupted run, bit for
 bit on CPU; so does a run stopped by ``max_time``.  Plus the pieces one by one: random states
 (``RNGState``), the data loader's position (``FixedLengthLoader.state_dict``), per-sample augmentation.

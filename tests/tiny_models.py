@@ -1,6 +1,6 @@
 """Tiny random base models for tests, built offline and deterministically (diffusers test habit).
 
-Three layouts ``FrozenBase.from_pretrained`` must load (design.md §8):
+Three layouts ``FrozenBase.from_pretrained`` must load (docs/families.md):
 
 - ``make_tiny_sd``: a Stable-Diffusion-1.5-layout directory (latent, x8 VAE, CLIP text
   encoder + CLIP BPE tokenizer, PNDM with SD 1.5's scheduler config, ``model_index.json``).

@@ -26,7 +26,7 @@ import path, ``"none"`` = off).  Left out, a base's shipped judges are used (onl
 no judge at all a warning says so once and only ``sketch_f1`` (an edge detector, no learned judge) is logged.
 
 It lives in ``mcm/cli`` because it joins the two layer-3 packages, training (``log_image_grid``) and
-evaluation (sampling and scores), which may not import each other (design.md §7).
+evaluation (sampling and scores), which may not import each other (docs/architecture.md).
 
 Cost, measured on the multimodal ``shapes32`` job (2 CPU cores shared with other training runs, so noisy;
 ``AlignmentCallback().measure(module, data)`` timed in one process alternately with training steps of batch 32;

@@ -5,7 +5,7 @@
     mcm sample --modules seg_export --cond segmentation=labels.png --prompt "a red circle" --out one.png
     mcm sample --modules sketch_export --derive sketch=photo.png --out from_photo.png
 
-Several modules compose by MCDM (design.md §3): ``p_c = p_u + sum_i w_i (p_i - p_u)``, each
+Several modules compose by MCDM (docs/concepts.md#composition): ``p_c = p_u + sum_i w_i (p_i - p_u)``, each
 module with its own conditions.  Conditions come from held-out shards (``--data``: each
 module gets the modalities it knows) or from files: ``--cond [I:]MODALITY=map.png`` reads a
 map, ``--derive [I:]MODALITY=image.png`` derives it from an RGB image with the plugin's own

@@ -1,4 +1,4 @@
 """The math of diffusion around a frozen base: training forward process, sampling loop, composition.
 
-Imports only from ``mcm.models`` (design.md §7).
+Imports only from ``mcm.models`` (docs/architecture.md).
 """

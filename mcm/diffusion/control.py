@@ -1,4 +1,4 @@
-"""A frozen base controlled by adapters, composed (design.md §2, §3).
+"""A frozen base controlled by adapters, composed (docs/concepts.md#the-mcm).
 
 Per step, the predictor gives: the base alone outside the modulation window or without
 controls; one adapter's ``controlled_prediction`` when a single adapter has weight 1; else

@@ -4,7 +4,7 @@ Built as diffusers' train scripts do (``train_controlnet.py``, ``train_text_to_i
 ``DDPMScheduler.from_config(base scheduler config)`` keeps the base's betas, schedule,
 ``prediction_type`` and zero-SNR rescaling, whatever inference scheduler the directory ships.
 Euler's ``add_noise`` would give ``x0 + sigma * eps`` (not variance preserving) and PNDM has
-no ``get_velocity``; the forward process of training never depends on them (design.md §2).
+no ``get_velocity``; the forward process of training never depends on them (docs/concepts.md#the-mcm).
 """
 from __future__ import annotations
 

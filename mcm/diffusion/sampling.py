@@ -132,7 +132,7 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
 
     Guidance is on when ``guidance_scale > 1`` and there is an unconditional context, as in
     diffusers; then both branches go through ``predict`` as one batched call ``[uncond; cond]``,
-    so adapters modulate both branches in one call too (design.md §2).
+    so adapters modulate both branches in one call too (docs/concepts.md#the-mcm).
     """
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):

@@ -1,4 +1,4 @@
-"""Strength maps and schedules, region masks (design.md §2, §3).
+"""Strength maps and schedules, region masks (docs/concepts.md#the-mcm).
 
 ``strength`` is a float, a spatial map ``S(x, y)`` (image space, resized to model space), a per-step
 schedule ``S(t)`` (a list with one value per inference step, value ``i`` at step ``i``, noisiest first, whatever

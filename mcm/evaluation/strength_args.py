@@ -1,7 +1,7 @@
 """Command-line forms of regional and scheduled control, shared by ``mcm sample``, ``mcm demo`` and
 ``mcm evaluate``: ``--strength-map PNG``, ``--strength-schedule S1,S2,...``, ``--window LOW HIGH``.
 
-They turn into what ``MCMPipeline`` takes (design.md §2): a map, a per-step list or ``(map, schedule)``,
+They turn into what ``MCMPipeline`` takes (docs/concepts.md#the-mcm): a map, a per-step list or ``(map, schedule)``,
 each times the float ``--strength`` (or 1 when it is left to the modules' defaults).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
 """Networks: the frozen base, the MCM and the baseline adapters (ControlNet, T2I-Adapter).
 
-The lowest layer of ``mcm`` (design.md §7): imports nothing from the other subpackages.
+The lowest layer of ``mcm`` (docs/architecture.md): imports nothing from the other subpackages.
 """

@@ -1,4 +1,4 @@
-"""The one protocol every adapter of a frozen base implements (design.md §10).
+"""The one protocol every adapter of a frozen base implements (docs/architecture.md).
 
 MCM, ControlNet and T2I-Adapter differ in *how* they control the base, not in how the
 sampler and composition use them.  Each:

@@ -1,4 +1,4 @@
-"""ControlNet as an adapter of the frozen base (Zhang & Agrawala, arXiv 2302.05543; design.md §4).
+"""ControlNet as an adapter of the frozen base (Zhang & Agrawala, arXiv 2302.05543; docs/concepts.md#baselines).
 
 ``ControlNetAdapter`` wraps diffusers' ``ControlNetModel.from_unet(base.unet)`` — a trainable
 copy of the base UNet's encoder and middle block whose zero-convolution outputs are added

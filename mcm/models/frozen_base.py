@@ -1,6 +1,6 @@
 """``FrozenBase``: a pretrained diffusers model that adapters control but never train.
 
-One interface per base family (design.md §11): ``encode_context`` (prompts or class labels) and
+One interface per base family (docs/families.md): ``encode_context`` (prompts or class labels) and
 ``uncond_context`` (the guidance branch), ``predict(x_t, t, context)`` in the family's prediction
 type, ``encode_images`` / ``decode``, and facts (sizes, channels, hash).  This class is the SD 1.x /
 2.x family (latent, CLIP text) and the pixel UNets (``shapes32``, unconditional ``UNet2DModel``);

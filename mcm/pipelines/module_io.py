@@ -16,7 +16,7 @@ from mcm.models.frozen_base import WEIGHTS_DIR, FrozenBase, check_base
 
 BUILTIN_MODULES = {
     "shapes32": WEIGHTS_DIR / "shapes32" / "mcm_multimodal",
-    # single-modality modules trained on disjoint halves of the data, to compose (design.md §3)
+    # single-modality modules trained on disjoint halves of the data, to compose (docs/concepts.md#composition)
     "shapes32_compose_segmentation": WEIGHTS_DIR / "shapes32" / "compose_segmentation",
     "shapes32_compose_sketch": WEIGHTS_DIR / "shapes32" / "compose_sketch",
 }

@@ -62,7 +62,7 @@ def _default_scheduler(base: FrozenBase):
 
     The base directory's own, as diffusers' pipelines do (SD's PNDM, SDXL's Euler, SD3's flow matching), so
     ``from_pretrained(dir, modules=[])`` gives the family pipeline's images with no scheduler swap; DDIM
-    (design.md §2) where the directory ships DDPM, a training scheduler (the embedded ``shapes32``).
+    (docs/concepts.md#the-mcm) where the directory ships DDPM, a training scheduler (the embedded ``shapes32``).
     """
     if type(base.scheduler).__name__ == "DDPMScheduler":
         return DDIMScheduler.from_config(base.scheduler.config)
@@ -118,7 +118,7 @@ class MCMPipeline(DiffusionPipeline):
         * ``from_pretrained("path/to/exported_mcm")``: an ``mcm export`` directory; its base is
           read from ``mcm_base.json`` unless ``base`` is given;
         * ``from_pretrained(base, modules=[mcm_a, mcm_b], weights=[1, 1])``: compose several
-          adapters on ``base`` (design.md §3); ``modules=[]`` gives the base alone;
+          adapters on ``base`` (docs/concepts.md#composition); ``modules=[]`` gives the base alone;
         * ``from_pretrained(dir)`` of a directory written by ``MCMPipeline.save_pretrained``.
         """
         path = Path(str(name_or_path))

@@ -1,4 +1,4 @@
-"""``AdapterModule``: what every adapter's LightningModule shares (design.md §10).
+"""``AdapterModule``: what every adapter's LightningModule shares (docs/architecture.md).
 
 It holds the frozen base outside the module tree (not a submodule), so the base's parameters
 are never in ``.parameters()``: never in the optimizer, DDP's reducer or a checkpoint (which

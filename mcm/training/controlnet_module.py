@@ -1,4 +1,4 @@
-"""``ControlNetModule``: the ControlNet baseline trained against the same frozen base (design.md §4).
+"""``ControlNetModule``: the ControlNet baseline trained against the same frozen base (docs/concepts.md#baselines).
 
 Selected by ``class_path: mcm.ControlNetModule`` in an experiment YAML; same data, plugins,
 dropout, logging and checkpoints as ``MCMModule`` (:class:`AdapterModule`).  Training is the

@@ -3,7 +3,7 @@
 Works for every adapter LightningModule (MCM, ControlNet, T2I-Adapter): the checkpoint's config
 key says which adapter to rebuild.  ``--strength S`` records ``default_strength = S`` in the
 export's config (what ``strength=None`` samples at); the weights are the trained ones, never
-rescaled (design.md §2).
+rescaled (docs/concepts.md#the-mcm).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The frozen base's predictions for K noise draws per sample, cached in shards (design.md §6, issue #17).
+"""The frozen base's predictions for K noise draws per sample, cached in shards (docs/concepts.md#data-and-shard-keys, issue #17).
 
 The MCM modulates ``p = f(x_t, t, y)`` of a base that takes no gradient, so ``p`` does not depend on the
 MCM: computed once per (sample, t, noise) by ``mcm data encode --predictions K``, it serves every later

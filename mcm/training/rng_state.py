@@ -1,4 +1,4 @@
-"""``RNGState``: a resumed run draws the random numbers the uninterrupted one would have (design.md §13).
+"""``RNGState``: a resumed run draws the random numbers the uninterrupted one would have (docs/reliability.md).
 
 Lightning checkpoints the weights, optimizer, learning-rate schedulers and loops, but not the random
 generators: a run resumed with ``--ckpt_path last`` started its noise, timesteps, modality and

@@ -1,4 +1,4 @@
-"""The judges of one evaluation, shipped or local: :func:`build_judges` -> :class:`Judges` (design.md §12).
+"""The judges of one evaluation, shipped or local: :func:`build_judges` -> :class:`Judges` (docs/judges.md).
 
 Every judge is a :class:`~mcm.evaluation.judges.Judge`: ``predict(images)`` gives labels ``(B, H, W)``
 or depth ``(B, 1, H, W)`` at the input size, ``features(images)`` the FID/KID space, ``name`` where it
