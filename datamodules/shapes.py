@@ -174,16 +174,24 @@ def _write_shard(args: tuple[str, str, int, int, int, int, int]) -> int:
 
 
 def write_shapes_shards(out: str | Path, train: int, val: int, size: int = 32, seed: int = 0,
-                        shard_size: int = 500, workers: int | None = None) -> dict[str, list[str]]:
-    """Write ``out/train-000000.tar ...`` and ``out/val-000000.tar ...``; returns the shard paths."""
+                        shard_size: int = 500, workers: int | None = None, test: int = 0) -> dict[str, list[str]]:
+    """Write ``out/train-000000.tar ...``, ``out/val-000000.tar ...`` and, with ``test`` > 0,
+    ``out/test-000000.tar ...``; returns the shard paths per split.
+
+    Each split draws from its own seed stream (``make_sample(seed, index, size, split)``), so the ``test``
+    samples never coincide with ``val`` ones and adding a split changes none of the others: choices are made
+    on ``val``, figures reported on ``test``.
+    """
     if size < 8:
         raise ValueError(f"--size must be >= 8 pixels, got {size}")
-    if train < 0 or val < 0 or train + val == 0:
-        raise ValueError(f"--train and --val must be >= 0 and not both 0, got train={train} val={val}")
+    if train < 0 or val < 0 or test < 0 or train + val + test == 0:
+        raise ValueError(f"--train, --val and --test must be >= 0 and not all 0, got train={train} val={val} "
+                         f"test={test}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs, written = [], {"train": [], "val": []}
-    for split, n in (("train", train), ("val", val)):
+    counts = {"train": train, "val": val, "test": test}
+    jobs, written = [], {split: [] for split, n in counts.items() if n or split != "test"}
+    for split, n in counts.items():
         for shard, start in enumerate(range(0, n, shard_size)):
             path = str(out / f"{split}-{shard:06d}.tar")
             jobs.append((path, split, seed, size, start, min(start + shard_size, n), shard))
@@ -192,7 +200,8 @@ def write_shapes_shards(out: str | Path, train: int, val: int, size: int = 32, s
     with ProcessPoolExecutor(max_workers=workers) as pool:
         total = sum(pool.map(_write_shard, jobs))
     info = {"dataset": "shapes", "size": size, "seed": seed, "classes": list(CLASS_NAMES),
-            "counts": {"train": train, "val": val}, "shards": {k: [Path(p).name for p in v] for k, v in written.items()}}
+            "counts": {k: v for k, v in counts.items() if k in written},
+            "shards": {k: [Path(p).name for p in v] for k, v in written.items()}}
     (out / "info.json").write_text(json.dumps(info, indent=2))
     log.info("wrote %d samples in %d shards to %s", total, len(jobs), out)
     return written

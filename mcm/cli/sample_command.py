@@ -115,35 +115,45 @@ def regions_arg(a: argparse.Namespace, n_modules: int) -> list | None:
 # ---- 2. sampling ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_rows(pipe, conds: list[dict[str, torch.Tensor]], prompts: list[str] | None, n: int,
-                a: argparse.Namespace) -> list[torch.Tensor]:
-    """Per seed: [base alone, each module alone] (``--compare``), then the composed samples."""
+                a: argparse.Namespace) -> tuple[list[torch.Tensor], list[str]]:
+    """Per seed: [base alone, each module alone] (``--compare``), then the composed samples; and a label per row
+    (what was sampled, the weights and the scale, the seed of the row's first column)."""
     from mcm.evaluation.evaluate import SEED_STRIDE
+    from mcm.pipelines.grids import adapter_display_name
     from mcm.pipelines.pipeline import MCMPipeline
+
+    def name(m, w) -> str:
+        return f"{adapter_display_name(m)} [{', '.join(m.modality_names)}]" + (f" x{w:g}" if w != 1 else "")
 
     regions = regions_arg(a, len(pipe.modules))
     variants = []
     if a.compare:
-        variants.append((MCMPipeline.from_base(pipe.base, [], scheduler=pipe.scheduler), [], None))
+        variants.append((MCMPipeline.from_base(pipe.base, [], scheduler=pipe.scheduler), [], None, "base alone"))
         if len(pipe.modules) > 1 or pipe.weights != [1.0]:  # each alone, at its weight (and in its region)
             variants += [(MCMPipeline.from_base(pipe.base, [m], weights=[w], scheduler=pipe.scheduler), [c],
-                          None if regions is None else [regions[i]])
+                          None if regions is None else [regions[i]], name(m, w) + " alone")
                          for i, (m, c, w) in enumerate(zip(pipe.modules, conds, pipe.weights))]
-    variants.append((pipe, conds, regions))
+    label = " + ".join(name(m, w) for m, w in zip(pipe.modules, pipe.weights)) or "base alone"
+    variants.append((pipe, conds, regions, ("composed: " if len(pipe.modules) > 1 else "base + ") + label
+                     if pipe.modules else label))
     from mcm.evaluation.strength_args import strength_from_args
     from mcm.pipelines.pipeline import window_arguments
 
     strength = strength_from_args(a)
-    rows = []
+    scale = ("default scale" if strength is None else f"scale {strength:g}" if isinstance(strength, (int, float))
+             else "scale map/schedule")
+    rows, labels = [], []
     for s in a.seeds:
         seeds = [s * SEED_STRIDE + i for i in range(n)]
-        for p, c, r in variants:
+        for p, c, r, what in variants:
             given = any(c)
+            labels.append(f"{what}{', ' + scale if given else ''}, seeds {seeds[0]}-{seeds[-1]}")
             rows.append(p(conditions=c if given else {}, prompt=prompts, num_images=None if given else n,
                           num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
                           conditioning_scale=strength if given else None, regions=r if given else None,
                           **window_arguments(a.window), seeds=seeds, height=getattr(a, "height", None),
                           width=getattr(a, "width", None), output_type="pt").images.float().cpu())
-    return rows
+    return rows, labels
 
 
 def save_image(image: torch.Tensor, out: str | Path) -> Path:
@@ -156,19 +166,15 @@ def save_image(image: torch.Tensor, out: str | Path) -> Path:
     return out
 
 
-def save_grid(rows: list[torch.Tensor], out: str | Path, ncol: int) -> Path:
-    from torchvision.utils import save_image
-
-    from mcm.pipelines.grids import grid_image
+def save_grid(rows: list[torch.Tensor], out: str | Path, ncol: int, labels: list[str] | None = None) -> Path:
+    """The rows as one grid, each labelled on its left (``labels``), tiles blown up (nearest) to be readable."""
+    from mcm.pipelines.grids import labelled_grid
 
     size = rows[-1].shape[-2:]
     grid = torch.cat([torch.nn.functional.interpolate(r.float(), size=size, mode="nearest") for r in rows])
-    scale = max(1, 64 // size[0])  # small samples are blown up (nearest) so the grid is readable
-    if scale > 1:
-        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid_image(grid, nrow=ncol), out)
+    labelled_grid(grid, nrow=ncol, row_labels=labels, min_tile=64).save(out)
     return out
 
 
@@ -207,19 +213,21 @@ def run_sample(a: argparse.Namespace) -> Path:
     elif a.prompt:
         raise ValueError(f"--prompt {a.prompt!r}: the base '{pipe.base.source}' is not text-conditional")
     # rows: every input map once, the real images, then the samples
-    vis, seen = [], set()
+    vis, seen = [], []
     for m, c in zip(pipe.modules, conds):
         for name, x in c.items():
             if name not in seen:
-                seen.add(name)
+                seen.append(name)
                 vis.append(m.plugins[name].visualize(x).float().cpu())
     if data:
         vis.append(data["image"][:n])
-    rows = vis + sample_rows(pipe, conds, prompts, n, a)
+        seen.append("real image")
+    samples, labels = sample_rows(pipe, conds, prompts, n, a)
+    rows = vis + samples
     if pipe.modules and not a.data and not a.compare and len(a.seeds) == 1 and n == 1:
         out = save_image(rows[-1][0], a.out)  # one image from your own maps: the image itself, at its size
     else:
-        out = save_grid(rows, a.out, ncol=n)
+        out = save_grid(rows, a.out, ncol=n, labels=seen + labels)
     log.info("mcm sample: %d modules (weights %s), %d conditions x %d seeds -> %s", len(pipe.modules),
              pipe.weights, n, len(a.seeds), out)
     return out

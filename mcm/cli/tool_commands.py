@@ -14,9 +14,9 @@ def _data_shapes(a: argparse.Namespace) -> int:
 
     t = time.time()
     written = write_shapes_shards(a.out, a.train, a.val, size=a.size, seed=a.seed, shard_size=a.shard_size,
-                                  workers=a.workers)
-    log.info("shapes: %d train shards, %d val shards in %s (%.1f s)", len(written["train"]), len(written["val"]),
-             a.out, time.time() - t)
+                                  workers=a.workers, test=a.test)
+    log.info("shapes: %s in %s (%.1f s)", ", ".join(f"{len(v)} {k} shards" for k, v in written.items()), a.out,
+             time.time() - t)
     return 0
 
 
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = data.add_parser("shapes", help="generate the embedded shapes dataset as shards")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--train", type=int, required=True, help="number of training images")
-    s.add_argument("--val", type=int, required=True, help="number of validation images")
+    s.add_argument("--val", type=int, required=True, help="number of validation images (every choice is made on them)")
+    s.add_argument("--test", type=int, default=0, help="number of test images, from their own seed stream: the "
+                   "split reported figures are measured on (default 0: none)")
     s.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")

@@ -201,6 +201,7 @@ def plot_data_curve(curves: Mapping[Any, str | Path | Mapping], path: str | Path
         if numeric:
             ax.set_xscale("log")
             ax.set_xticks([xs[l] for l in labels], labels)
+            ax.minorticks_off()  # the log axis's minor labels (3x10^2, ...) overprinted the ticks we set
         else:
             ax.set_xticks(range(len(labels)), labels)
         ax.set_ylabel(LABELS.get(key, key))

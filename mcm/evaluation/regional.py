@@ -46,7 +46,7 @@ def run(data: str, n: int, seeds: list[int], out: Path, device: str = "cpu") -> 
     from mcm.evaluation.evaluate import SEED_STRIDE, load_data
     from mcm.evaluation.judges import load_judge
     from mcm.pipelines import MCMPipeline
-    from mcm.pipelines.grids import grid_image
+    from mcm.pipelines.grids import labelled_grid
 
     multi = MCMPipeline.from_pretrained("shapes32", device=device)
     compose = MCMPipeline.from_pretrained("shapes32", modules=["shapes32_compose_segmentation",
@@ -108,13 +108,14 @@ def run(data: str, n: int, seeds: list[int], out: Path, device: str = "cpu") -> 
     k = min(8, len(seg))
     vis_seg = multi.modules[0].plugins["segmentation"].visualize(seg[:k]).cpu()
     vis_sk = multi.modules[0].plugins["sketch"].visualize(sketch[:k]).cpu()
-    split_rows = [vis_seg, vis_sk] + [samples[r["setting"]][:k] for r in split]
-    sweep_rows = [vis_seg] + [samples[r["setting"]][:k] for r in sweep]
-    from torchvision.utils import save_image
-
+    seed_note = f", seeds {seeds[0] * SEED_STRIDE}-{seeds[0] * SEED_STRIDE + k - 1}"
+    split_rows = [("segmentation map", vis_seg), ("sketch", vis_sk)] + [
+        (r["setting"] + seed_note, samples[r["setting"]][:k]) for r in split]
+    sweep_rows = [("segmentation map", vis_seg)] + [(r["setting"] + seed_note, samples[r["setting"]][:k])
+                                                    for r in sweep]
     for tag, rows in (("left_right", split_rows), ("schedule", sweep_rows)):
-        grid = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")
-        save_image(grid_image(grid, nrow=k), out / f"{tag}.png")
+        labelled_grid(torch.cat([x for _, x in rows]), nrow=k, row_labels=[t for t, _ in rows],
+                      min_tile=128).save(out / f"{tag}.png")
     report = {"n": len(seg), "seeds": seeds, "steps": STEPS, "left_right": split, "schedule": sweep}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "metrics.md").write_text(markdown(report))
