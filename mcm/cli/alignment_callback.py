@@ -164,6 +164,8 @@ class AlignmentCallback(L.Callback):
             self._batches = []
         if self.validations % self.every_n_validations or self._data is None:
             return
+        if hasattr(pl_module, "sampling_base") and not pl_module.sampling_base():
+            return  # a base-free run whose denoiser's weights are absent: the module warned once
         t0 = time.perf_counter()
         metrics, images, labels = self.measure(pl_module, self._data)
         metrics[TIME_KEY] = time.perf_counter() - t0

@@ -256,6 +256,36 @@ def check_shards(subcommand: str | None, data: Any) -> None:
             raise MissingDataError(f"{e}; {_how_to_make(gone or urls, args)}") from None
 
 
+def resolve_load_denoiser(model: Any, data: Any) -> None:
+    """``load_denoiser: null`` (the default) -> ``False`` when every training and validation shard folder holds
+    cached predictions (``base.json`` with ``predictions`` > 0: no step runs the base, so its denoiser's weights
+    are not read), else ``True``.  One log line says which."""
+    from datamodules.cached_fields import read_base_json
+    from datamodules.shard_datamodule import expand_shards
+
+    init = _get(model, "init_args")
+    if init is None or not hasattr(init, "load_denoiser") or _get(init, "load_denoiser") is not None:
+        return
+    args = _get(data, "init_args", data)
+    dirs = set()
+    for key in ("train_shards", "val_shards"):
+        spec = _get(args, key)
+        if not spec:
+            continue
+        urls = expand_shards(spec, f"data.init_args.{key}")
+        if any("://" in u or u.startswith("pipe:") for u in urls):
+            dirs.add(None)  # a remote shard: its folder's base.json cannot be read here
+        dirs |= {os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls
+                 if "://" not in u and not u.startswith("pipe:")}
+    records = [read_base_json(d) if d is not None else None for d in dirs]
+    base_free = bool(records) and all(r is not None and r.get("predictions", 0) > 0 for r in records)
+    init.load_denoiser = not base_free
+    if base_free:
+        log.info("mcm fit: every shard folder holds the base's cached predictions (%s): the denoiser's weights "
+                 "are not loaded (model.init_args.load_denoiser=false; grids and alignment load them when they "
+                 "sample)", ", ".join(sorted(d for d in dirs if d)))
+
+
 class MCMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         """``--judges.segmenter DIR --judges.label_map FILE --judges.depth_model DIR``: the alignment callback's
@@ -275,6 +305,7 @@ class MCMCLI(LightningCLI):
             check_shards(self.subcommand, data)
         except MissingDataError as e:
             raise SystemExit(f"mcm: error: {e}") from None
+        resolve_load_denoiser(_get(config, "model"), data)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mcm.models.base_loading import _load_component, load_optional
+from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.frozen_base import FrozenBase
 
 
@@ -21,7 +21,7 @@ class DiTBase(FrozenBase):
 
     @classmethod
     def load_components(cls, path: Path) -> dict:
-        return {"unet": _load_component(path, "transformer", "diffusers", None),
+        return {"unet": load_denoiser(path, "transformer"),
                 "scheduler": _load_component(path, "scheduler", "diffusers", None),
                 "vae": load_optional(path, "vae", "diffusers")}
 

@@ -4,8 +4,11 @@ Nothing is fetched: a path is a local diffusers-layout directory or a built-in n
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from pathlib import Path
+from typing import Iterator
 
 import diffusers
 import torch
@@ -79,6 +82,41 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
+
+
+_SKIP_DENOISER_WEIGHTS = contextvars.ContextVar("skip_denoiser_weights", default=False)
+
+
+@contextlib.contextmanager
+def denoiser_weights_deferred() -> Iterator[None]:
+    """Inside, :func:`load_denoiser` builds the denoiser from its config alone, its weights left on disk."""
+    token = _SKIP_DENOISER_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_DENOISER_WEIGHTS.reset(token)
+
+
+def load_denoiser(path: Path, sub: str) -> nn.Module:
+    """The denoiser ``path/sub`` (``unet`` or ``transformer``) with its weights; under
+    :func:`denoiser_weights_deferred`, a skeleton built from its config on the ``meta`` device (no weight is
+    read: training from cached predictions needs its config only), which ``FrozenBase.load_denoiser_weights``
+    replaces by the real one when something runs it."""
+    if not _SKIP_DENOISER_WEIGHTS.get():
+        return _load_component(path, sub, "diffusers", None)
+    cfg = json.loads((path / sub / "config.json").read_text())
+    cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+    if cls is None:
+        raise ValueError(f"{path / sub / 'config.json'}: unknown diffusers class {cfg.get('_class_name')!r}")
+    with torch.device("meta"):
+        skeleton = cls.from_config(cls.load_config(path / sub))
+    skeleton.mcm_weights_dir = (path, sub)  # where the weights are, when they are needed
+    return skeleton
+
+
+def is_skeleton(module: nn.Module) -> bool:
+    """A denoiser built by :func:`load_denoiser` without its weights (still on the ``meta`` device)."""
+    return getattr(module, "mcm_weights_dir", None) is not None and any(p.is_meta for p in module.parameters())
 
 
 def load_optional(path: Path, sub: str, library: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mcm.models.base_loading import _load_component, load_optional
+from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.frozen_base import FrozenBase
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -27,7 +27,7 @@ class SD3Base(FrozenBase):
 
     @classmethod
     def load_components(cls, path: Path) -> dict:
-        parts = {"unet": _load_component(path, "transformer", "diffusers", None),
+        parts = {"unet": load_denoiser(path, "transformer"),
                  "scheduler": _load_component(path, "scheduler", "diffusers", None),
                  "vae": load_optional(path, "vae", "diffusers")}
         for i in ("", "_2", "_3"):

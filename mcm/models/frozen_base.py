@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component,  # noqa: F401
-                                     load_optional, resolve_base_path)
+                                     denoiser_weights_deferred, is_skeleton, load_denoiser, load_optional,
+                                     resolve_base_path)
 from mcm.models.families import denoiser_config, detect_family, family_of_denoiser, get_family
 
 log = logging.getLogger(__name__)
@@ -72,23 +73,37 @@ class FrozenBase(nn.Module):
         super().train(False)
         self._hash: str | None = None
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
+        # where the base lives (.to(device) moves it): a denoiser loaded later goes there
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self._run_dtype: torch.dtype | None = None  # the dtype a denoiser loaded later is cast to
+        self._expected_hash: str | None = None  # the hash cached shards name, checked when the weights load
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, torch_dtype: torch.dtype | None = None) -> "FrozenBase":
+    def from_pretrained(cls, name_or_path: str | Path, torch_dtype: torch.dtype | None = None,
+                        denoiser_weights: bool = True) -> "FrozenBase":
         """Load ``name_or_path`` as the family its directory says; ``torch_dtype`` casts the weights after loading.
 
         The content hash is taken before the cast, so checkpoints made with the base in bf16/fp16
         match the same base loaded in fp32 (and vice versa).
+
+        ``denoiser_weights=False``: the denoiser is built from its config only (no weight file is read; training
+        from cached predictions needs nothing more); :meth:`load_denoiser_weights` loads them when something
+        runs it.  The other components load as usual and stay in fp32 until then (the hash covers them all).
         """
         path = resolve_base_path(name_or_path)
         klass = get_family(detect_family(path))
-        parts = klass.load_components(path)
+        if denoiser_weights:
+            parts = klass.load_components(path)
+        else:
+            with denoiser_weights_deferred():
+                parts = klass.load_components(path)
         base = klass(**parts, source=str(name_or_path))
-        log.info("loaded base %s (%s family, %s, %s, %.1fM params)", name_or_path, klass.family,
-                 type(base.unet).__name__, "latent" if base.vae is not None else "pixel",
-                 sum(p.numel() for p in base.unet.parameters()) / 1e6)
-        if torch_dtype is not None:
+        log.info("loaded base %s (%s family, %s%s, %s, %.1fM params)", name_or_path, klass.family,
+                 type(base.unet).__name__, "" if denoiser_weights else " from its config, weights not read",
+                 "latent" if base.vae is not None else "pixel", sum(p.numel() for p in base.unet.parameters()) / 1e6)
+        base._run_dtype = torch_dtype
+        if torch_dtype is not None and denoiser_weights:
             base.content_hash()  # of the weights as loaded, independent of the dtype they run in
             for m in base.children():
                 _cast(m, torch_dtype)
@@ -97,7 +112,7 @@ class FrozenBase(nn.Module):
     @classmethod
     def load_components(cls, path: Path) -> dict:
         """The family's components from a directory (``FrozenBase(**components)``)."""
-        parts = {"unet": _load_component(path, "unet", "diffusers", None),
+        parts = {"unet": load_denoiser(path, "unet"),
                  "scheduler": _load_component(path, "scheduler", "diffusers", None),
                  "vae": load_optional(path, "vae", "diffusers")}
         if (path / "text_encoder").is_dir() and not (path / "tokenizer").is_dir():
@@ -199,7 +214,57 @@ class FrozenBase(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.frozen_parameters()).device
+        return self._anchor.device
+
+    # ---- the denoiser's weights, loaded when first needed ----------------------------------------
+    @property
+    def denoiser_loaded(self) -> bool:
+        """Whether the denoiser holds its weights (``from_pretrained(..., denoiser_weights=False)``: not yet)."""
+        return not is_skeleton(self.unet)
+
+    def expect_hash(self, content_hash: str) -> None:
+        """The hash of this base as cached shards recorded it: what :meth:`content_hash` answers while the
+        denoiser's weights are not loaded, checked against the real one when they are."""
+        self._expected_hash = content_hash
+
+    def load_denoiser_weights(self) -> None:
+        """Load the weights of a denoiser built from its config (a no-op once loaded): hash the base (fp32, as
+        loaded), then cast it to the run's dtype and move the denoiser to where the base is."""
+        if self.denoiser_loaded:
+            return
+        path, sub = self.unet.mcm_weights_dir
+        try:
+            real = _load_component(path, sub, "diffusers", None)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"base '{self.source}': the denoiser's weights in {path / sub} could not be loaded "
+                f"({type(e).__name__}: {e}); this run did not need them to train (it reads cached predictions), "
+                f"but sampling (validation grids, the alignment callback, export checks) does") from e
+        real.requires_grad_(False).eval()
+        self.unet = real
+        self._hash = None
+        own = self.content_hash()
+        if self._expected_hash is not None and own != self._expected_hash:
+            raise BaseMismatchError(
+                f"base '{self.source}': its weights (sha256 {own[:12]}...) are not those of the base the cached "
+                f"shards were encoded for (sha256 {self._expected_hash[:12]}...)")
+        if self._run_dtype is not None:
+            for m in self.children():
+                _cast(m, self._run_dtype)
+        self.unet.to(self.device)
+        log.info("base %s: denoiser weights loaded from %s", self.source, path / sub)
+
+    def _apply(self, fn, recurse: bool = True):
+        # a denoiser without its weights stays on the meta device: .to(device) moves everything else
+        if self.denoiser_loaded:
+            return super()._apply(fn, recurse)
+        modules = self._modules
+        self.__dict__["_modules"] = {k: m for k, m in modules.items() if k != "unet"}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self.__dict__["_modules"] = modules  # the same modules, in their registration order
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,7 +274,14 @@ class FrozenBase(nn.Module):
         return sum(p.numel() for p in self.frozen_parameters())
 
     def content_hash(self) -> str:
-        """sha256 over every tensor of the base (names, shapes, bytes); identifies it in checkpoints."""
+        """sha256 over every tensor of the base (names, shapes, bytes); identifies it in checkpoints.
+
+        While the denoiser's weights are not loaded: the hash cached shards recorded (:meth:`expect_hash`), or
+        they are loaded to compute it."""
+        if self._hash is None and not self.denoiser_loaded:
+            if self._expected_hash is not None:
+                return self._expected_hash
+            self.load_denoiser_weights()
         if self._hash is None:
             h = hashlib.sha256()
             for name, t in sorted(self.state_dict().items()):
@@ -331,6 +403,7 @@ class FrozenBase(nn.Module):
         Not under ``no_grad``: in training, gradients flow back through the frozen UNet into the
         residuals (Zhang & Agrawala 2023); the base's own parameters have ``requires_grad=False``.
         """
+        self.load_denoiser_weights()
         dt = self.unet.dtype
         kwargs = {}
         if down_residuals is not None:
@@ -344,6 +417,7 @@ class FrozenBase(nn.Module):
         return self._predict(x_t, t, text_emb, **kwargs)
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, context, **extra) -> torch.Tensor:
+        self.load_denoiser_weights()  # a no-op unless built from its config alone
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if context is None and self.is_text_conditional:

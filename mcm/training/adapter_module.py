@@ -124,6 +124,12 @@ class AdapterModule(L.LightningModule):
             (the default): bfloat16 where a GPU is visible, fp32 on the CPU (where bf16 is slow and the shapes32
             figures were measured).  The base takes no gradient, so its dtype costs no training stability.
         channels_last / compile: speed options for the frozen UNet and the adapter (in place).
+        load_denoiser: ``False``: the frozen denoiser is built from its config and its weights are never read
+            unless something samples (validation grids and the alignment callback load them lazily on rank 0, or
+            are off with a warning where the files are absent): for runs whose shards all carry cached
+            predictions (``mcm data encode --predictions K``), which never run the base.  ``None`` (default):
+            ``mcm fit`` chooses ``False`` exactly when every training and validation shard folder holds cached
+            predictions, else ``True`` (and in Python, ``True``).
     """
 
     #: attribute holding the trainable adapter (its state_dict prefix in checkpoints)
@@ -144,7 +150,7 @@ class AdapterModule(L.LightningModule):
                  timestep_sampling: str = "uniform", map_loss_weight: float = 0.0, num_val_samples: int = 8,
                  val_sample_steps: int = 25, val_guidance_scale: float | None = None, val_strength: float | None = None,
                  force_base: bool = False, base_dtype: str | None = "auto", channels_last: bool = False,
-                 compile: bool | str = False):
+                 compile: bool | str = False, load_denoiser: bool | None = None):
         super().__init__()
         self.save_hyperparameters()  # this signature's arguments and the subclass's own
         self._checked_batches = 0  # training batches whose values the step has checked (value_check_batches)
@@ -154,7 +160,8 @@ class AdapterModule(L.LightningModule):
     def setup_adapter(self) -> None:
         h = self.hparams
         dtype = resolve_base_dtype(h.base_dtype, torch.cuda.is_available())
-        object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype))
+        object.__setattr__(self, "base", FrozenBase.from_pretrained(h.base, torch_dtype=dtype,
+                                                                    denoiser_weights=h.get("load_denoiser") is not False))
         self.forward_process = forward_process_for(self.base.scheduler, h.loss_weighting, h.snr_gamma,
                                                    h.timestep_sampling)
         setattr(self, self.adapter_attribute, self.build_adapter())
@@ -191,12 +198,15 @@ class AdapterModule(L.LightningModule):
     def _speed_up(self, channels_last: bool, compile: bool | str) -> None:
         """``channels_last`` layout and ``torch.compile`` (``True`` or a backend name) for the frozen UNet and the
         adapter; ``nn.Module.compile()`` works in place, so names, ``state_dict``, hash and exports are unchanged."""
+        base_too = self.base.denoiser_loaded  # a denoiser without its weights is never run in training
         if channels_last:
-            self.base.unet.to(memory_format=torch.channels_last)
+            if base_too:
+                self.base.unet.to(memory_format=torch.channels_last)
             self.trainable.to(memory_format=torch.channels_last)
         if compile:
             kwargs = {"backend": compile} if isinstance(compile, str) else {}
-            self.base.unet.compile(**kwargs)
+            if base_too:
+                self.base.unet.compile(**kwargs)
             self.trainable.compile(**kwargs)
 
     def _apply(self, fn, recurse: bool = True):
@@ -401,6 +411,30 @@ class AdapterModule(L.LightningModule):
         sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=self.hparams.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        """Without the denoiser's weights (``load_denoiser=False``): the cached shards' record stands in for the
+        base's hash (checked against the weights if they are ever loaded)."""
+        if self.base.denoiser_loaded or self.hparams.get("force_base", False):
+            return
+        cached = getattr(getattr(self._trainer, "datamodule", None), "cached_base", None)
+        if cached and cached.get("hash"):
+            self.base.expect_hash(cached["hash"])
+
+    def sampling_base(self) -> bool:
+        """Whether the base can sample (grids, the alignment callback): its denoiser's weights are loaded, or are
+        loaded now; ``False``, with one warning, where they cannot be (a base-free run without them)."""
+        if self.base.denoiser_loaded:
+            return True
+        if getattr(self, "_no_sampling", False):
+            return False
+        try:
+            self.base.load_denoiser_weights()
+            return True
+        except FileNotFoundError as e:
+            self._no_sampling = True
+            log.warning("validation grids and alignment are off for this run: %s", e)
+            return False
+
     def on_fit_start(self) -> None:
         self.check_cached_base(getattr(self._trainer, "datamodule", None))
         counts = {f"params/{k}": float(v) for k, v in self.param_counts.items()}
@@ -502,6 +536,9 @@ class AdapterModule(L.LightningModule):
     # ---- validation grid: conditions | base | adapter, same seeds ---------------------------------------
     def on_validation_epoch_end(self) -> None:
         if self._val_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        if not self.sampling_base():
+            self._val_batch = None
             return
         h = self.hparams
         module = self.exported_module()
