@@ -14,6 +14,7 @@ Member names (docs/concepts.md#data-and-shard-keys), each one ``np.save``'d arra
   sd       ``text_emb.npy``                             tensor ``(B, L, D)``
   sdxl     ``text_emb.npy text_embeds.npy time_ids.npy`` ``{"prompt_embeds", "text_embeds", "time_ids"}``
   sd3      ``text_emb.npy pooled.npy``                  ``{"prompt_embeds", "pooled"}``
+  pixart   ``text_emb.npy prompt_attention_mask.npy``   ``{"prompt_embeds", "prompt_attention_mask"}``
   dit      none (the ``cls`` member is the context)
   ======== ============================================ ===================================
 
@@ -45,9 +46,10 @@ log = logging.getLogger(__name__)
 LATENT_KEYS = ("latent", "latent_flip")
 TEXT_KEY = "text_emb"  # the tensor context, or the dict context's "prompt_embeds"
 #: dict-context entries other than prompt_embeds, each stored under its own key
-CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled")
+CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled", "prompt_attention_mask")
 PREDICTION_KEYS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
-INT_KEYS = ("pred_t", "noise_seed")  # integer arrays, except pred_t of a flow base (float32 t = 1000 sigma)
+#: integer arrays (pred_t: except for a flow base, float32 t = 1000 sigma); a T5 attention mask is 0 / 1
+INT_KEYS = ("pred_t", "noise_seed", "prompt_attention_mask")
 FLOAT_OR_INT_KEYS = ("pred_t",)
 #: numpy dtype kinds -> how an error names them
 _KINDS = {"iu": "an integer", "f": "a float", "iuf": "an integer or float"}

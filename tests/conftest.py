@@ -71,3 +71,10 @@ def depth_dir(tmp_path_factory):
     from tiny_models import make_tiny_dpt
 
     return make_tiny_dpt(tmp_path_factory.mktemp("dpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_sigma_dir(tmp_path_factory):
+    from tiny_models import make_tiny_pixart_sigma
+
+    return make_tiny_pixart_sigma(tmp_path_factory.mktemp("tiny_pixart_sigma"))

@@ -157,7 +157,8 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
         forward_process_for(base.scheduler.config, weighting="min_snr")
 
 
-@pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT")])
+@pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
+                                          ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ")])
 def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
     from mcm.models.controlnet import ControlNetAdapter
 

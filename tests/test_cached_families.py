@@ -26,7 +26,7 @@ SEG = {"segmentation": {"num_classes": 6}}
 SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(), norm_num_groups=4)
 #: family, its tiny directory's fixture, a training image size (SDXL's is not its native 16: size time_ids matter)
 FAMILIES = [("sd", "tiny_sd_dir", 64), ("sdxl", "tiny_sdxl_dir", 32), ("dit", "tiny_dit_dir", 16),
-            ("sd3", "tiny_sd3_dir", 16)]
+            ("sd3", "tiny_sd3_dir", 16), ("pixart_sigma", "tiny_pixart_sigma_dir", 16)]
 CAPTIONS = ["a red circle", "a blue square and a green ring", "a ring"]
 
 

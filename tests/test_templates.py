@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("template,family,cached", [("sd21", "sd", False), ("sdxl", "sdxl", False), ("sd3", "sd3", False),
-                                                   ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True)])
+                                                   ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True),
+                                                   ("pixart_sigma", "pixart_sigma", False),
+                                                   ("pixart_sigma", "pixart_sigma", True)])
 def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypatch, request):
     """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
     every SD3 step on such shards was refused, its flow timesteps truncated)."""

@@ -222,6 +222,54 @@ def make_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_t5_tokenizer():
+    """A T5 tokenizer built offline: a Unigram model over lowercase letters, digits and a few words (what
+    ``T5TokenizerFast`` loads from ``tokenizer.json``; no sentencepiece file, nothing fetched)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = ["a", "red", "blue", "green", "circle", "square", "ring", "triangle", "cross", "and", "photo", "of", "the"]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -2.0) for w in words] + [
+        (c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.'"] + [("\u2581", -3.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def make_tiny_pixart_sigma(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random PixArt-Σ directory (diffusers' own test sizes): ``PixArtTransformer2DModel`` at 8x8
+    latents with a learned variance (8 output channels), a tiny T5 encoder and tokenizer, an x2 VAE (16x16
+    images), DDIM; saved by ``PixArtSigmaPipeline.save_pretrained``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=16)
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                           eos_token_id=1, decoder_start_token_id=0))
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DDIMScheduler())
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 # ---- local annotators / judges (transformers) -------------------------------------------------------
 
 TINY_SEGMENTER_LABELS = {0: "wall", 1: "person", 2: "car", 3: "sky"}

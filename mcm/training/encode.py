@@ -231,7 +231,9 @@ def encode_batch(base, settings: EncodeSettings, images: list[torch.Tensor], cap
 
 
 def _np_load(b: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.load(io.BytesIO(b), allow_pickle=False).astype(np.float32))
+    """A stored member as the DataModule reads it back: float32, or int64 for integer arrays (attention masks)."""
+    arr = np.load(io.BytesIO(b), allow_pickle=False)
+    return torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32))
 
 
 def _new_member(like: tarfile.TarInfo, name: str, size: int) -> tarfile.TarInfo:

@@ -1,0 +1,78 @@
+"""The PixArt-Σ family (Chen et al. 2024, arXiv 2403.04692): ``PixArtTransformer2DModel`` with a T5 text encoder.
+
+Context as ``PixArtSigmaPipeline.encode_prompt``: T5's last hidden states for the prompt padded to
+``max_sequence_length`` (300) tokens, with the tokenizer's attention mask, which the transformer takes as
+``encoder_attention_mask``; the unconditional branch is the encoded negative prompt (``""``), not zeros.
+``added_cond_kwargs`` carries no resolution or aspect ratio (PixArt-Σ, unlike PixArt-α, does not use them).
+The transformer predicts epsilon and a learned variance; the variance half is split off
+(``FrozenBase._predict``), as the pipeline does.  Its training forward process is the variance-preserving
+one of the scheduler config (``DDPMScheduler.from_config``), as for Stable Diffusion.
+
+Not reproduced: the pipeline's ``clean_caption`` text cleaning (it needs ``beautifulsoup4`` and ``ftfy`` and
+is skipped without them; prompts here are encoded as given) and its resolution binning (``MCMPipeline``
+samples at the requested size; ``PixArtSigmaPipeline(..., use_resolution_binning=False)`` is the equal call).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mcm.models.base_loading import _load_component, load_denoiser, load_optional
+from mcm.models.frozen_base import FrozenBase
+
+MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default max_sequence_length
+#: PixArt-Σ's added conditions: none (the pipeline passes these Nones)
+ADDED_COND = {"resolution": None, "aspect_ratio": None}
+
+
+class PixArtSigmaBase(FrozenBase):
+    family = "pixart_sigma"
+    denoiser_class = "PixArtTransformer2DModel"
+
+    @classmethod
+    def load_components(cls, path: Path) -> dict:
+        return {"unet": load_denoiser(path, "transformer"),
+                "scheduler": _load_component(path, "scheduler", "diffusers", None),
+                "vae": load_optional(path, "vae", "diffusers"),
+                "text_encoder": load_optional(path, "text_encoder", "transformers"),
+                "tokenizer": load_optional(path, "tokenizer", "transformers")}
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return 4.5  # ``PixArtSigmaPipeline``'s default
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return True
+
+    # ---- context ---------------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(f"the PixArt-Σ base '{self.source}' has no text_encoder/ or tokenizer/; expected T5's")
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device)
+        embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    @torch.no_grad()
+    def encode_context(self, prompts=None, class_labels=None, batch_size: int = 1, image_size=None):
+        if class_labels is not None:
+            raise ValueError(f"class_labels: the PixArt-Σ base '{self.source}' is not class-conditional; it takes "
+                             f"prompts")
+        return dict(self.encode_text(prompts if prompts is not None else [""] * batch_size))
+
+    @torch.no_grad()
+    def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
+        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
+        return dict(self.encode_text(neg))
+
+    def model_kwargs(self, context) -> dict:
+        if context is None:
+            raise ValueError(f"context: the PixArt-Σ base '{self.source}' needs prompt embeddings (\"\" for none)")
+        return {"encoder_hidden_states": context["prompt_embeds"].to(self.unet.dtype),
+                "encoder_attention_mask": context["prompt_attention_mask"], "added_cond_kwargs": dict(ADDED_COND)}
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
+        return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample
