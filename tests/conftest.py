@@ -78,3 +78,11 @@ def tiny_pixart_sigma_dir(tmp_path_factory):
     from tiny_models import make_tiny_pixart_sigma
 
     return make_tiny_pixart_sigma(tmp_path_factory.mktemp("tiny_pixart_sigma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random FLUX.1-dev-like directory (guidance embedding)."""
+    from tiny_models import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))

@@ -158,7 +158,8 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
 
 
 @pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
-                                          ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ")])
+                                          ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ"),
+                                          ("flux", "FluxControlNetModel is not wired")])
 def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
     from mcm.models.controlnet import ControlNetAdapter
 

@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("template,family,cached", [("sd21", "sd", False), ("sdxl", "sdxl", False), ("sd3", "sd3", False),
                                                    ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True),
                                                    ("pixart_sigma", "pixart_sigma", False),
-                                                   ("pixart_sigma", "pixart_sigma", True)])
+                                                   ("pixart_sigma", "pixart_sigma", True), ("flux", "flux", False),
+                                                   ("flux", "flux", True)])
 def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypatch, request):
     """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
     every SD3 step on such shards was refused, its flow timesteps truncated)."""
     base_dir = request.getfixturevalue({"sd": "tiny_sd_dir"}.get(family, f"tiny_{family}_dir"))
-    size = 64 if family == "sd" else 16  # the tiny SD has an x8 VAE, the others x2
+    size = {"sd": 64, "flux": 32}.get(family, 16)  # the tiny SD has an x8 VAE, the others x2 (FLUX packs 2x2)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["mcm"])
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -33,7 +34,7 @@ def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypat
     if cached:
         with pytest.raises(SystemExit) as done:
             mcm(["data", "encode", "--base", str(base_dir), str(shards / "train-*.tar"), str(shards / "val-*.tar"),
-                 "--out", str(tmp_path / "enc"), "--predictions", "2", "--batch-size", "4"])
+                 "--out", str(tmp_path / "enc"), "--predictions", "2", "--batch-size", "4", "--image-size", str(size)])
         assert done.value.code == 0
         shards = tmp_path / "enc"
     mcm(["fit", "-c", str(REPO / "experiments" / "templates" / f"{template}.yaml"),

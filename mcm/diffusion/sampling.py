@@ -93,17 +93,18 @@ def generators_for(seeds: list[int] | None, generator: Generator) -> Generator:
 def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_steps: int = 50,
            generator: Generator = None, eta: float = 0.0,
            callback: Callable[[dict], torch.Tensor | None] | None = None,
-           progress: Callable | None = None) -> torch.Tensor:
+           progress: Callable | None = None, timestep_kwargs: dict | None = None) -> torch.Tensor:
     """Run the reverse process from ``latents`` ``(B, C, h, w)`` (unit Gaussian noise); returns ``x_0``.
 
     ``callback({"i": i, "t": t, "x": x})`` runs after each step (a dict, as k-diffusion's samplers give it)
     and may return a replacement for ``x`` (diffusers' ``callback_on_step_end``); ``progress`` wraps the
-    timestep iterator (a progress bar).
+    timestep iterator (a progress bar); ``timestep_kwargs`` go to ``scheduler.set_timesteps`` (a family's own
+    sigmas and shift, ``FrozenBase.timestep_kwargs``).
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
             or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    scheduler.set_timesteps(num_inference_steps, device=latents.device, **(timestep_kwargs or {}))
     # flow-matching schedulers (SD3) have neither: their pipelines neither scale the noise nor the input
     x = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_input = getattr(scheduler, "scale_model_input", None)

@@ -213,6 +213,20 @@ class FrozenBase(nn.Module):
         return False
 
     @property
+    def uses_cfg(self) -> bool:
+        """Whether ``guidance_scale`` > 1 means classifier-free guidance with an unconditional branch (a
+        guidance-distilled base, FLUX.1-dev, takes it as an input instead: :meth:`with_guidance`)."""
+        return True
+
+    def with_guidance(self, context, guidance_scale: float):
+        """The context a sampling run gives the denoiser for ``guidance_scale`` (unchanged: CFG bases)."""
+        return context
+
+    def timestep_kwargs(self, scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
+        """Extra arguments of ``scheduler.set_timesteps`` the family's pipeline passes (FLUX: sigmas, ``mu``)."""
+        return {}
+
+    @property
     def device(self) -> torch.device:
         return self._anchor.device
 
