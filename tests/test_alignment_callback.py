@@ -141,6 +141,11 @@ def test_alignment_plot_writes_png_from_run_dir(fitted, tmp_path):
         assert im.format == "PNG" and im.size == (round(4.2 * cols * 120), round(3.2 * rows * 120))
     with pytest.raises(ValueError, match="no 'nothing/\\*' scalars"):
         alignment_plot.plot(series, tmp_path / "x.png", prefix="nothing")
+    # the base-alone and real-image lines come from an `mcm evaluate` report of the base alone
+    refs = alignment_plot.reference_lines(REPO / "docs" / "eval" / "base" / "metrics.json")
+    assert refs["seg_miou"] == {"base alone": 0.196125, "real images": 0.962041}
+    assert alignment_plot.main([str(fitted / RUN), "--out", str(png), "--reference",
+                                str(REPO / "docs" / "eval" / "base" / "metrics.json")]) == 0
 
 
 # ---- 3. no judge for this base ------------------------------------------------------------------------------

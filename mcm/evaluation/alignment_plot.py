@@ -39,8 +39,26 @@ def curves(history: list[dict], prefix: str = "align") -> dict[str, list[tuple[i
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot(series: dict[str, list[tuple[int, float]]], out: str | Path, title: str = "", prefix: str = "align") -> Path:
-    """One panel per ``<prefix>/*`` scalar and a last one for the losses (log scale); PNG at ``out``."""
+def reference_lines(metrics_json: str | Path) -> dict[str, dict[str, float]]:
+    """``{metric: {"base alone": v, "real images": v}}`` from an ``mcm evaluate`` report of the base alone (its
+    setting without modules, and the ``reference`` row of the real held-out images)."""
+    import json
+
+    report = json.loads(Path(metrics_json).read_text())
+    rows = {"base alone": next((s["metrics"] for s in report.get("settings", []) if not s.get("mcm")), {}),
+            "real images": (report.get("reference") or {}).get("metrics", {})}
+    out: dict[str, dict[str, float]] = {}
+    for label, metrics in rows.items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.setdefault(k, {})[label] = float(v)
+    return out
+
+
+def plot(series: dict[str, list[tuple[int, float]]], out: str | Path, title: str = "", prefix: str = "align",
+         references: dict[str, dict[str, float]] | None = None) -> Path:
+    """One panel per ``<prefix>/*`` scalar and a last one for the losses (log scale); PNG at ``out``.
+    ``references``: horizontal lines per metric (:func:`reference_lines`: the base alone, the real images)."""
     from matplotlib.figure import Figure
 
     keys = sorted(k for k in series if k.startswith(prefix + "/"))
@@ -54,8 +72,12 @@ def plot(series: dict[str, list[tuple[int, float]]], out: str | Path, title: str
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         steps, values = zip(*series[key])
-        ax.plot(steps, values, marker="o", ms=3)
+        ax.plot(steps, values, marker="o", ms=3, label="base + module")
         metric = key[len(prefix) + 1:].split("/")[0]
+        for (label, v), style in zip((references or {}).get(metric, {}).items(), ("--", ":")):
+            ax.axhline(v, ls=style, color="grey" if label == "base alone" else "green", lw=1, label=label)
+        if (references or {}).get(metric):
+            ax.legend(fontsize=7)
         better = HIGHER_IS_BETTER.get(metric)
         ax.set_title(key + ("" if better is None else (" (higher is better)" if better else " (lower is better)")),
                      fontsize=9)
@@ -90,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--prefix", default="align", help="the callback's prefix (default align)")
     p.add_argument("--timeout", type=float, default=0.0, help="wait this long for a run still being written")
+    p.add_argument("--reference", default=None, metavar="METRICS_JSON",
+                   help="an `mcm evaluate` report of the base alone (metrics.json): draws its scores and the real "
+                        "images' as horizontal lines (measured on its own maps and sampler; the lines show the range)")
     a = p.parse_args(argv)
     history, _ = read_offline_run(a.run_dir, timeout=a.timeout)
-    out = plot(curves(history, a.prefix), a.out, title=Path(a.run_dir).resolve().name, prefix=a.prefix)
+    refs = reference_lines(a.reference) if a.reference else None
+    out = plot(curves(history, a.prefix), a.out, title=Path(a.run_dir).resolve().name, prefix=a.prefix,
+               references=refs)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log.info("alignment curves: %s", out)
     return 0
