@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mcm.models.base_loading import _load_component, load_denoiser, load_optional
-from mcm.models.frozen_base import FrozenBase
+from mcm.models.prompt_dict_base import PromptDictBase
 
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with the x8 VAE
@@ -36,7 +36,8 @@ def calculate_shift(image_seq_len: int, config) -> float:
                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
-class FluxBase(FrozenBase):
+class FluxBase(PromptDictBase):
+    display_name = "FLUX"
     family = "flux"
     denoiser_class = "FluxTransformer2DModel"
     extra_component_names = ("text_encoder_2", "tokenizer_2")
@@ -59,10 +60,6 @@ class FluxBase(FrozenBase):
     @property
     def uses_cfg(self) -> bool:
         return False  # guidance is an input of the transformer (dev) or absent (schnell), not two branches
-
-    @property
-    def is_text_conditional(self) -> bool:
-        return True
 
     @property
     def prediction_type(self) -> str:
@@ -90,17 +87,6 @@ class FluxBase(FrozenBase):
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    @torch.no_grad()
-    def encode_context(self, prompts=None, class_labels=None, batch_size: int = 1, image_size=None):
-        if class_labels is not None:
-            raise ValueError(f"class_labels: the FLUX base '{self.source}' is not class-conditional; it takes prompts")
-        return dict(self.encode_text(prompts if prompts is not None else [""] * batch_size))
-
-    @torch.no_grad()
-    def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
-        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
-        return dict(self.encode_text(neg))
-
     def with_guidance(self, context: dict, guidance_scale: float) -> dict:
         """The context with FLUX.1-dev's guidance input (the pipeline's ``guidance_scale``)."""
         if not self.unet.config.guidance_embeds:
@@ -109,8 +95,7 @@ class FluxBase(FrozenBase):
         return {**context, "guidance": torch.full((B,), float(guidance_scale), device=self.device)}
 
     def model_kwargs(self, context) -> dict:
-        if context is None:
-            raise ValueError(f"context: the FLUX base '{self.source}' needs prompt embeddings (\"\" for none)")
+        context = self.check_context(context)
         dt = self.unet.dtype
         emb = context["prompt_embeds"]
         kwargs = {"encoder_hidden_states": emb.to(dt), "pooled_projections": context["pooled"].to(dt),

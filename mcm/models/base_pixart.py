@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 
 from mcm.models.base_loading import _load_component, load_denoiser, load_optional
-from mcm.models.frozen_base import FrozenBase
+from mcm.models.prompt_dict_base import PromptDictBase
 
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default max_sequence_length
 #: PixArt-Σ's added conditions: none (the pipeline passes these Nones)
 ADDED_COND = {"resolution": None, "aspect_ratio": None}
 
 
-class PixArtSigmaBase(FrozenBase):
+class PixArtSigmaBase(PromptDictBase):
+    display_name = "PixArt-Σ"
     family = "pixart_sigma"
     denoiser_class = "PixArtTransformer2DModel"
 
@@ -42,10 +43,6 @@ class PixArtSigmaBase(FrozenBase):
     def default_guidance_scale(self) -> float:
         return 4.5  # ``PixArtSigmaPipeline``'s default
 
-    @property
-    def is_text_conditional(self) -> bool:
-        return True
-
     # ---- context ---------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.text_encoder is None or self.tokenizer is None:
@@ -56,23 +53,7 @@ class PixArtSigmaBase(FrozenBase):
         embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    @torch.no_grad()
-    def encode_context(self, prompts=None, class_labels=None, batch_size: int = 1, image_size=None):
-        if class_labels is not None:
-            raise ValueError(f"class_labels: the PixArt-Σ base '{self.source}' is not class-conditional; it takes "
-                             f"prompts")
-        return dict(self.encode_text(prompts if prompts is not None else [""] * batch_size))
-
-    @torch.no_grad()
-    def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
-        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
-        return dict(self.encode_text(neg))
-
     def model_kwargs(self, context) -> dict:
-        if context is None:
-            raise ValueError(f"context: the PixArt-Σ base '{self.source}' needs prompt embeddings (\"\" for none)")
+        context = self.check_context(context)
         return {"encoder_hidden_states": context["prompt_embeds"].to(self.unet.dtype),
                 "encoder_attention_mask": context["prompt_attention_mask"], "added_cond_kwargs": dict(ADDED_COND)}
-
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
-        return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample

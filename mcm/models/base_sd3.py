@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from mcm.models.base_loading import _load_component, load_denoiser, load_optional
-from mcm.models.frozen_base import FrozenBase
+from mcm.models.prompt_dict_base import PromptDictBase
 
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
-class SD3Base(FrozenBase):
+class SD3Base(PromptDictBase):
+    display_name = "SD3"
     family = "sd3"
     denoiser_class = "SD3Transformer2DModel"
     extra_component_names = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -38,10 +39,6 @@ class SD3Base(FrozenBase):
     @property
     def default_guidance_scale(self) -> float:
         return 7.0  # ``StableDiffusion3Pipeline``'s default
-
-    @property
-    def is_text_conditional(self) -> bool:
-        return True
 
     @property
     def prediction_type(self) -> str:
@@ -69,22 +66,7 @@ class SD3Base(FrozenBase):
         return {"prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
                 "pooled": torch.cat([p1, p2], dim=-1)}
 
-    @torch.no_grad()
-    def encode_context(self, prompts=None, class_labels=None, batch_size: int = 1, image_size=None):
-        if class_labels is not None:
-            raise ValueError(f"class_labels: the SD3 base '{self.source}' is not class-conditional; it takes prompts")
-        return dict(self.encode_text(prompts if prompts is not None else [""] * batch_size))
-
-    @torch.no_grad()
-    def uncond_context(self, batch_size: int, negative_prompt=None, image_size=None):
-        neg = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch_size
-        return dict(self.encode_text(neg))
-
     def model_kwargs(self, context) -> dict:
-        if context is None:
-            raise ValueError(f"context: the SD3 base '{self.source}' needs prompt embeddings (\"\" for none)")
+        context = self.check_context(context)
         dt = self.unet.dtype
         return {"encoder_hidden_states": context["prompt_embeds"].to(dt), "pooled_projections": context["pooled"].to(dt)}
-
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
-        return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample
