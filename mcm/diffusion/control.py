@@ -132,7 +132,7 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, siz
         dtype = context.dtype if isinstance(context, torch.Tensor) and context.is_floating_point() else torch.float32
         latents = initial_noise((batch_size, base.latent_channels, *size), generator, base.device, dtype)
     predict = controlled_predictor(base, controls, size, window, scheduler.config.num_train_timesteps)
-    return sample(guided(predict, context, uncond, guidance_scale if cfg else 1.0), latents, scheduler,
+    return sample(guided(predict, context, uncond, guidance_scale), latents, scheduler,  # no uncond: one branch
                   num_inference_steps, generator, eta, callback, progress,
                   timestep_kwargs=base.timestep_kwargs(scheduler, num_inference_steps, size))
 
