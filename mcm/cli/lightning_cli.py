@@ -256,15 +256,19 @@ def check_shards(subcommand: str | None, data: Any) -> None:
             raise MissingDataError(f"{e}; {_how_to_make(gone or urls, args)}") from None
 
 
-def resolve_load_denoiser(model: Any, data: Any) -> None:
-    """``load_denoiser: null`` (the default) -> ``False`` when every training and validation shard folder holds
-    cached predictions (``base.json`` with ``predictions`` > 0: no step runs the base, so its denoiser's weights
-    are not read), else ``True``.  One log line says which."""
+def resolve_load_denoiser(model: Any, data: Any, subcommand: str | None = "fit") -> None:
+    """``load_denoiser: null`` (the default) -> ``False`` for ``mcm fit`` when every training and validation shard
+    folder holds cached predictions (``base.json`` with ``predictions`` > 0: no step runs the base, so its
+    denoiser's weights are not read), else ``True`` (and always for validate / test / predict, which sample).
+    One log line says when the weights are left out."""
     from datamodules.cached_fields import read_base_json
     from datamodules.shard_datamodule import expand_shards
 
     init = _get(model, "init_args")
     if init is None or not hasattr(init, "load_denoiser") or _get(init, "load_denoiser") is not None:
+        return
+    if subcommand != "fit":
+        init.load_denoiser = True
         return
     args = _get(data, "init_args", data)
     dirs = set()
@@ -305,7 +309,7 @@ class MCMCLI(LightningCLI):
             check_shards(self.subcommand, data)
         except MissingDataError as e:
             raise SystemExit(f"mcm: error: {e}") from None
-        resolve_load_denoiser(_get(config, "model"), data)
+        resolve_load_denoiser(_get(config, "model"), data, self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer, with :class:`AtomicCheckpointIO` unless the config chose a ``CheckpointIO``,
