@@ -228,6 +228,10 @@ class FrozenBase(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        # the weights' device (a pipeline's components may have been moved before they were wrapped); a denoiser
+        # without its weights is on the meta device: then where .to() put the rest
+        if self.denoiser_loaded:
+            return next(self.unet.parameters()).device
         return self._anchor.device
 
     # ---- the denoiser's weights, loaded when first needed ----------------------------------------
@@ -255,6 +259,7 @@ class FrozenBase(nn.Module):
                 f"({type(e).__name__}: {e}); this run did not need them to train (it reads cached predictions), "
                 f"but sampling (validation grids, the alignment callback, export checks) does") from e
         real.requires_grad_(False).eval()
+        where = self._anchor.device  # where .to() put the rest of the base
         self.unet = real
         self._hash = None
         own = self.content_hash()
@@ -265,7 +270,7 @@ class FrozenBase(nn.Module):
         if self._run_dtype is not None:
             for m in self.children():
                 _cast(m, self._run_dtype)
-        self.unet.to(self.device)
+        self.unet.to(where)
         log.info("base %s: denoiser weights loaded from %s", self.source, path / sub)
 
     def _apply(self, fn, recurse: bool = True):
