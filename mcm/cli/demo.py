@@ -61,7 +61,9 @@ def run_demo(out: str | Path = "outputs/demo.png", n: int = 8, steps: int = 25, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     label_s = strength if strength is None or isinstance(strength, (int, float)) else "map/schedule"
-    labelled_grid(torch.cat(rows), n, comparison_labels(module, list(conds), label_s)).save(out)
+    labels = comparison_labels(module, list(conds), label_s)
+    labels[-2:] = [f"{t}, seeds {seeds[0]}-{seeds[-1]}" for t in labels[-2:]]  # one seed per column, both rows
+    labelled_grid(torch.cat(rows), n, labels).save(out)
     log.info("demo grid (rows: %s, base, base+MCM) -> %s", ", ".join(conds), out)
     return out
 
