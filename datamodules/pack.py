@@ -361,10 +361,11 @@ def derive_maps(samples: list[dict], derivers: Mapping[str, Callable]) -> None:
     map and image size: photos of one size, the common case, go through each model as one batch."""
     import torch
 
+    lacking = [(s, json.loads(s["json"]).get("derived", [])) for s in samples]
     for what, derive in derivers.items():
         by_size: dict[tuple, list[dict]] = {}
-        for s in samples:
-            if what in json.loads(s["json"]).get("derived", []):
+        for s, derived in lacking:
+            if what in derived:
                 by_size.setdefault(tuple(s["__rgb__"].shape), []).append(s)
         for group in by_size.values():
             for s, png in zip(group, derive(torch.stack([s["__rgb__"] for s in group]))):
@@ -378,7 +379,7 @@ DERIVABLE = {"segmentation": "seg", "depth": "depth", "sketch": "sketch"}  # --d
 
 def make_derivers(derive: Sequence[str], segmenter: str | Path | None = None, label_map: str | Path | None = None,
                   depth_model: str | Path | None = None, depth_kind: str = "auto",
-                  device: str = "cpu") -> dict[str, Callable[[torch.Tensor], bytes]]:
+                  device: str = "cpu") -> dict[str, Callable[[torch.Tensor], list[bytes]]]:
     """``{"seg" | "depth" | "sketch": images (B, 3, H, W) in [0, 1] -> B PNGs}`` for ``--derive``.
 
     Each goes through its modality plugin's ``derive`` (with the local model as ``annotator``), so a
@@ -442,7 +443,7 @@ def in_validation(stem: str, fraction: float) -> bool:
 
 def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, depth: str | Path | None = None,
                 sketch: str | Path | None = None, captions: str | Path | None = None,
-                maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], bytes]] | None = None,
+                maxcount: int = 1000, derivers: Mapping[str, Callable[[torch.Tensor], list[bytes]]] | None = None,
                 val_fraction: float = 0.0, batch_size: int = 16) -> PackReport:
     """Pack ``images`` (+ maps paired by stem, + captions) into shards ``out % 0, out % 1, ...``.
 
@@ -490,7 +491,8 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
                     getattr(report, e.kind).append(e.problem)
             derive_maps(chunk, derivers)
             for sample in chunk:
-                stem = json.loads(sample["json"])["stem"]
+                meta = json.loads(sample["json"])
+                stem = meta["stem"]
                 if sample["__key__"] != stem:
                     report.renamed_keys[stem] = sample["__key__"]
                 val = in_validation(stem, val_fraction)
@@ -498,7 +500,7 @@ def pack_folder(images: str | Path, out: str, seg: str | Path | None = None, dep
                 report.packed += 1
                 report.val_packed += val
                 report.without_sketch += "sketch" in maps and "sketch.png" not in sample
-                for what in json.loads(sample["json"]).get("derived", []):
+                for what in meta.get("derived", []):
                     report.derived[what] = report.derived.get(what, 0) + 1
             bar.update(min(batch_size, len(stems) - start))
             bar.set_postfix(packed=report.packed, skipped=report.skipped, refresh=False)

@@ -55,6 +55,16 @@ def expand_shards(spec: str | list[str] | None, what: str) -> list[str]:
     return urls
 
 
+def is_remote(url: str) -> bool:
+    """A shard read through a URL or a ``pipe:`` command, not a local file."""
+    return url.startswith(_REMOTE)
+
+
+def shard_folders(urls: list[str]) -> list[str]:
+    """The local folders the shards of ``urls`` lie in (where ``mcm data encode`` writes ``base.json``)."""
+    return sorted({os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls if not is_remote(u)})
+
+
 def count_samples(urls: list[str], what: str) -> int:
     """Distinct sample keys in local tar shards (reads headers only)."""
     if any(u.startswith(_REMOTE) for u in urls):
@@ -202,9 +212,7 @@ class ShardDataModule(L.LightningDataModule):
         """The ``base.json`` of the shards' folders (``None``: raw shards), the same for every folder."""
         key = "\n".join(urls)
         if key not in self._cached:
-            dirs = sorted({os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls
-                           if not u.startswith(_REMOTE)})
-            records = {d: read_base_json(d) for d in dirs}
+            records = {d: read_base_json(d) for d in shard_folders(urls)}
             found = {d: r for d, r in records.items() if r is not None}
             if found and len(found) < len(records):
                 raw = sorted(d for d, r in records.items() if r is None)

@@ -262,7 +262,7 @@ def resolve_load_denoiser(model: Any, data: Any, subcommand: str | None = "fit")
     denoiser's weights are not read), else ``True`` (and always for validate / test / predict, which sample).
     One log line says when the weights are left out."""
     from datamodules.cached_fields import read_base_json
-    from datamodules.shard_datamodule import expand_shards
+    from datamodules.shard_datamodule import expand_shards, is_remote, shard_folders
 
     init = _get(model, "init_args")
     if init is None or not hasattr(init, "load_denoiser") or _get(init, "load_denoiser") is not None:
@@ -271,23 +271,16 @@ def resolve_load_denoiser(model: Any, data: Any, subcommand: str | None = "fit")
         init.load_denoiser = True
         return
     args = _get(data, "init_args", data)
-    dirs = set()
-    for key in ("train_shards", "val_shards"):
-        spec = _get(args, key)
-        if not spec:
-            continue
-        urls = expand_shards(spec, f"data.init_args.{key}")
-        if any("://" in u or u.startswith("pipe:") for u in urls):
-            dirs.add(None)  # a remote shard: its folder's base.json cannot be read here
-        dirs |= {os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls
-                 if "://" not in u and not u.startswith("pipe:")}
-    records = [read_base_json(d) if d is not None else None for d in dirs]
-    base_free = bool(records) and all(r is not None and r.get("predictions", 0) > 0 for r in records)
+    urls = [u for key in ("train_shards", "val_shards") if _get(args, key)
+            for u in expand_shards(_get(args, key), f"data.init_args.{key}")]
+    dirs = shard_folders(urls)  # a remote shard's folder, and so its base.json, cannot be read here
+    base_free = bool(dirs) and not any(is_remote(u) for u in urls) and all(
+        (read_base_json(d) or {}).get("predictions", 0) > 0 for d in dirs)
     init.load_denoiser = not base_free
     if base_free:
         log.info("mcm fit: every shard folder holds the base's cached predictions (%s): the denoiser's weights "
                  "are not loaded (model.init_args.load_denoiser=false; grids and alignment load them when they "
-                 "sample)", ", ".join(sorted(d for d in dirs if d)))
+                 "sample)", ", ".join(dirs))
 
 
 class MCMCLI(LightningCLI):

@@ -131,4 +131,4 @@ class FluxBase(PromptDictBase):
         img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, x.device, x.dtype)
         out = self.unet(hidden_states=tokens, timestep=t.to(x.dtype) / 1000, img_ids=img_ids, **kwargs, **extra,
                         return_dict=False)[0]
-        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+        return FluxPipeline._unpack_latents(out, h * self.downsample, w * self.downsample, self.downsample)

@@ -168,6 +168,7 @@ class AdapterModule(L.LightningModule):
         self._speed_up(h.channels_last, h.compile)
         self.ema = EMAModel(self.trainable.parameters(), decay=h.ema_decay) if h.ema_decay else None
         self._val_batch: dict | None = None
+        self._no_sampling = False  # set once the denoiser's weights were found missing (sampling_base)
         n_ad, n_base = self.trainable.num_trainable_parameters(), self.base.num_parameters()
         self.param_counts = {self.param_key: n_ad, "base": n_base, "ratio": n_ad / n_base}
         log.info("%s %.2fM trainable parameters, base %.2fM frozen: ratio %.2f%%", type(self.trainable).__name__,
@@ -425,7 +426,7 @@ class AdapterModule(L.LightningModule):
         loaded now; ``False``, with one warning, where they cannot be (a base-free run without them)."""
         if self.base.denoiser_loaded:
             return True
-        if getattr(self, "_no_sampling", False):
+        if self._no_sampling:
             return False
         try:
             self.base.load_denoiser_weights()

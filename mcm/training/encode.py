@@ -41,12 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
+from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from webdataset.tariterators import base_plus_ext
 
-from datamodules.cached_fields import BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, array_bytes, context_members, member
+from datamodules.cached_fields import (BASE_HASH_KEY, BASE_HASH_MEMBER, BASE_JSON, CACHED_KEYS, TEXT_KEY, array_bytes,
+                                      context_members, decode_cached, member)
 from datamodules.devices import resolve_device
 from datamodules.sample_decoding import (IMAGE_EXPECTED, BadSampleError, ShardDecodeError, SkipCounter, decode_caption,
                               decode_class_label, decode_image, image_field, joint_transform)
@@ -212,8 +213,11 @@ def encode_batch(base, settings: EncodeSettings, images: list[torch.Tensor], cap
     if settings.predictions > 0:
         from mcm.training.prediction_cache import prediction_members  # written alongside; imported when asked
 
-        # the predictions are drawn for x0 and context exactly as the DataModule will read them back
-        stored = {k: torch.stack([_np_load(o[member(k)]) for o in out]).to(base.device) for k in arrays}
+        # the predictions are drawn for x0 and context exactly as the DataModule will read them back: through
+        # its own decoder, from the bytes just written (fp16 rounding, integer masks as int64)
+        stored = default_collate([{k: v for k, v in decode_cached(o).items() if k != BASE_HASH_KEY} for o in out])
+        stored = {k: {n: x.to(base.device) for n, x in v.items()} if isinstance(v, dict) else v.to(base.device)
+                  for k, v in stored.items()}
         x0 = stored["latent"]
         if base.is_class_conditional:
             if any(lb is None for lb in labels):
@@ -221,19 +225,11 @@ def encode_batch(base, settings: EncodeSettings, images: list[torch.Tensor], cap
                 raise ValueError(f"--predictions: the base '{base.source}' is class-conditional but samples "
                                  f"{missing} have no class label ('cls' or json 'class_label')")
             context = base.encode_context(class_labels=labels, batch_size=B)
-        elif isinstance(context, dict):
-            context = {k: stored["text_emb" if k == "prompt_embeds" else k] for k in context}
         elif context is not None:
-            context = stored["text_emb"]
+            context = stored[TEXT_KEY]
         for o, extra in zip(out, prediction_members(base, x0, context, keys, settings.predictions)):
             o.update(extra)
     return out
-
-
-def _np_load(b: bytes) -> torch.Tensor:
-    """A stored member as the DataModule reads it back: float32, or int64 for integer arrays (attention masks)."""
-    arr = np.load(io.BytesIO(b), allow_pickle=False)
-    return torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32))
 
 
 def _new_member(like: tarfile.TarInfo, name: str, size: int) -> tarfile.TarInfo:
@@ -313,6 +309,20 @@ def _plan(shards: list[str], out: Path) -> list[tuple[str, Path]]:
     return [(s, out / n) for n, s in dsts.items()]
 
 
+def pending_jobs(plan: list[tuple[str, Path]], report: EncodeReport) -> list[tuple[str, str]]:
+    """The ``(src, dst)`` of ``plan`` still to encode; complete outputs go to ``report.shards_skipped`` (resume)."""
+    jobs = []
+    for src, dst in plan:
+        if dst.is_file():
+            log.info("%s: complete from an earlier run, skipping", dst)
+            report.shards_skipped.append(str(dst))
+            continue
+        if dst.with_name(dst.name + ".tmp").exists():
+            log.info("%s: partial from an interrupted run, encoding it again", dst)
+        jobs.append((src, str(dst)))
+    return jobs
+
+
 def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int | None = None,
                   batch_size: int = 16, workers: int = 0, predictions: int = 0, flip: bool = True,
                   device: str = "cpu", dtype: str | None = None, devices: int = 1, num_nodes: int = 1,
@@ -331,7 +341,7 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
     """
     from tqdm import tqdm
 
-    from datamodules.shard_datamodule import expand_shards
+    from datamodules.shard_datamodule import expand_shards, is_remote
 
     if devices * num_nodes > 1:
         device = "cpu"  # loaded here, moved to each rank's device by Lightning
@@ -339,7 +349,7 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
         raise ValueError(f"--batch-size, --devices and --num-nodes must be >= 1, --workers and --predictions "
                          f">= 0; got {batch_size}, {devices}, {num_nodes}, {workers}, {predictions}")
     urls = [u for s in shards for u in expand_shards(s, "SHARDS")]
-    if any(u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) for u in urls):
+    if any(is_remote(u) for u in urls):
         raise ValueError("SHARDS: mcm data encode reads local shard files; copy remote shards first")
     out = Path(out)
     settings = EncodeSettings(base, image_size or 0, batch_size, flip, predictions, device, dtype)
@@ -360,18 +370,10 @@ def encode_shards(base: str, shards: list[str], out: str | Path, image_size: int
             raise ValueError("--workers is for one process on one machine; with --devices / --num-nodes each "
                              "rank encodes its own shards (drop --workers)")
         check_base_json(out, record)  # on every rank, before any starts; rank 0 writes it
-        return encode_distributed(b, settings, [(s, str(d)) for s, d in _plan(urls, out)], out, devices,
-                                  num_nodes, accelerator)
+        return encode_distributed(b, settings, record, _plan(urls, out), out, devices, num_nodes, accelerator)
     write_base_json(out, record)
-    report, jobs = EncodeReport(str(out)), []
-    for src, dst in _plan(urls, out):
-        if dst.is_file():
-            log.info("%s: complete from an earlier run, skipping", dst)
-            report.shards_skipped.append(str(dst))
-            continue
-        if dst.with_name(dst.name + ".tmp").exists():
-            log.info("%s: partial from an interrupted run, encoding it again", dst)
-        jobs.append((src, str(dst)))
+    report = EncodeReport(str(out))
+    jobs = pending_jobs(_plan(urls, out), report)
     if workers == 0:
         results = ((src, encode_shard(b, settings, src, Path(dst))) for src, dst in jobs)
         pool = None

@@ -14,36 +14,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mcm.training.encode import EncodeReport, EncodeSettings, base_record, encode_shard, write_base_json
+from mcm.training.encode import EncodeReport, EncodeSettings, encode_shard, pending_jobs, write_base_json
 
 log = logging.getLogger(__name__)
 
 
 class EncodeShards(L.LightningModule):
-    """Encodes the shards of ``jobs`` (``(src, dst)`` pairs, every rank the same list) that are not complete."""
+    """Encodes the shards of ``plan`` (``(src, dst)`` pairs, every rank the same list) that are not complete."""
 
-    def __init__(self, base: torch.nn.Module, settings: EncodeSettings, jobs: list[tuple[str, str]],
+    def __init__(self, base: torch.nn.Module, settings: EncodeSettings, record: dict, plan: list[tuple[str, Path]],
                  out: Path) -> None:
         super().__init__()
-        self.base, self.settings, self.jobs, self.out = base, settings, jobs, out
+        self.base, self.settings, self.record, self.plan = base, settings, record, plan
         self.report = EncodeReport(str(out))
         self._counts = torch.zeros(3, dtype=torch.long)  # shards, samples, bad: this rank's
 
     def predict_dataloader(self) -> DataLoader:
         if self.trainer.is_global_zero:
-            write_base_json(self.out, base_record(self.base, self.settings))
-        pending = []
-        for src, dst in self.jobs:
-            if Path(dst).is_file():
-                self.report.shards_skipped.append(dst)
-            else:
-                pending.append((src, dst))
+            write_base_json(Path(self.report.out), self.record)
+        pending = pending_jobs(self.plan, self.report)
         self.report.shards_done = [src for src, _ in pending]
         # every rank lists the pending shards before any rank writes one: the shares stay disjoint
         self.trainer.strategy.barrier("mcm-encode-plan")
@@ -63,16 +56,15 @@ class EncodeShards(L.LightningModule):
         _, self.report.samples, self.report.bad = (int(c) for c in counts)
 
 
-def encode_distributed(base: torch.nn.Module, settings: EncodeSettings, jobs: list[tuple[str, str]], out: Path,
-                       devices: int, num_nodes: int = 1, accelerator: str = "auto") -> EncodeReport:
+def encode_distributed(base: torch.nn.Module, settings: EncodeSettings, record: dict, plan: list[tuple[str, Path]],
+                       out: Path, devices: int, num_nodes: int = 1, accelerator: str = "auto") -> EncodeReport:
     """Run :class:`EncodeShards` under ``Trainer.predict`` with DDP on ``devices`` x ``num_nodes`` ranks.
 
-    ``base`` is loaded on the CPU (Lightning moves it to each rank's device); ``check_base_json`` has run.
-    Every rank returns the same totals.
+    ``base`` is loaded on the CPU (Lightning moves it to each rank's device); ``record`` is its ``base.json``,
+    already checked against ``out``.  Every rank returns the same totals.
     """
-    module = EncodeShards(base, settings, jobs, out)
-    strategy: Any = "ddp" if devices * num_nodes > 1 else "auto"
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+    module = EncodeShards(base, settings, record, plan, out)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp",
                         logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                         enable_model_summary=False, default_root_dir=str(out), inference_mode=True)
     trainer.predict(module, return_predictions=False)
