@@ -74,9 +74,10 @@ def plot(series: dict[str, list[tuple[int, float]]], out: str | Path, title: str
         steps, values = zip(*series[key])
         ax.plot(steps, values, marker="o", ms=3, label="base + module")
         metric = key[len(prefix) + 1:].split("/")[0]
-        for (label, v), style in zip((references or {}).get(metric, {}).items(), ("--", ":")):
+        lines = (references or {}).get(metric, {})
+        for (label, v), style in zip(lines.items(), ("--", ":")):
             ax.axhline(v, ls=style, color="grey" if label == "base alone" else "green", lw=1, label=label)
-        if (references or {}).get(metric):
+        if lines:
             ax.legend(fontsize=7)
         better = HIGHER_IS_BETTER.get(metric)
         ax.set_title(key + ("" if better is None else (" (higher is better)" if better else " (lower is better)")),
