@@ -15,6 +15,7 @@ Member names (docs/concepts.md#data-and-shard-keys), each one ``np.save``'d arra
   sdxl     ``text_emb.npy text_embeds.npy time_ids.npy`` ``{"prompt_embeds", "text_embeds", "time_ids"}``
   sd3      ``text_emb.npy pooled.npy``                  ``{"prompt_embeds", "pooled"}``
   pixart   ``text_emb.npy prompt_attention_mask.npy``   ``{"prompt_embeds", "prompt_attention_mask"}``
+  qwen     ``text_emb.npy prompt_embeds_mask.npy``      ``{"prompt_embeds", "prompt_embeds_mask"}`` (padded)
   dit      none (the ``cls`` member is the context)
   ======== ============================================ ===================================
 
@@ -46,10 +47,13 @@ log = logging.getLogger(__name__)
 LATENT_KEYS = ("latent", "latent_flip")
 TEXT_KEY = "text_emb"  # the tensor context, or the dict context's "prompt_embeds"
 #: dict-context entries other than prompt_embeds, each stored under its own key
-CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled", "prompt_attention_mask")
+CONTEXT_EXTRA_KEYS = ("text_embeds", "time_ids", "pooled", "prompt_attention_mask", "prompt_embeds_mask")
+#: the mask of a family whose prompts keep their own lengths (Qwen-Image pads a batch to its longest prompt): the
+#: samples of a training batch, encoded in different batches, are padded to the longest of them when collated
+RAGGED_MASK_KEY = "prompt_embeds_mask"
 PREDICTION_KEYS = ("pred_t", "noise_seed", "xt", "target", "pred", "pred_uncond")
 #: integer arrays (pred_t: except for a flow base, float32 t = 1000 sigma); a T5 attention mask is 0 / 1
-INT_KEYS = ("pred_t", "noise_seed", "prompt_attention_mask")
+INT_KEYS = ("pred_t", "noise_seed", "prompt_attention_mask", "prompt_embeds_mask")
 FLOAT_OR_INT_KEYS = ("pred_t",)
 #: numpy dtype kinds -> how an error names them
 _KINDS = {"iu": "an integer", "f": "a float", "iuf": "an integer or float"}
@@ -130,6 +134,20 @@ def decode_cached(sample: Mapping[str, Any]) -> dict[str, Any]:
         raise BadSampleError(f"'latent_flip.npy' is {tuple(out['latent_flip'].shape)} but 'latent.npy' is "
                              f"{tuple(out['latent'].shape)}; expected the same shape")
     return out
+
+
+def pad_ragged_text(items: list[dict[str, Any]]) -> None:
+    """Pad (in place) the cached ``prompt_embeds`` / ``prompt_embeds_mask`` of the samples of one batch to their
+    longest (zero embeddings, mask 0: padding takes no part in the denoiser's attention), so they stack."""
+    texts = [it.get(TEXT_KEY) for it in items]
+    if not all(isinstance(t, dict) and RAGGED_MASK_KEY in t for t in texts):
+        return
+    n = max(t["prompt_embeds"].shape[0] for t in texts)
+    for t in texts:
+        pad = n - t["prompt_embeds"].shape[0]
+        if pad:
+            t["prompt_embeds"] = torch.nn.functional.pad(t["prompt_embeds"], (0, 0, 0, pad))
+            t[RAGGED_MASK_KEY] = torch.nn.functional.pad(t[RAGGED_MASK_KEY], (0, pad))
 
 
 def has_predictions(cached: Mapping[str, Any]) -> bool:

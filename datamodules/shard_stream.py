@@ -41,6 +41,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from modalities import Modality
 
 from .cached_fields import (BASE_HASH_KEY, CACHED_KEYS, PREDICTION_KEYS, TEXT_KEY, decode_cached, has_predictions,
+                            pad_ragged_text,
                             member, pick_prediction_draw)
 from .sample_decoding import (
     CAPTION_KEYS, CLASS_KEY, DATA_ERRORS, IMAGE_EXPECTED, IMAGE_KEYS, BadSampleError, ShardDecodeError,
@@ -308,6 +309,7 @@ def collate(items: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
                              f"all raw")
     # per sample, None where a shard has no base_hash.txt (encoded before it was written): checked by the trainer
     hashes = [it.pop(BASE_HASH_KEY, None) for it in items]
+    pad_ragged_text(items)
     out = default_collate(items)
     if any(h is not None for h in hashes):
         out[BASE_HASH_KEY] = hashes

@@ -86,3 +86,11 @@ def tiny_flux_dir(tmp_path_factory):
     from tiny_models import make_tiny_flux
 
     return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_dir(tmp_path_factory):
+    """A tiny random Qwen-Image directory (Qwen2.5-VL text encoder, ``AutoencoderKLQwenImage``)."""
+    from tiny_models import make_tiny_qwenimage
+
+    return make_tiny_qwenimage(tmp_path_factory.mktemp("tiny_qwenimage"))

@@ -72,3 +72,32 @@ def test_a_skeleton_denoiser_loads_its_weights_when_something_runs_it(tiny_sd_di
     ctx = eager.encode_context(["a ring"], batch_size=1)
     assert torch.equal(lazy.predict(x, t, ctx), eager.predict(x, t, ctx))
     assert lazy.denoiser_loaded and lazy.content_hash() == eager.content_hash()
+
+
+@pytest.mark.parametrize("family,size", [("sdxl", 16), ("sd3", 16), ("pixart_sigma", 16), ("flux", 32),
+                                         ("qwenimage", 32)])
+def test_base_free_fit_of_each_familys_template(family, size, tmp_path, monkeypatch, caplog, request):
+    """Each family's template trains 2 steps from cached predictions with the denoiser's weight files deleted."""
+    from test_templates import template_fit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["mcm"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = tmp_path / "base"
+    shutil.copytree(request.getfixturevalue(f"tiny_{family}_dir"), base)
+    raw = tmp_path / "raw"
+    write_shapes_shards(raw, train=8, val=4, size=size, shard_size=8, workers=1)
+    with pytest.raises(SystemExit) as done:
+        mcm(["data", "encode", "--base", str(base), str(raw / "train-*.tar"), str(raw / "val-*.tar"),
+             "--out", str(tmp_path / "enc"), "--predictions", "2", "--batch-size", "4", "--image-size", str(size)])
+    assert done.value.code == 0
+    weights = [f for sub in ("unet", "transformer") for f in (base / sub).glob("*.safetensors")]
+    assert weights
+    for f in weights:
+        f.unlink()
+    caplog.set_level(logging.INFO)
+    template_fit(family, base, tmp_path / "enc", size)
+    assert "the denoiser's weights are not loaded" in caplog.text
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())

@@ -20,12 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
                                                    ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True),
                                                    ("pixart_sigma", "pixart_sigma", False),
                                                    ("pixart_sigma", "pixart_sigma", True), ("flux", "flux", False),
-                                                   ("flux", "flux", True)])
+                                                   ("flux", "flux", True), ("qwenimage", "qwenimage", False),
+                                                   ("qwenimage", "qwenimage", True)])
 def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypatch, request):
     """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
     every SD3 step on such shards was refused, its flow timesteps truncated)."""
     base_dir = request.getfixturevalue({"sd": "tiny_sd_dir"}.get(family, f"tiny_{family}_dir"))
-    size = {"sd": 64, "flux": 32}.get(family, 16)  # the tiny SD has an x8 VAE, the others x2 (FLUX packs 2x2)
+    size = {"sd": 64, "flux": 32, "qwenimage": 32}.get(family, 16)  # 8 x the VAE: x8 SD, x4 Qwen, x2 the others
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["mcm"])
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -37,6 +38,18 @@ def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypat
                  "--out", str(tmp_path / "enc"), "--predictions", "2", "--batch-size", "4", "--image-size", str(size)])
         assert done.value.code == 0
         shards = tmp_path / "enc"
+    template_fit(template, base_dir, shards, size)
+    metrics = next(Path("runs/t").rglob("metrics.csv"))
+    with open(metrics) as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+    ckpt = torch.load(next(Path(".").rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    assert ckpt["mcm_base"]["source"] == str(base_dir)
+    assert all(k.startswith("mcm.") for k in ckpt["state_dict"])
+
+
+def template_fit(template: str, base_dir: Path, shards: Path, size: int, *extra: str) -> None:
+    """``mcm fit`` of an experiment template for 2 steps on a tiny base (CSV logs under ``runs/t``)."""
     mcm(["fit", "-c", str(REPO / "experiments" / "templates" / f"{template}.yaml"),
          "--model.init_args.base", str(base_dir), "--model.init_args.base_dtype", "null",
          "--model.init_args.block_out_channels", "[8, 16]", "--model.init_args.layers_per_block", "1",
@@ -49,11 +62,4 @@ def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypat
          "--data.init_args.num_workers", "0", "--data.init_args.hflip", "0.0",
          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "runs/t"])
-    metrics = next(Path("runs/t").rglob("metrics.csv"))
-    with open(metrics) as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
-    ckpt = torch.load(next(Path(".").rglob("last.ckpt")), map_location="cpu", weights_only=True)
-    assert ckpt["mcm_base"]["source"] == str(base_dir)
-    assert all(k.startswith("mcm.") for k in ckpt["state_dict"])
+         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "runs/t", *extra])

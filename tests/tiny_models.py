@@ -351,3 +351,58 @@ def make_tiny_dpt(path: Path) -> Path:
     model.save_pretrained(path)
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(path)
     return path
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2 tokenizer built offline: byte-level BPE over the 256 byte symbols (no merges) plus Qwen's chat
+    specials (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``), what ``Qwen2Tokenizer`` loads from
+    ``tokenizer.json``; every string tokenizes, nothing is fetched."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)
+    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                          bos_token=None, model_max_length=4096)
+
+
+def make_tiny_qwenimage(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen-Image directory (diffusers' own test sizes): ``QwenImageTransformer2DModel`` over
+    2x2-packed latents of an ``AutoencoderKLQwenImage`` (x4, 4 channels), a tiny ``Qwen2_5_VLForConditionalGeneration``
+    text encoder with the byte-level tokenizer above, ``FlowMatchEulerDiscreteScheduler`` with Qwen-Image's dynamic
+    shift; saved by ``QwenImagePipeline.save_pretrained``."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                 latents_std=[1.5, 0.8, 1.0, 2.0])
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed + 2)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "vocab_size": 512, "bos_token_id": 256, "eos_token_id": 258},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=512, vision_end_token_id=300, vision_start_token_id=301, vision_token_id=302,
+        bos_token_id=256, eos_token_id=258)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from mcm.models.frozen_base import cat_contexts
+
 #: ``denoise(x, t, step) -> p``: ``step`` is the index of the ``scheduler.step`` this evaluation belongs to
 Denoiser = Callable[..., torch.Tensor]
 #: ``predict(x, t, context, step=None) -> p`` for a batch (with guidance: the doubled ``[uncond; cond]`` batch)
@@ -120,20 +122,15 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
     return x
 
 
-def cat_contexts(a, b):
-    """``[a; b]`` on the batch axis for a context that is a tensor or a dict of tensors (SDXL, SD3)."""
-    if isinstance(a, dict):
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-    return torch.cat([a, b])
-
-
 def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: torch.Tensor | None,
-           guidance_scale: float = 1.0) -> Denoiser:
+           guidance_scale: float = 1.0, cat: Callable = cat_contexts, combine: Callable | None = None) -> Denoiser:
     """A denoiser with classifier-free guidance (Ho & Salimans 2022): ``p = p_u + w (p_c - p_u)``.
 
     Guidance is on when ``guidance_scale > 1`` and there is an unconditional context, as in
     diffusers; then both branches go through ``predict`` as one batched call ``[uncond; cond]``,
     so adapters modulate both branches in one call too (docs/concepts.md#the-mcm).
+    ``cat`` / ``combine``: the family's batching of the two contexts and its guidance rule
+    (``FrozenBase.cat_contexts`` / ``combine_guidance``; Qwen-Image pads its prompts and renormalises).
     """
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
@@ -143,7 +140,9 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
     def denoise(x: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         if not use_cfg:
             return predict(x, t, context, step=step)
-        p_u, p_c = predict(torch.cat([x, x]), t, cat_contexts(uncond_context, context), step=step).chunk(2)
+        p_u, p_c = predict(torch.cat([x, x]), t, cat(uncond_context, context), step=step).chunk(2)
+        if combine is not None:
+            return combine(p_u, p_c, guidance_scale)
         return p_u + guidance_scale * (p_c - p_u)
 
     return denoise

@@ -36,10 +36,32 @@ def calculate_shift(image_seq_len: int, config) -> float:
                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
+def packed_flow_timestep_kwargs(scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
+    """The sigmas ``linspace(1, 1/N, N)`` and dynamic shift ``mu`` (from the number of 2x2-packed tokens) that
+    ``FluxPipeline`` and ``QwenImagePipeline`` give their flow-matching scheduler; ``{}`` for another scheduler."""
+    accepts = inspect.signature(scheduler.set_timesteps).parameters
+    if "sigmas" not in accepts or "mu" not in accepts:
+        return {}  # another scheduler (a DDIM grid): its own timesteps
+    kwargs = {}
+    if not scheduler.config.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2), scheduler.config)
+    return kwargs
+
+
+def check_packable(base, h: int, w: int) -> None:
+    """A clear error for a latent the 2x2 packing cannot take."""
+    if h % 2 or w % 2:
+        raise ValueError(f"the {base.display_name} base '{base.source}' packs latents 2x2: expected an even latent "
+                         f"size, got {h}x{w} (the image size must be a multiple of {2 * base.downsample} pixels)")
+
+
 class FluxBase(PromptDictBase):
     display_name = "FLUX"
     family = "flux"
     denoiser_class = "FluxTransformer2DModel"
+    packs_latents = True
     extra_component_names = ("text_encoder_2", "tokenizer_2")
 
     @classmethod
@@ -109,24 +131,14 @@ class FluxBase(PromptDictBase):
     # ---- sampling ----------------------------------------------------------------------------------------
     def timestep_kwargs(self, scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
         """``FluxPipeline``'s sigmas and dynamic shift ``mu`` (from the number of packed tokens)."""
-        accepts = inspect.signature(scheduler.set_timesteps).parameters
-        if "sigmas" not in accepts or "mu" not in accepts:
-            return {}  # another scheduler (a DDIM grid): its own timesteps
-        kwargs = {}
-        if not scheduler.config.get("use_flow_sigmas", False):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if scheduler.config.get("use_dynamic_shifting", False):
-            kwargs["mu"] = calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2), scheduler.config)
-        return kwargs
+        return packed_flow_timestep_kwargs(scheduler, num_inference_steps, latent_size)
 
     # ---- the denoiser on packed tokens -------------------------------------------------------------------
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
         from diffusers import FluxPipeline
 
         B, C, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"the FLUX base '{self.source}' packs latents 2x2: expected an even latent size, got "
-                             f"{h}x{w} (the image size must be a multiple of {2 * self.downsample} pixels)")
+        check_packable(self, h, w)
         tokens = FluxPipeline._pack_latents(x, B, C, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, x.device, x.dtype)
         out = self.unet(hidden_states=tokens, timestep=t.to(x.dtype) / 1000, img_ids=img_ids, **kwargs, **extra,

@@ -18,12 +18,19 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component,  # noqa: F401
+from mcm.models.base_loading import (BUILTIN_BASES, WEIGHTS_DIR, _cast, _load_component, vae_downsample,  # noqa: F401
                                      denoiser_weights_deferred, is_skeleton, load_denoiser, load_optional,
                                      resolve_base_path)
 from mcm.models.families import denoiser_config, detect_family, family_of_denoiser, get_family
 
 log = logging.getLogger(__name__)
+
+
+def cat_contexts(a, b):
+    """``[a; b]`` on the batch axis for a context that is a tensor or a dict of tensors (SDXL, SD3)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
 
 
 class FrozenBaseError(RuntimeError):
@@ -196,7 +203,7 @@ class FrozenBase(nn.Module):
     @property
     def downsample(self) -> int:
         """Pixels per model-space pixel: 1 for pixel bases, 8 for Stable Diffusion's VAE."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return vae_downsample(self.vae)
 
     @property
     def is_text_conditional(self) -> bool:
@@ -217,6 +224,24 @@ class FrozenBase(nn.Module):
         """Whether ``guidance_scale`` > 1 means classifier-free guidance with an unconditional branch (a
         guidance-distilled base, FLUX.1-dev, takes it as an input instead: :meth:`with_guidance`)."""
         return True
+
+    #: True where the denoiser takes the latents packed 2x2 into tokens (FLUX.1, Qwen-Image): the family's
+    #: ``_denoise`` packs and unpacks, so the MCM sees the spatial latent; ``mcm.attach`` refuses such a pipeline
+    packs_latents: bool = False
+
+    @property
+    def guidance_needs_negative_prompt(self) -> bool:
+        """True where the family's pipeline guides only when a negative prompt is given (Qwen-Image's
+        ``true_cfg_scale``); elsewhere the unconditional branch defaults to the empty prompt."""
+        return False
+
+    def cat_contexts(self, a, b):
+        """``[a; b]``: the unconditional and conditional contexts in one batch (guidance's one call)."""
+        return cat_contexts(a, b)
+
+    def combine_guidance(self, p_u: torch.Tensor, p_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): ``p_u + w (p_c - p_u)``."""
+        return p_u + guidance_scale * (p_c - p_u)
 
     def with_guidance(self, context, guidance_scale: float):
         """The context a sampling run gives the denoiser for ``guidance_scale`` (unchanged: CFG bases)."""
@@ -434,6 +459,38 @@ class FrozenBase(nn.Module):
         if transformer_block_residuals is not None:
             kwargs["block_controlnet_hidden_states"] = [r.to(dt) for r in transformer_block_residuals]
         return self._predict(x_t, t, text_emb, **kwargs)
+
+    def feature_blocks(self) -> list[nn.Module]:
+        """The denoiser blocks whose outputs ``predict_with_features`` returns: a UNet's down blocks, then its
+        middle block (an MCM option, ``base_features``: the base's own features of ``x_t``)."""
+        unet = self.unet
+        if not hasattr(unet, "down_blocks") or getattr(unet, "mid_block", None) is None:
+            raise FrozenBaseError(f"base_features: the base's {type(unet).__name__} has no UNet down and middle "
+                                  "blocks to read features from; expected a UNet family (shapes32, SD 1/2, SDXL)")
+        return [*unet.down_blocks, unet.mid_block]
+
+    def feature_channels(self) -> list[int]:
+        """Channels of each ``feature_blocks`` output (a UNet's ``block_out_channels``, then the last again)."""
+        self.feature_blocks()  # the clear error for a transformer family
+        widths = list(self.unet.config.block_out_channels)
+        return widths + [widths[-1]]
+
+    @torch.no_grad()
+    def predict_with_features(self, x_t: torch.Tensor, t: torch.Tensor, context=None
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``predict`` and the outputs of ``feature_blocks`` in the same forward (forward hooks: no extra cost)."""
+        feats: list[torch.Tensor] = []
+
+        def keep(_module, _inputs, out):
+            feats.append((out[0] if isinstance(out, tuple) else out).float())
+
+        handles = [m.register_forward_hook(keep) for m in self.feature_blocks()]
+        try:
+            p = self._predict(x_t, t, context)
+        finally:
+            for h in handles:
+                h.remove()
+        return p, feats
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, context, **extra) -> torch.Tensor:
         self.load_denoiser_weights()  # a no-op unless built from its config alone

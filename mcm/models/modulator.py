@@ -49,16 +49,23 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         attention_head_dim: channels per attention head.
         default_strength: the modulation strength sampling uses when called with ``strength=None``
             (measured after training and recorded by ``mcm export --strength``; never folded into weights).
+        base_feature_channels: ``None`` (the paper's MCM) or the channels of the frozen base's own features of
+            ``x_t`` that the module also reads (``FrozenBase.feature_channels``: a UNet's down blocks and middle
+            block, captured in the base's no-grad forward, so they cost no extra base forward). Each is
+            projected to ``base_feature_width`` channels by a 1x1 conv, resized to ``x_t``'s size and added to
+            the input. Such a module runs the base itself: it cannot train from cached predictions, and
+            ``mcm.attach`` refuses it.
+        base_feature_width: channels of each projected base feature.
     """
 
     config_name = "config.json"
-    uses_base_prediction_only = True  # it only modulates p: it trains from cached base predictions
 
     @register_to_config
     def __init__(self, latent_channels: int = 4, modalities: dict[str, dict[str, Any]] | None = None,
                  downsample: int = 1, block_out_channels: tuple[int, ...] = (32, 32, 64, 128),
                  layers_per_block: int = 2, attention_levels: tuple[int, ...] = (2,), norm_num_groups: int = 8,
-                 attention_head_dim: int = 8, default_strength: float = 1.0):
+                 attention_head_dim: int = 8, default_strength: float = 1.0,
+                 base_feature_channels: tuple[int, ...] | None = None, base_feature_width: int = 8):
         super().__init__()
         self.default_strength = float(default_strength)
         if not modalities:
@@ -70,6 +77,10 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         self.encoders = nn.ModuleDict({n: p.build_encoder(downsample) for n, p in self.plugins.items()})
         feat = sum(p.feature_channels for p in self.plugins.values())
         in_channels = 2 * latent_channels + feat + len(self.plugins)
+        self.base_feature_proj = None
+        if base_feature_channels:
+            self.base_feature_proj = nn.ModuleList(nn.Conv2d(c, base_feature_width, 1) for c in base_feature_channels)
+            in_channels += base_feature_width * len(base_feature_channels)
         n = len(block_out_channels)
         down = tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(n))
         up = tuple("AttnUpBlock2D" if (n - 1 - i) in attention_levels else "UpBlock2D" for i in range(n))
@@ -80,6 +91,11 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         # zero output: gamma = beta = 0, so the module starts as an exact no-op (ControlNet's zero-conv idea)
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
+
+    @property
+    def uses_base_prediction_only(self) -> bool:
+        """True unless it reads the base's features (it then runs the base itself, so no cached predictions)."""
+        return self.base_feature_proj is None
 
     # ---- conditions -> features (independent of t: computed once per sampling run) -----------------
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
@@ -111,12 +127,22 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         return torch.cat(feats + [masks], dim=1)
 
     # ---- the modulation ------------------------------------------------------------------------
-    def modulation(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, features: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gamma, beta)``, each the shape of ``p``, from ``[x_t, p, features]``."""
+    def modulation(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
+                   base_features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma, beta)``, each the shape of ``p``, from ``[x_t, p, features]`` (and the projected base features
+        of ``x_t`` for a module built with ``base_feature_channels``)."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        h = torch.cat([x_t.to(features.dtype), p.to(features.dtype), features], dim=1)
+        extra = []
+        if self.base_feature_proj is not None:
+            if base_features is None or len(base_features) != len(self.base_feature_proj):
+                got = None if base_features is None else len(base_features)
+                raise ValueError(f"this MCM reads {len(self.base_feature_proj)} base feature maps "
+                                 f"(base_feature_channels={list(self.config.base_feature_channels)}), got {got}")
+            for proj, f in zip(self.base_feature_proj, base_features):
+                f = proj(f.to(features.dtype))
+                extra.append(F.interpolate(f, size=tuple(x_t.shape[-2:]), mode="bilinear", align_corners=False))
+        h = torch.cat([x_t.to(features.dtype), p.to(features.dtype), features, *extra], dim=1)
         out = self.unet(h, t).sample
         gamma, beta = out.float().chunk(2, dim=1)
         return gamma, beta
@@ -125,8 +151,12 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
                               state: torch.Tensor, strength: float | torch.Tensor, base_prediction: BasePrediction
                               ) -> torch.Tensor:
         """The adapter protocol (``mcm.models.adapter``): ``p + s (p gamma + beta)`` on the base's ``p``."""
-        p = base_prediction()
-        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]))
+        feats = None
+        if self.base_feature_proj is None:
+            p = base_prediction()
+        else:  # its own base forward, the features captured in it (a shared p carries no features)
+            p, feats = base.predict_with_features(x_t, t, context)
+        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]), feats)
         return modulate(p, gamma, beta, strength)
 
     # ---- export and checkpoint (the adapter-kind registry, mcm.models.adapter_kinds, asks these) -----------
@@ -165,9 +195,10 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
     def forward(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor],
-                present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                present: torch.Tensor | None = None, base_features: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encode_conditions(conditions, present, tuple(x_t.shape[-2:]), x_t.shape[0])
-        return self.modulation(x_t, p, t, features)
+        return self.modulation(x_t, p, t, features, base_features)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

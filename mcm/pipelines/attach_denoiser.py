@@ -81,10 +81,10 @@ def attach(pipe, modules: Sequence[str | Path | torch.nn.Module], conditions: Ma
     denoiser, scheduler = getattr(pipe, name), pipe.scheduler
     comps = {k: v for k, v in pipe.components.items() if v is not None}
     base = FrozenBase.from_components(source=getattr(pipe, "name_or_path", None) or type(pipe).__name__, **comps)
-    if base.family == "flux":
+    if base.packs_latents:
         raise ValueError(f"pipe: {type(pipe).__name__}'s transformer is called with latents packed 2x2 into tokens, "
                          f"which mcm.attach does not unpack yet; use MCMPipeline.from_pipe(pipe, modules=[...]), "
-                         f"which shares its components and gives FluxPipeline's images")
+                         f"which shares its components and gives {type(pipe).__name__}'s images")
     loaded = [load_module(m, base, force_base) if isinstance(m, (str, Path)) else (m, {}) for m in modules]
     refused = [type(m).__name__ for m, _ in loaded if not getattr(m, "uses_base_prediction_only", False)]
     if refused:

@@ -34,6 +34,7 @@ from modalities import ModalityError
 from mcm.diffusion.control import Control, controlled_sample
 from mcm.diffusion.sampling import generators_for
 from mcm.diffusion.strength import parse_strength, spatial_map
+from mcm.models.base_loading import vae_downsample
 from mcm.models.frozen_base import FrozenBase, check_base
 from mcm.pipelines.adapter_stack import AdapterStack
 from mcm.pipelines.module_io import BUILTIN_MODULES, base_of, load_module
@@ -89,8 +90,7 @@ class MCMPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer, adapters=adapters, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-        ds = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=ds)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_downsample(vae))
         self._frozen_base: FrozenBase | None = None
 
     # ---- construction --------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ class MCMModule(AdapterModule):
     Args (besides :class:`AdapterModule`'s):
         block_out_channels / layers_per_block / attention_levels / norm_num_groups: MCM UNet
             (the paper's: (32, 32, 64, 128), 2, (2,), 8).
+        base_features: the MCM also reads the frozen base's own down- and middle-block features of ``x_t``
+            (``MultimodalConditioningModule``'s ``base_feature_channels``; UNet bases; no cached predictions).
     """
 
     adapter_attribute = "mcm"
@@ -26,7 +28,7 @@ class MCMModule(AdapterModule):
 
     def __init__(self, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  attention_levels: tuple[int, ...] = (1,), norm_num_groups: int = 8, lr: float = 3e-4,
-                 **kwargs: Any):
+                 base_features: bool = False, **kwargs: Any):
         super().__init__(lr=lr, **kwargs)
 
     def build_adapter(self) -> MultimodalConditioningModule:
@@ -34,7 +36,8 @@ class MCMModule(AdapterModule):
         return MultimodalConditioningModule(
             latent_channels=self.base.latent_channels, modalities=h.modalities, downsample=self.base.downsample,
             block_out_channels=tuple(h.block_out_channels), layers_per_block=h.layers_per_block,
-            attention_levels=tuple(h.attention_levels), norm_num_groups=h.norm_num_groups)
+            attention_levels=tuple(h.attention_levels), norm_num_groups=h.norm_num_groups,
+            base_feature_channels=tuple(self.base.feature_channels()) if h.get("base_features") else None)
 
     def checkpoint_config(self) -> dict:
         return dict(self.mcm.config)
