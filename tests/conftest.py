@@ -94,3 +94,11 @@ def tiny_qwenimage_dir(tmp_path_factory):
     from tiny_models import make_tiny_qwenimage
 
     return make_tiny_qwenimage(tmp_path_factory.mktemp("tiny_qwenimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_dir(tmp_path_factory):
+    """A tiny random Sana directory (Gemma-2 text encoder, ``AutoencoderDC``, DPM-Solver++ for flow)."""
+    from tiny_models import make_tiny_sana
+
+    return make_tiny_sana(tmp_path_factory.mktemp("tiny_sana"))

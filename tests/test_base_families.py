@@ -110,7 +110,7 @@ def family_batch(n: int = 4, size: int = 16, seed: int = 0) -> dict:
             "caption": ["a red circle"] * n, "class_label": torch.tensor([1, 2, 3, 4][:n])}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana"])
 def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
     from mcm.training.mcm_module import MCMModule
 
@@ -160,7 +160,8 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
 @pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
                                           ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ"),
                                           ("flux", "FluxControlNetModel is not wired"),
-                                          ("qwenimage", "QwenImageControlNetModel is not wired")])
+                                          ("qwenimage", "QwenImageControlNetModel is not wired"),
+                                          ("sana", "SanaControlNetModel is not wired")])
 def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
     from mcm.models.controlnet import ControlNetAdapter
 

@@ -16,7 +16,7 @@ from mcm.pipelines import MCMPipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 TOL = 1e-5
-PROMPTS = ["a red circle", "a blue square and a ring"]
+PROMPTS = ["a red circle", "A Blue square and a ring "]  # lower-cased and stripped, as the pipeline does
 H, W = 32, 16  # non-square: 16 x 8 latents
 CALL = dict(prompt=PROMPTS, num_inference_steps=3, height=H, width=W, output_type="pt")
 

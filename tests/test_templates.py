@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
                                                    ("pixart_sigma", "pixart_sigma", False),
                                                    ("pixart_sigma", "pixart_sigma", True), ("flux", "flux", False),
                                                    ("flux", "flux", True), ("qwenimage", "qwenimage", False),
-                                                   ("qwenimage", "qwenimage", True)])
+                                                   ("qwenimage", "qwenimage", True), ("sana", "sana", False),
+                                                   ("sana", "sana", True)])
 def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypatch, request):
     """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
     every SD3 step on such shards was refused, its flow timesteps truncated)."""

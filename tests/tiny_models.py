@@ -406,3 +406,59 @@ def make_tiny_qwenimage(path: str | Path, seed: int = 0) -> Path:
                              transformer=transformer)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_gemma_tokenizer():
+    """A Gemma tokenizer built offline: a Unigram model over characters and a few words, ``<bos>`` first as
+    Gemma's post-processor puts it (what ``GemmaTokenizer`` loads from ``tokenizer.json``; nothing fetched)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GemmaTokenizer
+
+    words = ["a", "red", "blue", "green", "circle", "square", "ring", "and", "the", "of", "prompt", "user"]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.:'->\n"
+    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0)] + [
+        ("\u2581" + w, -2.0) for w in words] + [(c, -5.0) for c in chars] + [("\u2581", -3.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=3))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    return GemmaTokenizer(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                          unk_token="<unk>")
+
+
+def make_tiny_sana(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Sana directory (diffusers' own test sizes): ``SanaTransformer2DModel`` (learned sigma: 8 output
+    channels for 4 latent ones) over an x2 ``AutoencoderDC``, a tiny ``Gemma2Model`` with the tokenizer above, and
+    Sana's DPM-Solver++ for flow (``flow_prediction``, flow sigmas, ``flow_shift`` 3); saved by
+    ``SanaPipeline.save_pretrained``."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=8, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=32)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64,
+                                            max_position_embeddings=8192, num_attention_heads=2, num_hidden_layers=1,
+                                            num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=0,
+                                            eos_token_id=1, bos_token_id=2, attn_implementation="eager"))
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            num_train_timesteps=1000)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

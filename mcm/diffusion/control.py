@@ -119,7 +119,10 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, siz
     """
     from diffusers import DDIMScheduler
 
-    scheduler = scheduler or DDIMScheduler.from_config(base.scheduler.config)
+    if scheduler is None:  # DDIM (docs/concepts.md#the-mcm); a flow base keeps its own kind (DDIM has no flow)
+        own = type(base.scheduler)
+        scheduler = own.from_config(base.scheduler.config) if base.prediction_type == "flow" \
+            else DDIMScheduler.from_config(base.scheduler.config)
     size = tuple(size or base.sample_size)
     image_size = (size[0] * base.downsample, size[1] * base.downsample)
     context = base.encode_context(prompts, class_labels, batch_size, image_size)

@@ -187,7 +187,10 @@ class FlowMatchingProcess:
             raise ValueError(f"timestep_sampling: expected logit_normal, uniform or mode, got {timestep_sampling!r}")
         if weighting not in ("none", "sigma_sqrt", "cosmap"):
             raise ValueError(f"weighting: expected none, sigma_sqrt or cosmap for a flow base, got {weighting!r}")
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+        cfg = dict(scheduler_config)
+        if "flow_shift" in cfg:  # a DPM-Solver flow config (Sana): its flow_shift is the Euler scheduler's shift
+            cfg["shift"] = cfg["flow_shift"]
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
         self.weighting, self.timestep_sampling = weighting, timestep_sampling
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
 
@@ -243,13 +246,14 @@ class FlowMatchingProcess:
 def forward_process_for(scheduler_config: Mapping[str, Any], weighting: str = "none", snr_gamma: float = 5.0,
                         timestep_sampling: str = "uniform"):
     """The training forward process of a base, from its scheduler (or its config): flow matching for
-    ``FlowMatch*`` schedulers (SD3; its timesteps follow its own logit-normal density, so a VP
+    ``FlowMatch*`` schedulers and ``flow_prediction`` ones (SD3, Sana; timesteps follow a logit-normal density, so a VP
     ``timestep_sampling`` other than uniform is refused), else the variance-preserving DDPM process."""
     is_flow = False
     if hasattr(scheduler_config, "config"):  # a scheduler object: its class says it even if the config does not
         is_flow = type(scheduler_config).__name__.startswith("FlowMatch")
         scheduler_config = scheduler_config.config
-    is_flow = is_flow or str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch")
+    is_flow = is_flow or str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch") \
+        or dict(scheduler_config).get("prediction_type") == "flow_prediction"  # DPM-Solver for flow (Sana)
     if is_flow:
         if timestep_sampling != "uniform":
             raise ValueError(f"timestep_sampling={timestep_sampling!r} is for variance-preserving bases; this "

@@ -17,7 +17,7 @@ from torch import nn
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 BUILTIN_BASES = {"shapes32": WEIGHTS_DIR / "shapes32" / "base"}
 #: family name -> what identifies it in a directory
-FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage")
+FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana")
 
 
 def resolve_base_path(name_or_path: str | Path) -> Path:
@@ -53,11 +53,14 @@ def builtin_base_name(name_or_path: str | Path) -> str | None:
 
 def vae_downsample(vae) -> int:
     """Pixels per latent pixel of a diffusers VAE (its pipelines' ``vae_scale_factor``): ``2 ** (levels - 1)`` for
-    ``AutoencoderKL``, ``2 ** len(temperal_downsample)`` for Qwen-Image's video VAE; 1 without a VAE."""
+    ``AutoencoderKL`` and Sana's ``AutoencoderDC``, ``2 ** len(temperal_downsample)`` for Qwen-Image's video VAE;
+    1 without a VAE."""
     if vae is None:
         return 1
     if hasattr(vae.config, "temperal_downsample"):
         return 2 ** len(vae.config.temperal_downsample)
+    if hasattr(vae.config, "encoder_block_out_channels"):  # AutoencoderDC (Sana)
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 

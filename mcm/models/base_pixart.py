@@ -9,7 +9,7 @@ The transformer predicts epsilon and a learned variance; the variance half is sp
 one of the scheduler config (``DDPMScheduler.from_config``), as for Stable Diffusion.
 
 Not reproduced: the pipeline's ``clean_caption`` text cleaning (it needs ``beautifulsoup4`` and ``ftfy`` and
-is skipped without them; prompts here are encoded as given) and its resolution binning (``MCMPipeline``
+is skipped without them; prompts here are lower-cased and stripped, as the pipeline does without it) and its resolution binning (``MCMPipeline``
 samples at the requested size; ``PixArtSigmaPipeline(..., use_resolution_binning=False)`` is the equal call).
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ class PixArtSigmaBase(PromptDictBase):
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(f"the PixArt-Σ base '{self.source}' has no text_encoder/ or tokenizer/; expected T5's")
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+        prompts = [p.lower().strip() for p in prompts]  # the pipeline's _text_preprocessing (clean_caption off)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
         embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]

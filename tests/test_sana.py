@@ -1,0 +1,68 @@
+"""Sana (issue 27): with no control and with a zero-initialised MCM, the images are ``SanaPipeline``'s (resolution
+binning off, the equal call), same seed, non-square size, two guidance scales with the default and a given negative
+prompt, with Sana's DPM-Solver++ for flow and with flow-matching Euler.  (Training on it, and cached predictions
+giving the online step's ``p`` and loss: ``test_base_families.py``, ``test_cached_families.py``,
+``test_templates.py``.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+from mcm.models.frozen_base import FrozenBase
+from mcm.models.modulator import MultimodalConditioningModule
+from mcm.pipelines import MCMPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+TOL = 1e-5
+PROMPTS = ["a red circle", "A blue square and a ring "]  # lower-cased and stripped, as the pipeline does
+H, W = 32, 64  # non-square: 16 x 32 latents (x2 autoencoder)
+CALL = dict(prompt=PROMPTS, num_inference_steps=3, height=H, width=W, output_type="pt")
+
+
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def zero_mcm(base) -> MultimodalConditioningModule:
+    torch.manual_seed(0)
+    return MultimodalConditioningModule(latent_channels=base.latent_channels, modalities={"segmentation": {"num_classes": 6}},
+                                        downsample=base.downsample, block_out_channels=(16, 32), layers_per_block=1,
+                                        attention_levels=(), norm_num_groups=8).eval()
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "euler"])
+@pytest.mark.parametrize("guidance_scale,negative_prompt", [(1.0, None), (4.5, None), (3.0, "Blurry")])
+def test_sana_equals_sana_pipeline(tiny_sana_dir, scheduler, guidance_scale, negative_prompt):
+    ref = SanaPipeline.from_pretrained(tiny_sana_dir)
+    if scheduler == "euler":
+        ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_progress_bar_config(disable=True)
+    kw = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    expected = ref(**CALL, **kw, guidance_scale=guidance_scale, use_resolution_binning=False, generator=gen()).images
+    base = FrozenBase.from_pretrained(tiny_sana_dir)
+    assert type(base).__name__ == "SanaBase" and base.latent_channels == 4 and base.downsample == 2
+    assert base.default_guidance_scale == 4.5 and base.prediction_type == "flow"
+    sched = FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config) if scheduler == "euler" else None
+    for modules in ([], [zero_mcm(base)]):
+        pipe = MCMPipeline.from_base(base, modules, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        conditions = {"segmentation": torch.randint(0, 6, (2, H, W), generator=gen())} if modules else None
+        got = pipe(**CALL, **kw, conditions=conditions, guidance_scale=guidance_scale, generator=gen()).images
+        assert got.shape == expected.shape == (2, 3, H, W)
+        assert float((got - expected).abs().max()) < TOL, (modules, float((got - expected).abs().max()))
+
+
+def test_sana_latents_and_its_training_process(tiny_sana_dir):
+    from mcm.diffusion.forward_process import FlowMatchingProcess, forward_process_for
+
+    base = FrozenBase.from_pretrained(tiny_sana_dir)
+    images = torch.rand(2, 3, 16, 24, generator=gen()) * 2 - 1
+    z = base.encode_images(images)
+    assert z.shape == (2, 4, 8, 12)
+    assert torch.allclose(z, base.vae.encode(images).latent * base.vae.config.scaling_factor, atol=1e-6)
+    assert base.decode(z).shape == (2, 3, 16, 24)
+    fp = forward_process_for(base.scheduler.config)
+    assert isinstance(fp, FlowMatchingProcess) and fp.scheduler.config.shift == 3.0  # Sana's flow_shift
+    t = fp.sample_timesteps(4096, "cpu", torch.Generator().manual_seed(0))
+    assert abs(float((t / 1000).median()) - 3 * 0.5 / (1 + 2 * 0.5)) < 0.02  # logit-normal median, shifted by 3
