@@ -102,3 +102,11 @@ def tiny_sana_dir(tmp_path_factory):
     from tiny_models import make_tiny_sana
 
     return make_tiny_sana(tmp_path_factory.mktemp("tiny_sana"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_dir(tmp_path_factory):
+    """A tiny random Z-Image directory (Qwen3 text encoder with a chat template, FLUX-style VAE)."""
+    from tiny_models import make_tiny_zimage
+
+    return make_tiny_zimage(tmp_path_factory.mktemp("tiny_zimage"))

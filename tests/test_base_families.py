@@ -110,7 +110,7 @@ def family_batch(n: int = 4, size: int = 16, seed: int = 0) -> dict:
             "caption": ["a red circle"] * n, "class_label": torch.tensor([1, 2, 3, 4][:n])}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana"])
+@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana", "zimage"])
 def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
     from mcm.training.mcm_module import MCMModule
 
@@ -121,7 +121,7 @@ def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
     assert m.base.family == family
     before = m.base.content_hash()
     opt = m.configure_optimizers()["optimizer"]
-    batch = family_batch(size=32 if family in ("flux", "qwenimage") else 16)  # 8 x their VAEs (x2 packed, x4)
+    batch = family_batch(size=32 if family in ("flux", "qwenimage", "zimage") else 16)  # 8 x their VAEs (x2 packed, x4)
     m.train()
     losses = []
     for step in range(12):
@@ -161,7 +161,8 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
                                           ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ"),
                                           ("flux", "FluxControlNetModel is not wired"),
                                           ("qwenimage", "QwenImageControlNetModel is not wired"),
-                                          ("sana", "SanaControlNetModel is not wired")])
+                                          ("sana", "SanaControlNetModel is not wired"),
+                                          ("zimage", "ZImageControlNetModel is not wired")])
 def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
     from mcm.models.controlnet import ControlNetAdapter
 

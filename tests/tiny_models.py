@@ -462,3 +462,47 @@ def make_tiny_sana(path: str | Path, seed: int = 0) -> Path:
                         scheduler=scheduler)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+#: a Qwen3-style chat template (one turn, the generation prompt, an empty thinking block when thinking is off)
+TINY_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Z-Image directory (diffusers' own test sizes): ``ZImageTransformer2DModel`` over an x2
+    ``AutoencoderKL`` with 16 latent channels (FLUX's scaling and shift), a tiny ``Qwen3Model`` with the byte-level
+    tokenizer above and a Qwen3-style chat template, ``FlowMatchEulerDiscreteScheduler`` with the dynamic shift;
+    saved by ``ZImagePipeline.save_pretrained``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # initialised with torch.empty (diffusers' test fixes them the same way)
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
+                        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159)
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_CHAT_TEMPLATE
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=512,
+                                          max_position_embeddings=512, bos_token_id=256, eos_token_id=258))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

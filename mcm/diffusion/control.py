@@ -128,7 +128,7 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, siz
     context = base.encode_context(prompts, class_labels, batch_size, image_size)
     # classifier-free guidance with the unconditional branch; a guidance-distilled base (FLUX.1-dev) takes the
     # scale as an input of its own instead (with_guidance), and runs one branch
-    cfg = guidance_scale > 1.0 and base.uses_cfg and (negative_prompt is not None
+    cfg = guidance_scale > base.guidance_threshold and base.uses_cfg and (negative_prompt is not None
                                                       or not base.guidance_needs_negative_prompt)
     uncond = base.uncond_context(batch_size, negative_prompt, image_size) if cfg else None
     context = base.with_guidance(context, guidance_scale)
@@ -136,7 +136,8 @@ def controlled_sample(base, controls: Sequence[Control], batch_size: int, *, siz
         dtype = context.dtype if isinstance(context, torch.Tensor) and context.is_floating_point() else torch.float32
         latents = initial_noise((batch_size, base.latent_channels, *size), generator, base.device, dtype)
     predict = controlled_predictor(base, controls, size, window, scheduler.config.num_train_timesteps)
-    return sample(guided(predict, context, uncond, guidance_scale, base.cat_contexts, base.combine_guidance),
+    return sample(guided(predict, context, uncond, guidance_scale, base.cat_contexts, base.combine_guidance,
+                         base.guidance_threshold),
                   latents, scheduler,  # no uncond: one branch
                   num_inference_steps, generator, eta, callback, progress,
                   timestep_kwargs=base.timestep_kwargs(scheduler, num_inference_steps, size))

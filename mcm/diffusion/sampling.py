@@ -123,10 +123,11 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
 
 
 def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: torch.Tensor | None,
-           guidance_scale: float = 1.0, cat: Callable = cat_contexts, combine: Callable | None = None) -> Denoiser:
+           guidance_scale: float = 1.0, cat: Callable = cat_contexts, combine: Callable | None = None,
+           threshold: float = 1.0) -> Denoiser:
     """A denoiser with classifier-free guidance (Ho & Salimans 2022): ``p = p_u + w (p_c - p_u)``.
 
-    Guidance is on when ``guidance_scale > 1`` and there is an unconditional context, as in
+    Guidance is on when ``guidance_scale > threshold`` (1) and there is an unconditional context, as in
     diffusers; then both branches go through ``predict`` as one batched call ``[uncond; cond]``,
     so adapters modulate both branches in one call too (docs/concepts.md#the-mcm).
     ``cat`` / ``combine``: the family's batching of the two contexts and its guidance rule
@@ -135,7 +136,7 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale: expected a finite number (1 = no guidance), got {guidance_scale!r}")
-    use_cfg = guidance_scale > 1.0 and uncond_context is not None
+    use_cfg = guidance_scale > threshold and uncond_context is not None
 
     def denoise(x: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         if not use_cfg:

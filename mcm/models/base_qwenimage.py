@@ -23,11 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mcm.models.base_flux import check_packable, packed_flow_timestep_kwargs
 from mcm.models.base_loading import _load_component, load_denoiser, load_optional
-from mcm.models.prompt_dict_base import PromptDictBase
+from mcm.models.prompt_dict_base import RaggedPromptBase, stack_ragged
 
 #: QwenImagePipeline's prompt template and the number of its leading tokens it drops from the hidden states
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
@@ -38,23 +37,7 @@ MAX_SEQUENCE_LENGTH = 1024  # the pipeline's tokenizer_max_length and max_sequen
 DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size: 1024 px with the x8 VAE
 
 
-def pad_prompts(context: dict, length: int) -> dict:
-    """A Qwen-Image context padded with zero embeddings and mask 0 to ``length`` tokens (the pipeline pads a
-    batch's prompts to its longest the same way; masked tokens take no part in the transformer's attention)."""
-    n = context["prompt_embeds"].shape[1]
-    if n == length:
-        return context
-    return {"prompt_embeds": F.pad(context["prompt_embeds"], (0, 0, 0, length - n)),
-            "prompt_embeds_mask": F.pad(context["prompt_embeds_mask"], (0, length - n))}
-
-
-def common_length(*contexts: dict) -> list[dict]:
-    """The contexts padded to the longest of them."""
-    n = max(c["prompt_embeds"].shape[1] for c in contexts)
-    return [pad_prompts(c, n) for c in contexts]
-
-
-class QwenImageBase(PromptDictBase):
+class QwenImageBase(RaggedPromptBase):
     display_name = "Qwen-Image"
     family = "qwenimage"
     denoiser_class = "QwenImageTransformer2DModel"
@@ -128,24 +111,8 @@ class QwenImageBase(PromptDictBase):
                                 return_tensors="pt").to(self.device)
         hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                                    output_hidden_states=True).hidden_states[-1]
-        valid = [h[m.bool()][PROMPT_TEMPLATE_DROP:] for h, m in zip(hidden, tokens.attention_mask)]
-        n = min(max(v.shape[0] for v in valid), MAX_SEQUENCE_LENGTH)
-        embeds = torch.stack([F.pad(v[:n], (0, 0, 0, n - min(v.shape[0], n))) for v in valid])
-        mask = torch.stack([(torch.arange(n, device=self.device) < v.shape[0]).long() for v in valid])
-        return {"prompt_embeds": embeds.to(self.text_encoder.dtype), "prompt_embeds_mask": mask}
-
-    def cat_contexts(self, a: dict, b: dict) -> dict:
-        """``[a; b]`` padded to a common length (the two branches' prompts may differ in length)."""
-        a, b = common_length(a, b)
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-
-    def drop_context(self, context, drop: torch.Tensor, image_size: tuple[int, int] | None = None):
-        """Caption dropout to the empty prompt, both padded to a common length first."""
-        if context is None or not drop.numpy().any():
-            return context
-        context, uncond = common_length(context, self.uncond_context(len(drop), image_size=image_size))
-        rows = drop.to(context["prompt_embeds"].device)
-        return {k: torch.where(rows.view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v) for k, v in context.items()}
+        valid = [h[m.bool()][PROMPT_TEMPLATE_DROP:][:MAX_SEQUENCE_LENGTH] for h, m in zip(hidden, tokens.attention_mask)]
+        return stack_ragged([v.to(self.text_encoder.dtype) for v in valid], self.device)
 
     def combine_guidance(self, p_u: torch.Tensor, p_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """``QwenImagePipeline``'s true CFG: ``p_u + w (p_c - p_u)`` rescaled per packed token (a 2x2 patch of all

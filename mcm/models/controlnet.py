@@ -84,6 +84,7 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
                      "flux": "FLUX's FluxControlNetModel is not wired into this framework yet",
                      "qwenimage": "Qwen-Image's QwenImageControlNetModel is not wired into this framework yet",
                      "sana": "Sana's SanaControlNetModel is not wired into this framework yet",
+                     "zimage": "Z-Image's ZImageControlNetModel is not wired into this framework yet",
                      }.get(base.family, "")
             raise ValueError(f"base '{base.source}' ({base.family} family, {type(base.unet).__name__}): the ControlNet "
                              f"baseline copies a UNet2DConditionModel's encoder (ControlNetModel.from_unet: SD 1.x/2.x, "

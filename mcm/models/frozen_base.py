@@ -230,6 +230,12 @@ class FrozenBase(nn.Module):
     packs_latents: bool = False
 
     @property
+    def guidance_threshold(self) -> float:
+        """Guidance runs for ``guidance_scale`` above this: 1 for classifier-free guidance ``p_u + w (p_c - p_u)``,
+        0 where the family's scale counts from 0 (Z-Image's ``p_c + w (p_c - p_u)``)."""
+        return 1.0
+
+    @property
     def guidance_needs_negative_prompt(self) -> bool:
         """True where the family's pipeline guides only when a negative prompt is given (Qwen-Image's
         ``true_cfg_scale``); elsewhere the unconditional branch defaults to the empty prompt."""

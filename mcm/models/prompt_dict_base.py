@@ -1,8 +1,10 @@
-"""What the families whose context is a dict of prompt encodings share (SD3, FLUX.1, PixArt-Σ): prompts in,
-the unconditional branch from the (negative) prompt, and the transformer called with keyword arguments."""
+"""What the families whose context is a dict of prompt encodings share (SD3, FLUX.1, PixArt-Σ, Sana, Qwen-Image,
+Z-Image): prompts in, the unconditional branch from the (negative) prompt, and the transformer called with keyword
+arguments; :class:`RaggedPromptBase` for those whose prompts keep their own lengths (Qwen-Image, Z-Image)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mcm.models.frozen_base import FrozenBase
 
@@ -38,3 +40,44 @@ class PromptDictBase(FrozenBase):
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
         return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample
+
+
+def pad_prompts(context: dict, length: int) -> dict:
+    """A ragged-prompt context padded with zero embeddings and mask 0 to ``length`` tokens (Qwen-Image's pipeline
+    pads a batch's prompts to its longest the same way; masked tokens take no part in the transformer)."""
+    n = context["prompt_embeds"].shape[1]
+    if n == length:
+        return context
+    return {"prompt_embeds": F.pad(context["prompt_embeds"], (0, 0, 0, length - n)),
+            "prompt_embeds_mask": F.pad(context["prompt_embeds_mask"], (0, length - n))}
+
+
+def common_length(*contexts: dict) -> list[dict]:
+    """The contexts padded to the longest of them."""
+    n = max(c["prompt_embeds"].shape[1] for c in contexts)
+    return [pad_prompts(c, n) for c in contexts]
+
+
+def stack_ragged(embeds: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-prompt embeddings ``(L_i, D)`` -> ``{"prompt_embeds": (B, L, D), "prompt_embeds_mask": (B, L)}``, each
+    prompt's tokens first and zeros after (mask 0)."""
+    n = max(e.shape[0] for e in embeds)
+    return {"prompt_embeds": torch.stack([F.pad(e, (0, 0, 0, n - e.shape[0])) for e in embeds]),
+            "prompt_embeds_mask": torch.stack([(torch.arange(n, device=device) < e.shape[0]).long() for e in embeds])}
+
+
+class RaggedPromptBase(PromptDictBase):
+    """A family whose prompts keep their own lengths: its context is ``{"prompt_embeds", "prompt_embeds_mask"}``
+    padded to the longest prompt of a batch; two contexts are padded to a common length before they are batched
+    (guidance's one call) or mixed row by row (caption dropout to the empty prompt)."""
+
+    def cat_contexts(self, a: dict, b: dict) -> dict:
+        a, b = common_length(a, b)
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+    def drop_context(self, context, drop: torch.Tensor, image_size: tuple[int, int] | None = None):
+        if context is None or not drop.numpy().any():
+            return context
+        context, uncond = common_length(context, self.encode_text([""] * len(drop)))
+        rows = drop.to(context["prompt_embeds"].device)
+        return {k: torch.where(rows.view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v) for k, v in context.items()}

@@ -94,12 +94,14 @@ def comparison_grid(base, adapter, batch: dict, n: int = 8, steps: int = 25, gui
     prompts = list(batch["caption"][:n]) if base.is_text_conditional and "caption" in batch else None
     labels = batch["class_label"][:n] if base.is_class_conditional and "class_label" in batch else None
     seeds = [seed + i for i in range(n)]
+    size = tuple(s // base.downsample for s in batch["image"].shape[-2:])  # the maps' own size, not the base's default
     was_training = adapter.training
     adapter.eval()
 
     def run(controls):
-        x0 = controlled_sample(base, controls, n, prompts=prompts, class_labels=labels, num_inference_steps=steps,
-                               guidance_scale=guidance_scale, generator=generators_for(seeds, None))
+        x0 = controlled_sample(base, controls, n, size=size, prompts=prompts, class_labels=labels,
+                               num_inference_steps=steps, guidance_scale=guidance_scale,
+                               generator=generators_for(seeds, None))
         return (base.decode(x0) + 1) / 2
 
     plain, ctrl = run([]), run([Control(adapter, conds, 1.0, strength)])
