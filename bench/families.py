@@ -1,7 +1,16 @@
-"""Cost on the real SDXL and SD3 architectures (random weights, full size): MCM vs the base, ControlNet where
-it exists and fits.
+"""Cost on the real SDXL, SD3, FLUX.1 and Qwen-Image architectures (random weights, full width): MCM vs the base,
+ControlNet where it exists and fits, and the base-free step.
 
     python bench/families.py --models sdxl,sd3 --latent 32 --json docs/bench/families.json
+    python bench/families.py --models sdxl,flux,qwenimage --base-free --json docs/bench/families_base_free.json
+
+FLUX.1 (12B) and Qwen-Image (20B) do not fit this machine's memory in bf16: they are built at full width with
+fewer blocks (``--flux-blocks 4,8``: 4 double-stream + 8 single-stream of FLUX.1's 19 + 38; ``--qwen-layers 8`` of
+Qwen-Image's 60); the MCM's cost does not grow with depth, so its ratio to a base forward only falls with more.
+
+``--base-free``: in a second fresh process per family, the MCM training step from cached base predictions with the
+denoiser built from its config on the ``meta`` device (no weight allocated), as ``mcm fit`` runs when every shard
+carries cached predictions: its time and peak memory next to a base forward and the base's inference peak.
 
 Per family, through the project's own code path (``FrozenBase`` subclass, ``MCMModule._common_step``,
 ``ControlNetAdapter``): **A** one base forward (bf16 base, no grad), **B** one MCM training step (the paper's
@@ -34,6 +43,17 @@ SEG = {"segmentation": {"num_classes": 6}}
 TAG = "FAMILY_JSON="
 
 
+def denoiser(cls, meta: bool, **config):
+    """The denoiser of ``config``; with ``meta``, built on the ``meta`` device and marked as a skeleton whose
+    weights were never read, as ``FrozenBase.from_pretrained(denoiser_weights=False)`` builds it."""
+    if not meta:
+        return cls(**config)
+    with torch.device("meta"):
+        model = cls(**config)
+    model.mcm_weights_dir = (Path("/nonexistent"), "transformer")  # never loaded in a base-free step
+    return model
+
+
 def _x8_vae():
     """A VAE config with SD's x8 factor (latents are cached, so its weights are never used for the steps)."""
     from diffusers import AutoencoderKL
@@ -42,24 +62,26 @@ def _x8_vae():
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def build(family: str, latent: int, tiny: bool):
+def build(family: str, latent: int, tiny: bool, blocks: dict | None = None, meta: bool = False):
     """(base, context for a batch of 1). SDXL base 1.0 / SD3 medium architectures, built directly in bf16."""
     torch.set_default_dtype(torch.bfloat16)  # 2-3B parameters: never materialise them in fp32
     try:
-        return _build(family, latent, tiny)
+        return _build(family, latent, tiny, blocks or {}, meta)
     finally:
         torch.set_default_dtype(torch.float32)
 
 
-def _build(family: str, latent: int, tiny: bool):
+def _build(family: str, latent: int, tiny: bool, blocks: dict, meta: bool):
     from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
 
     torch.manual_seed(0)
+    if family in ("flux", "qwenimage"):
+        return _build_packed(family, latent, tiny, blocks, meta)
     if family == "sdxl":
         from mcm.models.base_sdxl import SDXLBase
 
         w = (32, 64, 128) if tiny else (320, 640, 1280)
-        unet = UNet2DConditionModel(
+        unet = denoiser(UNet2DConditionModel, meta,
             sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=w,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -83,14 +105,58 @@ def _build(family: str, latent: int, tiny: bool):
 
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    base = SD3Base(SD3Transformer2DModel(**cfg), FlowMatchEulerDiscreteScheduler(shift=3.0), vae, source="sd3-random")
+    base = SD3Base(denoiser(SD3Transformer2DModel, meta, **cfg), FlowMatchEulerDiscreteScheduler(shift=3.0), vae,
+                   source="sd3-random")
     ctx = {"prompt_embeds": torch.randn(1, 77 + 256, cfg["joint_attention_dim"], dtype=torch.float32),
            "pooled": torch.randn(1, cfg["pooled_projection_dim"], dtype=torch.float32)}
     return base, ctx
 
 
+def _build_packed(family: str, latent: int, tiny: bool, blocks: dict, meta: bool):
+    """FLUX.1-dev / Qwen-Image at full width (or tiny), with ``blocks`` of their depth; x8 VAEs, 16 channels."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    heads, head_dim = (2, 16) if tiny else (24, 128)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    if family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        from mcm.models.base_flux import FluxBase
+
+        double, single = blocks.get("flux", (1, 1) if tiny else (4, 8))
+        transformer = denoiser(FluxTransformer2DModel, meta, patch_size=1, in_channels=64, num_layers=double,
+                               num_single_layers=single,
+                                             attention_head_dim=head_dim, num_attention_heads=heads,
+                                             joint_attention_dim=32 if tiny else 4096,
+                                             pooled_projection_dim=32 if tiny else 768, guidance_embeds=True,
+                                             axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
+        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        base = FluxBase(transformer, sched, vae, source=f"flux-random-{double}+{single}-blocks")
+        ctx = {"prompt_embeds": torch.randn(1, 512, 32 if tiny else 4096, dtype=torch.float32),
+               "pooled": torch.randn(1, 32 if tiny else 768, dtype=torch.float32)}
+        return base, ctx
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from mcm.models.base_qwenimage import QwenImageBase
+
+    layers = blocks.get("qwenimage", (1,) if tiny else (8,))[0]
+    transformer = denoiser(QwenImageTransformer2DModel, meta, patch_size=2, in_channels=64, out_channels=16,
+                           num_layers=layers,
+                                              attention_head_dim=head_dim, num_attention_heads=heads,
+                                              joint_attention_dim=32 if tiny else 3584, guidance_embeds=False,
+                                              axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    base = QwenImageBase(transformer, sched, vae, source=f"qwenimage-random-{layers}-layers")
+    n = 64  # a prompt of 64 tokens after the template's are dropped
+    ctx = {"prompt_embeds": torch.randn(1, n, 32 if tiny else 3584, dtype=torch.float32),
+           "prompt_embeds_mask": torch.ones(1, n, dtype=torch.long)}
+    return base, ctx
+
+
 def setup(family: str, a):
-    base, ctx = build(family, a.latent, a.tiny)
+    base, ctx = build(family, a.latent, a.tiny, parse_blocks(a))
     base._apply(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t)  # MCMModule(base_dtype=bfloat16)
     base.to(a.device)
     S = a.latent * 8
@@ -100,6 +166,34 @@ def setup(family: str, a):
              "latent": torch.randn(1, base.latent_channels, a.latent, a.latent, generator=g), "text_emb": ctx}
     to = (lambda v: v.to(a.device) if torch.is_tensor(v) else {k: x.to(a.device) for k, x in v.items()})
     return base, {k: to(v) for k, v in batch.items()}
+
+
+def parse_blocks(a) -> dict:
+    flux = tuple(int(v) for v in a.flux_blocks.split(","))
+    return {"flux": flux, "qwenimage": (int(a.qwen_layers),)}
+
+
+def base_free_child(family: str, a) -> dict:
+    """The MCM step from cached predictions with the denoiser a config on the ``meta`` device: time and peak RSS."""
+    mem = C.PeakMemory(a.device)
+    blocks = parse_blocks(a)
+    base, _ = build(family, a.latent, a.tiny, blocks, meta=True)  # the denoiser's config only, on meta
+    assert not base.denoiser_loaded
+    base = base.to(a.device)
+    S, C_, h = a.latent * base.downsample, base.latent_channels, a.latent
+    g = torch.Generator().manual_seed(0)
+    fp = mcm_fp(base)
+    batch = {"image": torch.rand(1, 3, S, S, generator=g) * 2 - 1,
+             "segmentation": torch.randint(0, 6, (1, S, S), generator=g),
+             "pred_t": fp.sample_timesteps(1, "cpu").view(1, 1).float(),
+             **{k: torch.randn(1, 1, C_, h, h, generator=g) for k in ("xt", "target", "pred", "pred_uncond")}}
+    batch = {k: v.to(a.device) for k, v in batch.items()}
+    module, opt = mcm_module(base)
+    out = {"peak_base_free_step": mem.measure(lambda: C.mcm_step(module, opt, batch))}
+    mem.release()
+    out["times"] = C.interleaved({"base_free_step": lambda: C.mcm_step(module, opt, batch)}, a.reps, 1, a.device)
+    out["denoiser_loaded"] = base.denoiser_loaded
+    return out
 
 
 def mcm_module(base):
@@ -208,32 +302,51 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latent", type=int, default=32, help="latent side (image = 8x); small so the steps fit a CPU")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny widths: checks that the script runs (tests)")
+    p.add_argument("--flux-blocks", default="4,8", help="FLUX.1's double- and single-stream blocks (full: 19,38)")
+    p.add_argument("--qwen-layers", default="8", help="Qwen-Image's transformer blocks (full: 60)")
+    p.add_argument("--base-free", action="store_true",
+                   help="also the MCM step from cached predictions with the denoiser never loaded (a fresh process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-base-free", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.child:
+    if a.child or a.child_base_free:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-        print(TAG + json.dumps(child(a.child, a)))
+        print(TAG + json.dumps(child(a.child, a) if a.child else base_free_child(a.child_base_free, a)))
         return {}
     results = {}
     for fam in a.models.split(","):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fam, "--latent", str(a.latent),
-               "--reps", str(a.reps), "--device", a.device] + (["--tiny"] if a.tiny else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith(TAG)]
-        if out.returncode or not lines:
-            raise RuntimeError(f"{fam} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        results[fam] = json.loads(lines[-1][len(TAG):])
+        common = ["--latent", str(a.latent), "--reps", str(a.reps), "--device", a.device, "--flux-blocks",
+                  a.flux_blocks, "--qwen-layers", a.qwen_layers] + (["--tiny"] if a.tiny else [])
+        results[fam] = run_child(["--child", fam] + common, fam)
         r = results[fam]
         print(f"{fam}: base {r['denoiser_params'] / 1e9:.2f}B, MCM {r['mcm_params'] / 1e6:.2f}M "
               f"({100 * r['mcm_params_over_base']:.2f}%); MCM step / base forward {r['mcm_step_over_base_forward']:.3f}; "
               f"MCM peak / base inference peak {r['mcm_peak_mem_over_base_inference']:.3f}; "
               + (f"ControlNet step / MCM step {r['controlnet_step_over_mcm_step']:.2f}"
                  if "controlnet_step_over_mcm_step" in r else r.get("controlnet_skipped", "no ControlNet in this framework")))
+        if a.base_free:
+            free = run_child(["--child-base-free", fam] + common, f"{fam} (base-free)")
+            r["base_free"] = free
+            t_free, t_base = free["times"]["base_free_step"]["median_s"], r["times"]["base_forward"]["median_s"]
+            r["base_free_step_over_base_forward"] = t_free / t_base
+            r["base_free_peak_over_base_inference"] = free["peak_base_free_step"] / r["peak_base_inference"]
+            print(f"{fam} base-free: step {t_free:.3f} s ({r['base_free_step_over_base_forward']:.3f} base forwards), "
+                  f"peak {free['peak_base_free_step'] / 2**30:.2f} GiB "
+                  f"({r['base_free_peak_over_base_inference']:.3f} x the base's inference peak)")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def run_child(args: list[str], what: str) -> dict:
+    """One measurement in a fresh process (its peak memory is its own)."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(TAG)]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len(TAG):])
 
 
 if __name__ == "__main__":

@@ -89,6 +89,21 @@ def test_families_json(tmp_path):
     assert res["sdxl"]["controlnet_params"] > 0 and res["sdxl"]["mcm_params"] > 0
 
 
+def test_families_base_free_rows(tmp_path):
+    """FLUX.1 and Qwen-Image (tiny widths here) with ``--base-free``: the step from cached predictions runs in its
+    own process with the denoiser never loaded, and its time and peak memory are reported next to the base's."""
+    from bench import families
+
+    out = tmp_path / "families.json"
+    families.main(["--tiny", "--models", "flux,qwenimage", "--latent", "8", "--reps", "1", "--base-free",
+                   "--json", str(out)])
+    res = json.loads(out.read_text())
+    for fam in ("flux", "qwenimage"):
+        _finite_numbers(res[fam], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference",
+                                   "base_free_step_over_base_forward", "base_free_peak_over_base_inference"})
+        assert res[fam]["base_free"]["denoiser_loaded"] is False
+
+
 def test_gpu_suite_runs_its_cpu_parts(tmp_path):
     """bench/gpu_suite.sh in its tiny mode on this CPU: the cuda tests are collected and skipped (none fails),
     both benches write their JSON and the GPU table names every ratio; docs/performance.md is left alone."""
