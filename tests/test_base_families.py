@@ -159,7 +159,6 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
 
 @pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
                                           ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ"),
-                                          ("flux", "FluxControlNetModel is not wired"),
                                           ("qwenimage", "QwenImageControlNetModel is not wired"),
                                           ("sana", "SanaControlNetModel is not wired"),
                                           ("zimage", "ZImageControlNetModel is not wired")])
@@ -301,3 +300,57 @@ def test_sd3_controlnet_trains_exports_and_samples(tiny_sd3_dir, tmp_path):
     assert float((trained - base_images).abs().max()) > 1e-4
     assert torch.equal(run(strength=torch.ones(16, 16)), trained)
     assert torch.equal(run(strength=torch.zeros(16, 16)), run(strength=0.0))
+
+
+def test_flux_controlnet_trains_exports_and_samples(tiny_flux_dir, tmp_path):
+    """FluxControlNetModel.from_transformer through the same protocol (issue 27 item 4): it trains (the base
+    unchanged), its zero-initialised input leaves FLUX's images exactly at step 0, exports and reloads, and a map of
+    ones equals strength 1."""
+    from mcm.models.flux_controlnet import FluxControlNetAdapter
+    from mcm.pipelines import load_module
+    from mcm.training.controlnet_module import ControlNetModule
+    from mcm.training.export import export_checkpoint
+
+    torch.manual_seed(0)
+    seg = {"segmentation": {"num_classes": 4}}  # 4 one-hot channels: at most the latent's 4 (packed 2x2)
+    m = ControlNetModule(base=str(tiny_flux_dir), modalities=seg, warmup_steps=0, lr=1e-3, modality_dropout=0.0,
+                         drop_all_prob=0.0)
+    assert isinstance(m.adapter, FluxControlNetAdapter)
+    labels = torch.randint(0, 4, (2, 32, 32), generator=gen())
+    kw = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=32, width=32)
+    alone = MCMPipeline.from_base(m.base, [])
+    alone.set_progress_bar_config(disable=True)
+    at_init = MCMPipeline.from_base(m.base, [m.adapter])
+    at_init.set_progress_bar_config(disable=True)
+    base_images = alone(**kw, generator=gen(), output_type="pt").images
+    got = at_init(conditions={"segmentation": labels}, **kw, generator=gen(), output_type="pt").images
+    assert float((got - base_images).abs().max()) < 1e-5
+    before = m.base.content_hash()
+    opt = m.configure_optimizers()["optimizer"]
+    m.train()
+    batch = family_batch(2, size=32)
+    batch["segmentation"] = batch["segmentation"] % 4
+    for step in range(2):
+        opt.zero_grad()
+        loss = m.training_step(batch, step)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss) and torch.count_nonzero(m.adapter.controlnet.controlnet_x_embedder.weight) > 0
+    m.base._hash = None
+    assert m.base.content_hash() == before
+    ckpt = {"state_dict": m.state_dict(), "global_step": 2}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "cn.ckpt")
+    loaded, _ = load_module(export_checkpoint(tmp_path / "cn.ckpt", tmp_path / "export", use_ema=False), m.base)
+    assert isinstance(loaded, FluxControlNetAdapter)
+    pipe = MCMPipeline.from_base(m.base, [loaded])
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda **extra: pipe(conditions={"segmentation": labels}, **kw, generator=gen(), **extra,  # noqa: E731
+                               output_type="pt").images
+    trained = run()
+    assert float((trained - base_images).abs().max()) > 1e-4
+    assert torch.equal(run(strength=torch.ones(32, 32)), trained)
+    assert torch.equal(run(strength=torch.zeros(32, 32)), run(strength=0.0))
+    with pytest.raises(ValueError, match="at most the latent's 4"):
+        FluxControlNetAdapter.from_base(m.base, {"segmentation": {"num_classes": 6}})
+

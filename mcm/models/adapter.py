@@ -92,6 +92,15 @@ def conditioning_image(adapter: Adapter, conditions: Mapping[str, torch.Tensor],
     return torch.cat(maps, dim=1)
 
 
+def scale_tokens(tokens: torch.Tensor, strength: float | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A transformer ControlNet's ``(B, N, D)`` patch tokens (``grid`` patches, raster order) times the strength; a
+    strength map is averaged over each patch (bilinear resize to the grid)."""
+    if not isinstance(strength, torch.Tensor):
+        return tokens * strength
+    s = F.interpolate(strength.to(tokens), size=tuple(grid), mode="bilinear", align_corners=False)  # (B, 1, gh, gw)
+    return tokens * s.flatten(2).transpose(1, 2)  # (B, N, 1)
+
+
 def scale_residual(residual: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
     """A ControlNet / T2I-Adapter residual times the strength; a strength map ``(B, 1, h, w)`` is resized
     (bilinear) to the residual's level, so the baselines get the same spatial control as the MCM."""

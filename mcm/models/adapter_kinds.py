@@ -135,6 +135,8 @@ for _kind in (
                 "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("sd3_controlnet", "SD3 ControlNet", "mcm.models.sd3_controlnet:SD3ControlNetAdapter",
                 "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
+    AdapterKind("flux_controlnet", "FLUX ControlNet", "mcm.models.flux_controlnet:FluxControlNetAdapter",
+                "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("t2i_adapter", "T2I-Adapter", "mcm.models.t2i_adapter:T2IAdapterControl", "t2i_adapter_config",
                 "adapter.", "mcm.training.t2i_adapter_module:T2IAdapterModule"),
 ):

@@ -78,10 +78,13 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
             from mcm.models.sd3_controlnet import SD3ControlNetAdapter
 
             return SD3ControlNetAdapter.from_base(base, modalities)
+        if base.family == "flux":  # FluxControlNetModel, same protocol
+            from mcm.models.flux_controlnet import FluxControlNetAdapter
+
+            return FluxControlNetAdapter.from_base(base, modalities)
         if not isinstance(base.unet, UNet2DConditionModel):
             other = {"dit": "diffusers has no ControlNet for DiT",
                      "pixart_sigma": "diffusers has no ControlNet for PixArt-Σ",
-                     "flux": "FLUX's FluxControlNetModel is not wired into this framework yet",
                      "qwenimage": "Qwen-Image's QwenImageControlNetModel is not wired into this framework yet",
                      "sana": "Sana's SanaControlNetModel is not wired into this framework yet",
                      "zimage": "Z-Image's ZImageControlNetModel is not wired into this framework yet",

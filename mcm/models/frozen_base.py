@@ -445,10 +445,11 @@ class FrozenBase(nn.Module):
                                down_residuals: tuple[torch.Tensor, ...] | None = None,
                                mid_residual: torch.Tensor | None = None,
                                down_intrablock_residuals: list[torch.Tensor] | None = None,
-                               transformer_block_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+                               transformer_block_residuals: list[torch.Tensor] | None = None,
+                               denoiser_kwargs: dict | None = None) -> torch.Tensor:
         """``p`` with residuals injected into the denoiser: ControlNet's (added to the UNet's skip connections
-        and middle block), T2I-Adapter's (added inside the down blocks) or an SD3 ControlNet's (added to the
-        transformer's blocks).
+        and middle block), T2I-Adapter's (added inside the down blocks), an SD3 ControlNet's (added to the
+        transformer's blocks) or, in ``denoiser_kwargs``, a family's own (FLUX's ``controlnet_block_samples``).
 
         Not under ``no_grad``: in training, gradients flow back through the frozen UNet into the
         residuals (Zhang & Agrawala 2023); the base's own parameters have ``requires_grad=False``.
@@ -464,6 +465,8 @@ class FrozenBase(nn.Module):
             kwargs["down_intrablock_additional_residuals"] = [r.to(dt) for r in down_intrablock_residuals]
         if transformer_block_residuals is not None:
             kwargs["block_controlnet_hidden_states"] = [r.to(dt) for r in transformer_block_residuals]
+        for k, v in (denoiser_kwargs or {}).items():
+            kwargs[k] = None if v is None else [r.to(dt) for r in v]
         return self._predict(x_t, t, text_emb, **kwargs)
 
     def feature_blocks(self) -> list[nn.Module]:

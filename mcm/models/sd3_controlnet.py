@@ -20,7 +20,7 @@ from diffusers import SD3ControlNetModel
 import modalities as modality_registry
 
 from mcm.models.wrapped_export import WrappedModelExport
-from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch
+from mcm.models.adapter import Adapter, BasePrediction, conditioning_image, repeat_batch, scale_tokens
 
 ADAPTER_FILE = "mcm_sd3_controlnet.json"
 
@@ -89,17 +89,9 @@ class SD3ControlNetAdapter(WrappedModelExport, Adapter):
         kw = {k: v.to(dt) for k, v in base.model_kwargs(context).items()}
         blocks = self.controlnet(hidden_states=x_t.to(dt), controlnet_cond=repeat_batch(state, x_t.shape[0]).to(dt),
                                  timestep=t, return_dict=False, **kw)[0]
-        blocks = [self._scale(b, strength, x_t.shape[-2:]) for b in blocks]
-        return base.predict_with_residuals(x_t, t, context, transformer_block_residuals=blocks)
-
-    def _scale(self, tokens: torch.Tensor, strength, latent_size) -> torch.Tensor:
-        """``(B, N, D)`` patch tokens times the strength; a map is averaged over each patch, raster order."""
-        if not isinstance(strength, torch.Tensor):
-            return tokens * strength
         p = self.controlnet.config.patch_size
-        grid = (latent_size[0] // p, latent_size[1] // p)
-        s = F.interpolate(strength.to(tokens), size=grid, mode="bilinear", align_corners=False)  # (B, 1, h/p, w/p)
-        return tokens * s.flatten(2).transpose(1, 2)  # (B, N, 1)
+        blocks = [scale_tokens(b, strength, (x_t.shape[-2] // p, x_t.shape[-1] // p)) for b in blocks]
+        return base.predict_with_residuals(x_t, t, context, transformer_block_residuals=blocks)
 
     @classmethod
     def from_parts(cls, controlnet, cfg: dict) -> "SD3ControlNetAdapter":
