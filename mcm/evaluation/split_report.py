@@ -21,6 +21,9 @@ import yaml
 
 
 def _scores(eval_dir: Path, modality: str, metric: str) -> dict[float, dict[str, float]]:
+    """Strength -> metrics of the settings with ``modality`` alone; ``{}`` where the evaluation was not run."""
+    if not (eval_dir / "metrics.json").is_file():
+        return {}
     report = json.loads((eval_dir / "metrics.json").read_text())
     return {s["strength"]: s["metrics"] for s in report["settings"]
             if s["modalities"] == [modality] and s["metrics"].get(metric) is not None}
@@ -36,14 +39,15 @@ def _steps(run: Path) -> str:
 def row(spec: dict[str, Any], metric: str, modality: str, root: Path) -> str:
     val = _scores(root / spec["val"], modality, metric)
     test = _scores(root / spec["test"], modality, metric)
-    best = max(val, key=lambda s: val[s][metric])
-    t = test.get(best, {})
-    fid = t.get("fid_judge")
-    return (f"| {spec['name']} | {spec['changed']} | `{spec['command']}` | {_steps(root / spec['run'])} | "
-            f"{', '.join(f'{s:g}' for s in sorted(val))} | {best:g} | {val[best][metric]:.3f} | "
-            f"{t[metric]:.3f} | {'–' if fid is None else f'{fid:.3f}'} | {spec.get('why', '')} |"
-            if metric in t else f"| {spec['name']} | {spec['changed']} | `{spec['command']}` | – | – | {best:g} | "
-            f"{val[best][metric]:.3f} | – | – | {spec.get('why', '')} |")
+    if not val:
+        return f"| {spec['name']} | {spec['changed']} | `{spec['command']}` | not run | | | | | | {spec.get('why', '')} |"
+    best = max(val, key=lambda s: val[s][metric])  # chosen on val
+    at = test.get(best, {})
+    cells = [spec["name"], spec["changed"], f"`{spec['command']}`", _steps(root / spec["run"]),
+             ", ".join(f"{s:g}" for s in sorted(val)), f"{best:g}", f"{val[best][metric]:.3f}",
+             f"{at[metric]:.3f}" if metric in at else "–",
+             f"{at['fid_judge']:.3f}" if at.get("fid_judge") is not None else "–", spec.get("why", "")]
+    return "| " + " | ".join(cells) + " |"
 
 
 def table(spec: dict[str, Any], root: Path) -> str:
