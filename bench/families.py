@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"({100 * r['mcm_params_over_base']:.2f}%); MCM step / base forward {r['mcm_step_over_base_forward']:.3f}; "
               f"MCM peak / base inference peak {r['mcm_peak_mem_over_base_inference']:.3f}; "
               + (f"ControlNet step / MCM step {r['controlnet_step_over_mcm_step']:.2f}"
-                 if "controlnet_step_over_mcm_step" in r else r.get("controlnet_skipped", "no ControlNet in this framework")))
+                 if "controlnet_step_over_mcm_step" in r
+                 else r.get("controlnet_skipped", "ControlNet step not measured for this family")))
         if a.base_free:
             free = run_child(["--child-base-free", fam] + common, f"{fam} (base-free)")
             r["base_free"] = free
