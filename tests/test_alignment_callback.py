@@ -119,8 +119,10 @@ def test_align_scalars_logged_at_validations_and_equal_mcm_evaluate(fitted, shar
             value = dict(logged(history, f"align/{key}"))[log_step]
             assert setting["metrics"][key] is not None, key
             # FID's matrix square root amplifies the float32 rounding of features computed with another thread
-            # count (the fit's default threads, evaluate's --threads 1): 1e-5 relative seen, 1e-4 allowed
-            tol = dict(rel=1e-4) if key == "fid_judge" else dict(abs=1e-6)
+            # count (the fit's default threads, evaluate's --threads 1): 1e-5 relative seen, 1e-4 allowed; the
+            # sketch F1 counts Canny edge pixels, and that rounding (the MCM also reads the base's features since
+            # the main job sets base_features) can move one edge pixel of the 4 maps: 7e-4 seen, 2e-3 allowed
+            tol = dict(rel=1e-4) if key == "fid_judge" else dict(abs=2e-3) if key == "sketch_f1" else dict(abs=1e-6)
             assert value == pytest.approx(setting["metrics"][key], **tol), (step, key)
 
 
