@@ -15,6 +15,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done | tee "$out/rates.txt"
 echo "job  median it/s  steps in ${BUDGET_S} s"
-for j in "$@"; do
-  grep " $j " "$out/rates.txt" | awk -v b="$BUDGET_S" -v j="$j" '{r[NR]=$3} END {n=asort(r); m=(n%2)?r[(n+1)/2]:(r[n/2]+r[n/2+1])/2; printf "%s  %.3f  %d\n", j, m, m*b}'
+for j in "$@"; do  # the median over the rounds (sort -n, then the middle one or the mean of the middle two)
+  grep " $j " "$out/rates.txt" | awk '{print $3}' | sort -n | awk -v b="$BUDGET_S" -v j="$j" \
+    '{r[NR]=$1} END {m=(NR%2)?r[(NR+1)/2]:(r[NR/2]+r[NR/2+1])/2; printf "%s  %.3f  %d\n", j, m, m*b}'
 done
