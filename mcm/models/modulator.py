@@ -156,7 +156,8 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
             p = base_prediction()
         else:  # its own base forward, the features captured in it (a shared p carries no features)
             p, feats = base.predict_with_features(x_t, t, context)
-        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]), feats)
+        extra = {} if feats is None else {"base_features": feats}
+        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]), **extra)
         return modulate(p, gamma, beta, strength)
 
     # ---- export and checkpoint (the adapter-kind registry, mcm.models.adapter_kinds, asks these) -----------
