@@ -10,8 +10,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
 from mcm.models.frozen_base import FrozenBase
-from mcm.models.modulator import MultimodalConditioningModule
 from mcm.pipelines import MCMPipeline
+from tiny_models import zero_mcm
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 TOL = 1e-4  # complex64 rotary embeddings (diffusers' own Z-Image tests allow more)
@@ -28,13 +28,6 @@ def call() -> dict:
 
 def gen():
     return torch.Generator().manual_seed(0)
-
-
-def zero_mcm(base) -> MultimodalConditioningModule:
-    torch.manual_seed(0)
-    return MultimodalConditioningModule(latent_channels=base.latent_channels, modalities={"segmentation": {"num_classes": 6}},
-                                        downsample=base.downsample, block_out_channels=(16, 32), layers_per_block=1,
-                                        attention_levels=(), norm_num_groups=8).eval()
 
 
 @pytest.fixture(scope="module")

@@ -506,3 +506,13 @@ def make_tiny_zimage(path: str | Path, seed: int = 0) -> Path:
                           transformer=transformer)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def zero_mcm(base):
+    """A small zero-initialised segmentation MCM for ``base`` (the oracles' "zero MCM equals the pipeline")."""
+    from mcm.models.modulator import MultimodalConditioningModule
+
+    torch.manual_seed(0)
+    return MultimodalConditioningModule(latent_channels=base.latent_channels, modalities={"segmentation": {"num_classes": 6}},
+                                        downsample=base.downsample, block_out_channels=(16, 32), layers_per_block=1,
+                                        attention_levels=(), norm_num_groups=8).eval()

@@ -57,11 +57,34 @@ def check_packable(base, h: int, w: int) -> None:
                          f"size, got {h}x{w} (the image size must be a multiple of {2 * base.downsample} pixels)")
 
 
-class FluxBase(PromptDictBase):
+class PackedFlow:
+    """What the families whose transformer sees the latents packed 2x2 into tokens share (FLUX.1, Qwen-Image):
+    flow velocity, 4 x fewer latent channels than the transformer's input, 1024 px by default, and the pipelines'
+    sigmas with the dynamic shift.  A mixin before the context base class: ``class F(PackedFlow, PromptDictBase)``."""
+
+    packs_latents = True
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels) // 4  # the transformer sees 2x2 patches of them
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        return (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE)
+
+    def timestep_kwargs(self, scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
+        """The pipeline's sigmas and dynamic shift ``mu`` (from the number of packed tokens)."""
+        return packed_flow_timestep_kwargs(scheduler, num_inference_steps, latent_size)
+
+
+class FluxBase(PackedFlow, PromptDictBase):
     display_name = "FLUX"
     family = "flux"
     denoiser_class = "FluxTransformer2DModel"
-    packs_latents = True
     extra_component_names = ("text_encoder_2", "tokenizer_2")
 
     @classmethod
@@ -83,17 +106,6 @@ class FluxBase(PromptDictBase):
     def uses_cfg(self) -> bool:
         return False  # guidance is an input of the transformer (dev) or absent (schnell), not two branches
 
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels) // 4  # the transformer sees 2x2 patches of them
-
-    @property
-    def sample_size(self) -> tuple[int, int]:
-        return (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE)
 
     # ---- context ---------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -127,11 +139,6 @@ class FluxBase(PromptDictBase):
             kwargs["guidance"] = g if g is not None else torch.full((emb.shape[0],), self.default_guidance_scale,
                                                                      device=emb.device)
         return kwargs
-
-    # ---- sampling ----------------------------------------------------------------------------------------
-    def timestep_kwargs(self, scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
-        """``FluxPipeline``'s sigmas and dynamic shift ``mu`` (from the number of packed tokens)."""
-        return packed_flow_timestep_kwargs(scheduler, num_inference_steps, latent_size)
 
     # ---- the denoiser on packed tokens -------------------------------------------------------------------
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:

@@ -14,11 +14,8 @@ samples at the requested size; ``PixArtSigmaPipeline(..., use_resolution_binning
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.prompt_dict_base import PromptDictBase
 
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default max_sequence_length
@@ -30,14 +27,6 @@ class PixArtSigmaBase(PromptDictBase):
     display_name = "PixArt-Σ"
     family = "pixart_sigma"
     denoiser_class = "PixArtTransformer2DModel"
-
-    @classmethod
-    def load_components(cls, path: Path) -> dict:
-        return {"unet": load_denoiser(path, "transformer"),
-                "scheduler": _load_component(path, "scheduler", "diffusers", None),
-                "vae": load_optional(path, "vae", "diffusers"),
-                "text_encoder": load_optional(path, "text_encoder", "transformers"),
-                "tokenizer": load_optional(path, "tokenizer", "transformers")}
 
     @property
     def default_guidance_scale(self) -> float:

@@ -20,12 +20,9 @@ Not reproduced: the guidance-distilled ``guidance`` input (Qwen-Image has none);
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from mcm.models.base_flux import check_packable, packed_flow_timestep_kwargs
-from mcm.models.base_loading import _load_component, load_denoiser, load_optional
+from mcm.models.base_flux import PackedFlow, check_packable
 from mcm.models.prompt_dict_base import RaggedPromptBase, stack_ragged
 
 #: QwenImagePipeline's prompt template and the number of its leading tokens it drops from the hidden states
@@ -34,22 +31,12 @@ PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the colo
                    "<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TEMPLATE_DROP = 34
 MAX_SEQUENCE_LENGTH = 1024  # the pipeline's tokenizer_max_length and max_sequence_length
-DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size: 1024 px with the x8 VAE
 
 
-class QwenImageBase(RaggedPromptBase):
+class QwenImageBase(PackedFlow, RaggedPromptBase):
     display_name = "Qwen-Image"
     family = "qwenimage"
     denoiser_class = "QwenImageTransformer2DModel"
-    packs_latents = True
-
-    @classmethod
-    def load_components(cls, path: Path) -> dict:
-        return {"unet": load_denoiser(path, "transformer"),
-                "scheduler": _load_component(path, "scheduler", "diffusers", None),
-                "vae": load_optional(path, "vae", "diffusers"),
-                "text_encoder": load_optional(path, "text_encoder", "transformers"),
-                "tokenizer": load_optional(path, "tokenizer", "transformers")}
 
     # ---- facts -----------------------------------------------------------------------------------------
     @property
@@ -59,18 +46,6 @@ class QwenImageBase(RaggedPromptBase):
     @property
     def guidance_needs_negative_prompt(self) -> bool:
         return True
-
-    @property
-    def prediction_type(self) -> str:
-        return "flow"
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels) // 4  # the transformer sees 2x2 patches of them
-
-    @property
-    def sample_size(self) -> tuple[int, int]:
-        return (DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE)
 
     # ---- the VAE: one frame, normalised per channel ----------------------------------------------------
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +106,6 @@ class QwenImageBase(RaggedPromptBase):
         context = self.check_context(context)
         return {"encoder_hidden_states": context["prompt_embeds"].to(self.unet.dtype),
                 "encoder_hidden_states_mask": context["prompt_embeds_mask"]}
-
-    # ---- sampling ----------------------------------------------------------------------------------------
-    def timestep_kwargs(self, scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
-        """``QwenImagePipeline``'s sigmas and dynamic shift ``mu`` (FLUX's rule, from the number of tokens)."""
-        return packed_flow_timestep_kwargs(scheduler, num_inference_steps, latent_size)
 
     # ---- the denoiser on packed tokens -------------------------------------------------------------------
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:

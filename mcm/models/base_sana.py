@@ -20,11 +20,8 @@ requested size; ``SanaPipeline(..., use_resolution_binning=False)`` is the equal
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.prompt_dict_base import PromptDictBase
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's default max_sequence_length
@@ -51,14 +48,6 @@ class SanaBase(PromptDictBase):
     display_name = "Sana"
     family = "sana"
     denoiser_class = "SanaTransformer2DModel"
-
-    @classmethod
-    def load_components(cls, path: Path) -> dict:
-        return {"unet": load_denoiser(path, "transformer"),
-                "scheduler": _load_component(path, "scheduler", "diffusers", None),
-                "vae": load_optional(path, "vae", "diffusers"),
-                "text_encoder": load_optional(path, "text_encoder", "transformers"),
-                "tokenizer": load_optional(path, "tokenizer", "transformers")}
 
     # ---- facts -----------------------------------------------------------------------------------------
     @property

@@ -17,12 +17,9 @@ Not reproduced: ``cfg_normalization`` and ``cfg_truncation`` (off at the pipelin
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from mcm.models.base_flux import check_packable, packed_flow_timestep_kwargs
-from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.prompt_dict_base import RaggedPromptBase, stack_ragged
 
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
@@ -33,14 +30,6 @@ class ZImageBase(RaggedPromptBase):
     display_name = "Z-Image"
     family = "zimage"
     denoiser_class = "ZImageTransformer2DModel"
-
-    @classmethod
-    def load_components(cls, path: Path) -> dict:
-        return {"unet": load_denoiser(path, "transformer"),
-                "scheduler": _load_component(path, "scheduler", "diffusers", None),
-                "vae": load_optional(path, "vae", "diffusers"),
-                "text_encoder": load_optional(path, "text_encoder", "transformers"),
-                "tokenizer": load_optional(path, "tokenizer", "transformers")}
 
     # ---- facts -----------------------------------------------------------------------------------------
     @property

@@ -3,9 +3,12 @@ Z-Image): prompts in, the unconditional branch from the (negative) prompt, and t
 arguments; :class:`RaggedPromptBase` for those whose prompts keep their own lengths (Qwen-Image, Z-Image)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from mcm.models.base_loading import _load_component, load_denoiser, load_optional
 from mcm.models.frozen_base import FrozenBase
 
 
@@ -14,6 +17,16 @@ class PromptDictBase(FrozenBase):
     other entries); ``display_name`` names it in errors."""
 
     display_name = "this"
+
+    @classmethod
+    def load_components(cls, path: Path) -> dict:
+        """``transformer/``, ``scheduler/`` and, if present, ``vae/``, ``text_encoder/``, ``tokenizer/`` (the
+        single-text-encoder families; FLUX.1 and SD3 add their second and third)."""
+        return {"unet": load_denoiser(path, "transformer"),
+                "scheduler": _load_component(path, "scheduler", "diffusers", None),
+                "vae": load_optional(path, "vae", "diffusers"),
+                "text_encoder": load_optional(path, "text_encoder", "transformers"),
+                "tokenizer": load_optional(path, "tokenizer", "transformers")}
 
     @property
     def is_text_conditional(self) -> bool:
