@@ -125,11 +125,9 @@ def _build_packed(family: str, latent: int, tiny: bool, blocks: dict, meta: bool
 
         double, single = blocks.get("flux", (1, 1) if tiny else (4, 8))
         transformer = denoiser(FluxTransformer2DModel, meta, patch_size=1, in_channels=64, num_layers=double,
-                               num_single_layers=single,
-                                             attention_head_dim=head_dim, num_attention_heads=heads,
-                                             joint_attention_dim=32 if tiny else 4096,
-                                             pooled_projection_dim=32 if tiny else 768, guidance_embeds=True,
-                                             axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
+                               num_single_layers=single, attention_head_dim=head_dim, num_attention_heads=heads,
+                               joint_attention_dim=32 if tiny else 4096, pooled_projection_dim=32 if tiny else 768,
+                               guidance_embeds=True, axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
         vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=16,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
         base = FluxBase(transformer, sched, vae, source=f"flux-random-{double}+{single}-blocks")
@@ -142,10 +140,9 @@ def _build_packed(family: str, latent: int, tiny: bool, blocks: dict, meta: bool
 
     layers = blocks.get("qwenimage", (1,) if tiny else (8,))[0]
     transformer = denoiser(QwenImageTransformer2DModel, meta, patch_size=2, in_channels=64, out_channels=16,
-                           num_layers=layers,
-                                              attention_head_dim=head_dim, num_attention_heads=heads,
-                                              joint_attention_dim=32 if tiny else 3584, guidance_embeds=False,
-                                              axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
+                           num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                           joint_attention_dim=32 if tiny else 3584, guidance_embeds=False,
+                           axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56))
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                  temperal_downsample=[False, True, True])
     base = QwenImageBase(transformer, sched, vae, source=f"qwenimage-random-{layers}-layers")

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from mcm.models.frozen_base import cat_contexts
+from mcm.models.frozen_base import cat_contexts, classifier_free_guidance
 
 #: ``denoise(x, t, step) -> p``: ``step`` is the index of the ``scheduler.step`` this evaluation belongs to
 Denoiser = Callable[..., torch.Tensor]
@@ -123,8 +123,8 @@ def sample(denoise: Denoiser, latents: torch.Tensor, scheduler, num_inference_st
 
 
 def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: torch.Tensor | None,
-           guidance_scale: float = 1.0, cat: Callable = cat_contexts, combine: Callable | None = None,
-           threshold: float = 1.0) -> Denoiser:
+           guidance_scale: float = 1.0, cat: Callable = cat_contexts,
+           combine: Callable = classifier_free_guidance, threshold: float = 1.0) -> Denoiser:
     """A denoiser with classifier-free guidance (Ho & Salimans 2022): ``p = p_u + w (p_c - p_u)``.
 
     Guidance is on when ``guidance_scale > threshold`` (1) and there is an unconditional context, as in
@@ -142,8 +142,6 @@ def guided(predict: Predictor, context: torch.Tensor | None, uncond_context: tor
         if not use_cfg:
             return predict(x, t, context, step=step)
         p_u, p_c = predict(torch.cat([x, x]), t, cat(uncond_context, context), step=step).chunk(2)
-        if combine is not None:
-            return combine(p_u, p_c, guidance_scale)
-        return p_u + guidance_scale * (p_c - p_u)
+        return combine(p_u, p_c, guidance_scale)
 
     return denoise

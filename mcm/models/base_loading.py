@@ -16,8 +16,6 @@ from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 BUILTIN_BASES = {"shapes32": WEIGHTS_DIR / "shapes32" / "base"}
-#: family name -> what identifies it in a directory
-FAMILIES = ("sd", "sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana", "zimage")
 
 
 def resolve_base_path(name_or_path: str | Path) -> Path:

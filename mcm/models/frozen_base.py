@@ -33,6 +33,11 @@ def cat_contexts(a, b):
     return torch.cat([a, b])
 
 
+def classifier_free_guidance(p_u: torch.Tensor, p_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ``p_u + w (p_c - p_u)``."""
+    return p_u + guidance_scale * (p_c - p_u)
+
+
 class FrozenBaseError(RuntimeError):
     """Someone tried to train the frozen base."""
 
@@ -241,13 +246,18 @@ class FrozenBase(nn.Module):
         ``true_cfg_scale``); elsewhere the unconditional branch defaults to the empty prompt."""
         return False
 
+    def align_contexts(self, a, b):
+        """Two contexts made to fit one batch or one ``torch.where``: unchanged here; a family whose prompts keep
+        their own lengths pads both to a common length (``RaggedPromptBase``)."""
+        return a, b
+
     def cat_contexts(self, a, b):
         """``[a; b]``: the unconditional and conditional contexts in one batch (guidance's one call)."""
-        return cat_contexts(a, b)
+        return cat_contexts(*self.align_contexts(a, b))
 
     def combine_guidance(self, p_u: torch.Tensor, p_c: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance (Ho & Salimans 2022): ``p_u + w (p_c - p_u)``."""
-        return p_u + guidance_scale * (p_c - p_u)
+        """The family's guidance rule; classifier-free guidance here."""
+        return classifier_free_guidance(p_u, p_c, guidance_scale)
 
     def with_guidance(self, context, guidance_scale: float):
         """The context a sampling run gives the denoiser for ``guidance_scale`` (unchanged: CFG bases)."""
@@ -402,7 +412,7 @@ class FrozenBase(nn.Module):
         """
         if context is None or not drop.numpy().any():  # a CPU mask (numpy refuses a device one): no host sync
             return context
-        uncond = self.uncond_context(len(drop), image_size=image_size)
+        context, uncond = self.align_contexts(context, self.uncond_context(len(drop), image_size=image_size))
 
         def pick(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             return torch.where(drop.to(c.device).view(-1, *[1] * (c.ndim - 1)), u.to(c), c)

@@ -84,13 +84,5 @@ class RaggedPromptBase(PromptDictBase):
     padded to the longest prompt of a batch; two contexts are padded to a common length before they are batched
     (guidance's one call) or mixed row by row (caption dropout to the empty prompt)."""
 
-    def cat_contexts(self, a: dict, b: dict) -> dict:
-        a, b = common_length(a, b)
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-
-    def drop_context(self, context, drop: torch.Tensor, image_size: tuple[int, int] | None = None):
-        if context is None or not drop.numpy().any():
-            return context
-        context, uncond = common_length(context, self.encode_text([""] * len(drop)))
-        rows = drop.to(context["prompt_embeds"].device)
-        return {k: torch.where(rows.view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v), v) for k, v in context.items()}
+    def align_contexts(self, a: dict, b: dict) -> tuple[dict, dict]:
+        return tuple(common_length(a, b))
