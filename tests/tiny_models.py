@@ -428,16 +428,16 @@ def tiny_gemma_tokenizer():
 
 
 def make_tiny_sana(path: str | Path, seed: int = 0) -> Path:
-    """A tiny random Sana directory (diffusers' own test sizes): ``SanaTransformer2DModel`` (learned sigma: 8 output
-    channels for 4 latent ones) over an x2 ``AutoencoderDC``, a tiny ``Gemma2Model`` with the tokenizer above, and
-    Sana's DPM-Solver++ for flow (``flow_prediction``, flow sigmas, ``flow_shift`` 3); saved by
+    """A tiny random Sana directory (diffusers' own test sizes, but 2 blocks so that a ControlNet has one to add
+    to): ``SanaTransformer2DModel`` (learned sigma: 8 output channels for 4 latent ones) over an x2 ``AutoencoderDC``,
+    a tiny ``Gemma2Model`` with the tokenizer above, and Sana's DPM-Solver++ for flow (``flow_prediction``, flow sigmas, ``flow_shift`` 3); saved by
     ``SanaPipeline.save_pretrained``."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     path = Path(path)
     torch.manual_seed(seed)
-    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=8, num_layers=1,
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=8, num_layers=2,
                                          num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
                                          cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
                                          sample_size=32)

@@ -137,6 +137,11 @@ for _kind in (
                 "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("flux_controlnet", "FLUX ControlNet", "mcm.models.flux_controlnet:FluxControlNetAdapter",
                 "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
+    AdapterKind("qwenimage_controlnet", "Qwen-Image ControlNet",
+                "mcm.models.qwenimage_controlnet:QwenImageControlNetAdapter", "controlnet_config", "adapter.",
+                "mcm.training.controlnet_module:ControlNetModule"),
+    AdapterKind("sana_controlnet", "Sana ControlNet", "mcm.models.sana_controlnet:SanaControlNetAdapter",
+                "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("t2i_adapter", "T2I-Adapter", "mcm.models.t2i_adapter:T2IAdapterControl", "t2i_adapter_config",
                 "adapter.", "mcm.training.t2i_adapter_module:T2IAdapterModule"),
 ):

@@ -17,6 +17,7 @@ from mcm.models.frozen_base import FrozenBase
 
 class DiTBase(FrozenBase):
     family = "dit"
+    no_controlnet_reason = "diffusers has no ControlNet for DiT"
     denoiser_class = "DiTTransformer2DModel"
 
     @classmethod

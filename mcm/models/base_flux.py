@@ -84,6 +84,7 @@ class PackedFlow:
 class FluxBase(PackedFlow, PromptDictBase):
     display_name = "FLUX"
     family = "flux"
+    controlnet_kind = "flux_controlnet"
     denoiser_class = "FluxTransformer2DModel"
     extra_component_names = ("text_encoder_2", "tokenizer_2")
 

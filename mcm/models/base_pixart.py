@@ -26,6 +26,7 @@ ADDED_COND = {"resolution": None, "aspect_ratio": None}
 class PixArtSigmaBase(PromptDictBase):
     display_name = "PixArt-Σ"
     family = "pixart_sigma"
+    no_controlnet_reason = "diffusers has no ControlNet for PixArt-Σ"
     denoiser_class = "PixArtTransformer2DModel"
 
     @property

@@ -36,6 +36,7 @@ MAX_SEQUENCE_LENGTH = 1024  # the pipeline's tokenizer_max_length and max_sequen
 class QwenImageBase(PackedFlow, RaggedPromptBase):
     display_name = "Qwen-Image"
     family = "qwenimage"
+    controlnet_kind = "qwenimage_controlnet"
     denoiser_class = "QwenImageTransformer2DModel"
 
     # ---- facts -----------------------------------------------------------------------------------------

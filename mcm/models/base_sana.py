@@ -47,6 +47,7 @@ COMPLEX_HUMAN_INSTRUCTION = "\n".join([
 class SanaBase(PromptDictBase):
     display_name = "Sana"
     family = "sana"
+    controlnet_kind = "sana_controlnet"
     denoiser_class = "SanaTransformer2DModel"
 
     # ---- facts -----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 class SD3Base(PromptDictBase):
     display_name = "SD3"
     family = "sd3"
+    controlnet_kind = "sd3_controlnet"
     denoiser_class = "SD3Transformer2DModel"
     extra_component_names = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 

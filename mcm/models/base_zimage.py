@@ -29,6 +29,7 @@ DEFAULT_SAMPLE_SIZE = 128  # 1024 px with the x8 VAE
 class ZImageBase(RaggedPromptBase):
     display_name = "Z-Image"
     family = "zimage"
+    no_controlnet_reason = ("Z-Image's ZImageControlNetModel (control layers sharing the transformer's own modules) is not wired into this framework yet")
     denoiser_class = "ZImageTransformer2DModel"
 
     # ---- facts -----------------------------------------------------------------------------------------

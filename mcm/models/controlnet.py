@@ -74,21 +74,12 @@ class ControlNetAdapter(WrappedModelExport, Adapter):
         """``ControlNetModel.from_unet(base.unet)``: encoder + middle block copied from the frozen base."""
         from diffusers import UNet2DConditionModel
 
-        if base.family == "sd3":  # a transformer ControlNet, same protocol
-            from mcm.models.sd3_controlnet import SD3ControlNetAdapter
+        if base.controlnet_kind is not None:  # a transformer family's own ControlNet class, same protocol
+            from mcm.models.adapter_kinds import get_adapter_kind
 
-            return SD3ControlNetAdapter.from_base(base, modalities)
-        if base.family == "flux":  # FluxControlNetModel, same protocol
-            from mcm.models.flux_controlnet import FluxControlNetAdapter
-
-            return FluxControlNetAdapter.from_base(base, modalities)
+            return get_adapter_kind(base.controlnet_kind).load_class().from_base(base, modalities)
         if not isinstance(base.unet, UNet2DConditionModel):
-            other = {"dit": "diffusers has no ControlNet for DiT",
-                     "pixart_sigma": "diffusers has no ControlNet for PixArt-Σ",
-                     "qwenimage": "Qwen-Image's QwenImageControlNetModel is not wired into this framework yet",
-                     "sana": "Sana's SanaControlNetModel is not wired into this framework yet",
-                     "zimage": "Z-Image's ZImageControlNetModel is not wired into this framework yet",
-                     }.get(base.family, "")
+            other = base.no_controlnet_reason
             raise ValueError(f"base '{base.source}' ({base.family} family, {type(base.unet).__name__}): the ControlNet "
                              f"baseline copies a UNet2DConditionModel's encoder (ControlNetModel.from_unet: SD 1.x/2.x, "
                              f"SDXL){'; ' + other if other else ''}; use an MCM, which controls any denoiser")

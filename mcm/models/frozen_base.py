@@ -68,6 +68,10 @@ class FrozenBase(nn.Module):
     family = "sd"
     #: extra components a family has beyond unet, scheduler, vae, text_encoder, tokenizer
     extra_component_names: tuple[str, ...] = ()
+    #: the adapter kind (mcm.models.adapter_kinds) of the family's ControlNet baseline where it is not diffusers'
+    #: ``ControlNetModel.from_unet`` (a transformer family's own ControlNet class), and why a family has none
+    controlnet_kind: str | None = None
+    no_controlnet_reason: str = ""
 
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None,
                  text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None, **extra):
