@@ -89,6 +89,14 @@ def tiny_flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory):
+    """A tiny random FLUX.2 [dev] directory (Mistral-3 text encoder and its Pixtral processor, patchified latents)."""
+    from tiny_models import make_tiny_flux2
+
+    return make_tiny_flux2(tmp_path_factory.mktemp("tiny_flux2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwenimage_dir(tmp_path_factory):
     """A tiny random Qwen-Image directory (Qwen2.5-VL text encoder, ``AutoencoderKLQwenImage``)."""
     from tiny_models import make_tiny_qwenimage

@@ -110,7 +110,8 @@ def family_batch(n: int = 4, size: int = 16, seed: int = 0) -> dict:
             "caption": ["a red circle"] * n, "class_label": torch.tensor([1, 2, 3, 4][:n])}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "qwenimage", "sana", "zimage"])
+@pytest.mark.parametrize("family", ["sdxl", "dit", "sd3", "pixart_sigma", "flux", "flux2", "qwenimage",
+                                    "sana", "zimage"])
 def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
     from mcm.training.mcm_module import MCMModule
 
@@ -121,7 +122,7 @@ def test_mcm_trains_on_every_family_and_the_base_is_unchanged(family, request):
     assert m.base.family == family
     before = m.base.content_hash()
     opt = m.configure_optimizers()["optimizer"]
-    batch = family_batch(size=32 if family in ("flux", "qwenimage", "zimage") else 16)  # 8 x their VAEs (x2 packed, x4)
+    batch = family_batch(size=32 if family in ("flux", "flux2", "qwenimage", "zimage") else 16)  # 8 x their grids
     m.train()
     losses = []
     for step in range(12):

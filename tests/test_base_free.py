@@ -75,7 +75,7 @@ def test_a_skeleton_denoiser_loads_its_weights_when_something_runs_it(tiny_sd_di
 
 
 @pytest.mark.parametrize("family,size", [("sdxl", 16), ("sd3", 16), ("pixart_sigma", 16), ("flux", 32),
-                                         ("qwenimage", 32), ("sana", 16),
+                                         ("flux2", 32), ("qwenimage", 32), ("sana", 16),
                                          ("zimage", 32)])
 def test_base_free_fit_of_each_familys_template(family, size, tmp_path, monkeypatch, caplog, request):
     """Each family's template trains 2 steps from cached predictions with the denoiser's weight files deleted."""

@@ -27,7 +27,7 @@ SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=()
 #: family, its tiny directory's fixture, a training image size (SDXL's is not its native 16: size time_ids matter)
 FAMILIES = [("sd", "tiny_sd_dir", 64), ("sdxl", "tiny_sdxl_dir", 32), ("dit", "tiny_dit_dir", 16),
             ("sd3", "tiny_sd3_dir", 16), ("pixart_sigma", "tiny_pixart_sigma_dir", 16),
-            ("flux", "tiny_flux_dir", 32), ("qwenimage", "tiny_qwenimage_dir", 32),
+            ("flux", "tiny_flux_dir", 32), ("flux2", "tiny_flux2_dir", 32), ("qwenimage", "tiny_qwenimage_dir", 32),
             ("sana", "tiny_sana_dir", 16), ("zimage", "tiny_zimage_dir", 32)]
 CAPTIONS = ["a red circle", "a blue square and a green ring", "a ring"]
 
@@ -89,7 +89,7 @@ def test_cached_step_equals_online_step_on_every_family(family, fixture, S, capt
     module = make_module(base, caption_dropout=caption_dropout)
     module.check_cached_base(mock.Mock(cached_base={**base_record(base, settings), "shard_dir": "enc"}))
     t = cached["pred_t"][:, 0]
-    assert t.is_floating_point() == (family in ("sd3", "flux", "qwenimage", "sana", "zimage"))  # flow t = 1000 sigma: a float, never truncated
+    assert t.is_floating_point() == (family in ("sd3", "flux", "flux2", "qwenimage", "sana", "zimage"))  # flow t = 1000 sigma: a float, never truncated
     noise = torch.stack([draw_noise(int(s), cached["latent"].shape[1:]) for s in cached["noise_seed"][:, 0]])
     loss_online, p_online, t_online = step(module, online, {"noise": noise, "t": t})
     loss_cached, p_cached, t_cached = step(module, cached)

@@ -30,6 +30,7 @@ SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=()
 FAMILIES = {"sd": ("tiny_sd_dir", 64), "sdxl": ("tiny_sdxl_dir", 16), "sd3": ("tiny_sd3_dir", 16),
             "dit": ("tiny_dit_dir", 16), "pixel": ("tiny_pixel_base_dir", 16),
             "pixart_sigma": ("tiny_pixart_sigma_dir", 16), "flux": ("tiny_flux_dir", 32),
+            "flux2": ("tiny_flux2_dir", 32),
             "qwenimage": ("tiny_qwenimage_dir", 32), "sana": ("tiny_sana_dir", 16),
             "zimage": ("tiny_zimage_dir", 32)}
 

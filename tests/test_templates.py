@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
                                                    ("dit", "dit", False), ("sd3", "sd3", True), ("sdxl", "sdxl", True),
                                                    ("pixart_sigma", "pixart_sigma", False),
                                                    ("pixart_sigma", "pixart_sigma", True), ("flux", "flux", False),
-                                                   ("flux", "flux", True), ("qwenimage", "qwenimage", False),
+                                                   ("flux", "flux", True), ("flux2", "flux2", True),
+                                                   ("qwenimage", "qwenimage", False),
                                                    ("qwenimage", "qwenimage", True), ("sana", "sana", False),
                                                    ("sana", "sana", True), ("zimage", "zimage", False),
                                                    ("zimage", "zimage", True)])
@@ -28,7 +29,7 @@ def test_template_trains_two_steps(template, family, cached, tmp_path, monkeypat
     """``cached``: from ``mcm data encode --predictions 2`` shards, the base never run in the step (regression:
     every SD3 step on such shards was refused, its flow timesteps truncated)."""
     base_dir = request.getfixturevalue({"sd": "tiny_sd_dir"}.get(family, f"tiny_{family}_dir"))
-    size = {"sd": 64, "flux": 32, "qwenimage": 32, "zimage": 32}.get(family, 16)  # 8 x the VAE: x8 SD, x4 Qwen, x2 the others
+    size = {"sd": 64, "flux": 32, "flux2": 32, "qwenimage": 32, "zimage": 32}.get(family, 16)  # 8 x the VAE: x8 SD, x4 Qwen, x2 the others
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["mcm"])
     monkeypatch.setenv("WANDB_MODE", "offline")

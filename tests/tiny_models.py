@@ -516,3 +516,70 @@ def zero_mcm(base):
     return MultimodalConditioningModule(latent_channels=base.latent_channels, modalities={"segmentation": {"num_classes": 6}},
                                         downsample=base.downsample, block_out_channels=(16, 32), layers_per_block=1,
                                         attention_levels=(), norm_num_groups=8).eval()
+
+
+#: a Mistral-style chat template over FLUX.2's message lists (system, then user; content as typed parts)
+TINY_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{%- elif message['role'] == 'user' %}[INST]{%- for c in message['content'] %}"
+    "{%- if c['type'] == 'text' %}{{ c['text'] }}{%- else %}[IMG]{%- endif %}{%- endfor %}[/INST]"
+    "{%- endif %}{%- endfor %}")
+
+
+def tiny_pixtral_processor():
+    """FLUX.2's tokenizer component built offline: a ``PixtralProcessor`` around a byte-level BPE tokenizer (the 256
+    byte symbols, no merges) with Mistral's specials and the chat template above (what ``AutoProcessor`` loads from
+    ``tokenizer/``; nothing fetched)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    alphabet = list(_bytes_to_unicode().values())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                            "[IMG]", "[IMG_BREAK]", "[IMG_END]"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        model_max_length=4096)
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16,
+                            spatial_merge_size=1, chat_template=TINY_MISTRAL_CHAT_TEMPLATE)
+
+
+def make_tiny_flux2(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random FLUX.2 [dev] directory: ``Flux2Transformer2DModel`` (guidance embedding) over the patchified
+    latents of an x2 ``AutoencoderKLFlux2`` (4 channels, 16 patchified; random batch-norm statistics), a tiny
+    ``Mistral3ForConditionalGeneration`` with 30 text layers (the pipeline reads layers 10, 20, 30: 3 x 16 = 48
+    channels) and the processor above, ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting; saved by
+    ``Flux2Pipeline.save_pretrained``."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    path = Path(path)
+    processor = tiny_pixtral_processor()
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 30,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+                     "vocab_size": len(processor.tokenizer), "max_position_embeddings": 1024, "rope_theta": 1e6},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "patch_size": 16, "image_size": 64},
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
+        projector_hidden_act="gelu", vision_feature_layer=-1)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2),
+                                          guidance_embeds=True)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             sample_size=32)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor,
+                  transformer=transformer).save_pretrained(path, safe_serialization=True)
+    return path

@@ -81,7 +81,34 @@ class PackedFlow:
         return packed_flow_timestep_kwargs(scheduler, num_inference_steps, latent_size)
 
 
-class FluxBase(PackedFlow, PromptDictBase):
+class DistilledGuidance:
+    """What the guidance-distilled families share (FLUX.1-dev, FLUX.2-dev): the guidance scale is an input of the
+    transformer (``guidance_embeds``), one branch, no classifier-free guidance; without the embedding (FLUX.1-schnell)
+    there is no guidance at all.  A mixin before the context base class."""
+
+    @property
+    def uses_cfg(self) -> bool:
+        return False  # guidance is an input of the transformer (dev) or absent (schnell), not two branches
+
+    def with_guidance(self, context: dict, guidance_scale: float) -> dict:
+        """The context with the guidance input (the pipeline's ``guidance_scale``)."""
+        if not self.unet.config.guidance_embeds:
+            return context
+        B = context["prompt_embeds"].shape[0]
+        return {**context, "guidance": torch.full((B,), float(guidance_scale), device=self.device)}
+
+    def guidance_kwargs(self, context: dict) -> dict:
+        """``{"guidance": ...}`` for a transformer with the embedding: the context's, else (training, cached
+        predictions) the family's default scale; ``{}`` without it."""
+        if not self.unet.config.guidance_embeds:
+            return {}
+        g = context.get("guidance")
+        emb = context["prompt_embeds"]
+        return {"guidance": g if g is not None else torch.full((emb.shape[0],), self.default_guidance_scale,
+                                                                device=emb.device)}
+
+
+class FluxBase(DistilledGuidance, PackedFlow, PromptDictBase):
     display_name = "FLUX"
     family = "flux"
     controlnet_kind = "flux_controlnet"
@@ -103,10 +130,6 @@ class FluxBase(PackedFlow, PromptDictBase):
     def default_guidance_scale(self) -> float:
         return 3.5  # ``FluxPipeline``'s default (the distilled guidance input of FLUX.1-dev)
 
-    @property
-    def uses_cfg(self) -> bool:
-        return False  # guidance is an input of the transformer (dev) or absent (schnell), not two branches
-
 
     # ---- context ---------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -122,24 +145,12 @@ class FluxBase(PackedFlow, PromptDictBase):
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    def with_guidance(self, context: dict, guidance_scale: float) -> dict:
-        """The context with FLUX.1-dev's guidance input (the pipeline's ``guidance_scale``)."""
-        if not self.unet.config.guidance_embeds:
-            return context
-        B = context["prompt_embeds"].shape[0]
-        return {**context, "guidance": torch.full((B,), float(guidance_scale), device=self.device)}
-
     def model_kwargs(self, context) -> dict:
         context = self.check_context(context)
         dt = self.unet.dtype
         emb = context["prompt_embeds"]
-        kwargs = {"encoder_hidden_states": emb.to(dt), "pooled_projections": context["pooled"].to(dt),
-                  "txt_ids": torch.zeros(emb.shape[1], 3, device=emb.device, dtype=dt)}
-        if self.unet.config.guidance_embeds:  # training and cached predictions: the family's default
-            g = context.get("guidance")
-            kwargs["guidance"] = g if g is not None else torch.full((emb.shape[0],), self.default_guidance_scale,
-                                                                     device=emb.device)
-        return kwargs
+        return {"encoder_hidden_states": emb.to(dt), "pooled_projections": context["pooled"].to(dt),
+                "txt_ids": torch.zeros(emb.shape[1], 3, device=emb.device, dtype=dt), **self.guidance_kwargs(context)}
 
     # ---- the denoiser on packed tokens -------------------------------------------------------------------
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:

@@ -77,8 +77,10 @@ def _load_component(path: Path, sub: str, library: str, dtype: torch.dtype | Non
         return cls.from_pretrained(path / sub, **kw)
     import transformers
 
-    if sub.startswith("tokenizer"):
-        return transformers.AutoTokenizer.from_pretrained(path / sub)
+    if sub.startswith("tokenizer"):  # a processor where the pipeline keeps one (FLUX.2's Pixtral processor)
+        auto = transformers.AutoProcessor if (path / sub / "processor_config.json").is_file() \
+            else transformers.AutoTokenizer
+        return auto.from_pretrained(path / sub)
     arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
     cls = getattr(transformers, arch)
     return cls.from_pretrained(path / sub, **({"dtype": dtype} if dtype is not None else {}))

@@ -351,7 +351,7 @@ class FrozenBase(nn.Module):
             for name, t in sorted(self.state_dict().items()):
                 h.update(name.encode())
                 h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
             self._hash = h.hexdigest()
         return self._hash
 

@@ -49,10 +49,21 @@ class PromptDictBase(FrozenBase):
         if context is None:
             raise ValueError(f"context: the {self.display_name} base '{self.source}' needs prompt embeddings "
                              f"(\"\" for none)")
-        return context
+        return as_prompt_dict(context)
+
+    def align_contexts(self, a, b):
+        """A context read back from cached shards with no entry but ``prompt_embeds`` is that tensor alone (FLUX.2):
+        both made dicts again, so that they mix with an encoded one."""
+        return as_prompt_dict(a), as_prompt_dict(b)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
         return self.unet(hidden_states=x, timestep=t, **kwargs, **extra).sample
+
+
+def as_prompt_dict(context):
+    """``{"prompt_embeds": context}`` for a bare tensor (cached shards store a context whose only entry is
+    ``prompt_embeds`` as that tensor); a dict unchanged."""
+    return {"prompt_embeds": context} if isinstance(context, torch.Tensor) else context
 
 
 def pad_prompts(context: dict, length: int) -> dict:
@@ -85,4 +96,4 @@ class RaggedPromptBase(PromptDictBase):
     (guidance's one call) or mixed row by row (caption dropout to the empty prompt)."""
 
     def align_contexts(self, a: dict, b: dict) -> tuple[dict, dict]:
-        return tuple(common_length(a, b))
+        return tuple(common_length(*super().align_contexts(a, b)))
