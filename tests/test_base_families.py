@@ -160,7 +160,7 @@ def test_flow_matching_forward_process_by_hand(tiny_sd3_dir):
 
 @pytest.mark.parametrize("family,match", [("dit", "diffusers has no ControlNet for DiT"),
                                           ("pixart_sigma", "diffusers has no ControlNet for PixArt-Σ"),
-                                          ("zimage", "ZImageControlNetModel .* is not wired")])
+                                          ("flux2", "diffusers has no ControlNet for FLUX.2")])
 def test_controlnet_where_diffusers_has_none_is_a_clear_error(family, match, request):
     from mcm.models.controlnet import ControlNetAdapter
 

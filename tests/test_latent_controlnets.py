@@ -9,6 +9,7 @@ prompts, guidance, packing, the residuals' place in the frozen transformer, the 
 ControlNets' zero-initialised layers are randomised first, so the residuals do move the images."""
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import diffusers
@@ -57,7 +58,16 @@ CASES = {
               ({"guidance_scale": 4.5, "negative_prompt": "blurry"},
                {"guidance_scale": 4.5, "negative_prompt": "blurry", "use_resolution_binning": False})],
              _unscaled, "sana_controlnet"),
+    "zimage": ("ZImageControlNetPipeline", {},
+               [({"guidance_scale": 0.0}, {"guidance_scale": 0.0}),
+                ({"guidance_scale": 3.0, "negative_prompt": ["blurry", "dark"]},
+                 {"guidance_scale": 3.0, "negative_prompt": ["blurry", "dark"]})], _scaled, "zimage_controlnet"),
 }
+
+
+def fresh(kwargs: dict) -> dict:
+    """Copies of the list arguments: ZImagePipeline rewrites the caller's prompt lists in place."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
 def randomised_adapter(base):
@@ -97,28 +107,31 @@ def test_transformer_controlnet_equals_the_familys_controlnet_pipeline(family, r
     latent = state
     if adapter.packed:  # the pipeline packs after encoding: hand it the spatial latent
         latent = getattr(diffusers, "FluxPipeline")._unpack_latents(state, H, W, base.downsample)
-    ref = getattr(diffusers, pipeline).from_pretrained(path, controlnet=adapter.controlnet, **load_kw)
+    # a copy: Z-Image's pipeline attaches its transformer's modules to the ControlNet it is given, for good
+    ref = getattr(diffusers, pipeline).from_pretrained(path, controlnet=copy.deepcopy(adapter.controlnet), **load_kw)
     ref.set_progress_bar_config(disable=True)
     ref.vae.encode = fixed_encode(latent.float(), unnormalise, ref.vae)
     pipe = MCMPipeline.from_base(base, [adapter])
     pipe.set_progress_bar_config(disable=True)
     alone = MCMPipeline.from_base(base, [])
     alone.set_progress_bar_config(disable=True)
-    common = dict(prompt=PROMPTS, num_inference_steps=3, height=H, width=W, output_type="pt")
-    for ours_kw, ref_kw in calls:
-        expected = ref(**common, **ref_kw, control_image=torch.zeros(2, 3, H, W), controlnet_conditioning_scale=0.7,
-                       generator=gen()).images
-        got = pipe(**common, **ours_kw, conditions={"segmentation": labels}, conditioning_scale=0.7, generator=gen()).images
+    common = dict(num_inference_steps=3, height=H, width=W, output_type="pt")
+    for ours_kw, ref_kw in calls:  # fresh prompt lists: ZImagePipeline rewrites the caller's in place
+        expected = ref(prompt=list(PROMPTS), **common, **fresh(ref_kw), control_image=torch.zeros(2, 3, H, W),
+                       controlnet_conditioning_scale=0.7, generator=gen()).images
+        got = pipe(prompt=list(PROMPTS), **common, **fresh(ours_kw), conditions={"segmentation": labels},
+                   conditioning_scale=0.7, generator=gen()).images
         assert got.shape == expected.shape == (2, 3, H, W)
         assert float((got - expected).abs().max()) < TOL, (family, ours_kw)
-        plain = alone(**common, **ours_kw, generator=gen()).images  # the ControlNet does change the images
+        plain = alone(prompt=list(PROMPTS), **common, **fresh(ours_kw), generator=gen()).images
+        # the ControlNet does change the images
         assert float((got - plain).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "sana"])
+@pytest.mark.parametrize("family", ["qwenimage", "sana", "zimage"])
 def test_new_transformer_controlnets_train_export_and_reload(family, request, tmp_path):
-    """Qwen-Image's and Sana's ControlNets in ``ControlNetModule``: zero-initialised (the base's images at step
-    0), a step moves their input layers and not the base, and the export reloads as the same kind."""
+    """Qwen-Image's, Sana's and Z-Image's ControlNets in ``ControlNetModule``: zero-initialised (the base's images at
+    step 0), a step moves them and not the base, and the export reloads as the same kind."""
     from mcm.pipelines import load_module
     from mcm.training.controlnet_module import ControlNetModule
     from mcm.training.export import export_checkpoint
@@ -130,20 +143,20 @@ def test_new_transformer_controlnets_train_export_and_reload(family, request, tm
     kind = CASES[family][4]
     assert m.adapter.adapter_key == kind
     labels = torch.randint(0, 4, (2, H, W), generator=gen())
-    kw = dict(prompt=PROMPTS, num_inference_steps=2, height=H, width=W, output_type="pt", guidance_scale=1.0)
+    kw = dict(num_inference_steps=2, height=H, width=W, output_type="pt", guidance_scale=1.0)
     alone = MCMPipeline.from_base(m.base, [])
     alone.set_progress_bar_config(disable=True)
     at_init = MCMPipeline.from_base(m.base, [m.adapter])
     at_init.set_progress_bar_config(disable=True)
-    base_images = alone(**kw, generator=gen()).images
-    assert float((at_init(conditions={"segmentation": labels}, **kw, generator=gen()).images
+    base_images = alone(prompt=list(PROMPTS), **kw, generator=gen()).images
+    assert float((at_init(prompt=list(PROMPTS), conditions={"segmentation": labels}, **kw, generator=gen()).images
                   - base_images).abs().max()) < TOL
     before = m.base.content_hash()
     opt = m.configure_optimizers()["optimizer"]
     m.train()
     g = torch.Generator().manual_seed(1)
     batch = {"image": torch.rand(2, 3, H, W, generator=g) * 2 - 1,
-             "segmentation": torch.randint(0, 4, (2, H, W), generator=g), "caption": PROMPTS}
+             "segmentation": torch.randint(0, 4, (2, H, W), generator=g), "caption": list(PROMPTS)}
     for step in range(2):
         opt.zero_grad()
         loss = m.training_step(batch, step)
@@ -161,7 +174,15 @@ def test_new_transformer_controlnets_train_export_and_reload(family, request, tm
         assert torch.equal(a, b), k
     trained = MCMPipeline.from_base(m.base, [loaded])
     trained.set_progress_bar_config(disable=True)
-    moved = trained(conditions={"segmentation": labels}, **kw, generator=gen()).images
+    moved = trained(prompt=list(PROMPTS), conditions={"segmentation": labels}, **kw, generator=gen()).images
     assert float((moved - base_images).abs().max()) > 1e-5
-    with pytest.raises(ValueError, match="at most the latent's 4"):
-        type(m.adapter).from_base(m.base, {"segmentation": {"num_classes": 6}})
+    if family == "zimage":  # the transformer's shared modules are lent per forward: never saved, never trained
+        assert not any(k.startswith(("t_embedder", "noise_refiner", "cap_embedder", "x_pad_token"))
+                       for k in loaded.controlnet.state_dict())
+        assert all(p.requires_grad for p in m.adapter.parameters())
+        with pytest.raises(ValueError, match="takes one number per step"):
+            trained(prompt=list(PROMPTS), conditions={"segmentation": labels}, **kw, generator=gen(),
+                    conditioning_scale=torch.rand(H, W, generator=gen()))
+    wide = m.base.latent_channels
+    with pytest.raises(ValueError, match=f"at most the latent's {wide}"):
+        type(m.adapter).from_base(m.base, {"segmentation": {"num_classes": wide + 2}})

@@ -430,7 +430,8 @@ def tiny_gemma_tokenizer():
 def make_tiny_sana(path: str | Path, seed: int = 0) -> Path:
     """A tiny random Sana directory (diffusers' own test sizes, but 2 blocks so that a ControlNet has one to add
     to): ``SanaTransformer2DModel`` (learned sigma: 8 output channels for 4 latent ones) over an x2 ``AutoencoderDC``,
-    a tiny ``Gemma2Model`` with the tokenizer above, and Sana's DPM-Solver++ for flow (``flow_prediction``, flow sigmas, ``flow_shift`` 3); saved by
+    a tiny ``Gemma2Model`` with the tokenizer above, and Sana's DPM-Solver++ for flow (``flow_prediction``, flow
+    sigmas, ``flow_shift`` 3); saved by
     ``SanaPipeline.save_pretrained``."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model

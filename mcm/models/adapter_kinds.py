@@ -142,6 +142,8 @@ for _kind in (
                 "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("sana_controlnet", "Sana ControlNet", "mcm.models.sana_controlnet:SanaControlNetAdapter",
                 "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
+    AdapterKind("zimage_controlnet", "Z-Image ControlNet", "mcm.models.zimage_controlnet:ZImageControlNetAdapter",
+                "controlnet_config", "adapter.", "mcm.training.controlnet_module:ControlNetModule"),
     AdapterKind("t2i_adapter", "T2I-Adapter", "mcm.models.t2i_adapter:T2IAdapterControl", "t2i_adapter_config",
                 "adapter.", "mcm.training.t2i_adapter_module:T2IAdapterModule"),
 ):

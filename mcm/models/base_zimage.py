@@ -26,10 +26,15 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
 DEFAULT_SAMPLE_SIZE = 128  # 1024 px with the x8 VAE
 
 
+def caption_list(context: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each prompt's valid token embeddings, as the transformer (and its ControlNet) take them: a list."""
+    return [e[m.bool()].to(dtype) for e, m in zip(context["prompt_embeds"], context["prompt_embeds_mask"])]
+
+
 class ZImageBase(RaggedPromptBase):
     display_name = "Z-Image"
     family = "zimage"
-    no_controlnet_reason = ("Z-Image's ZImageControlNetModel (control layers sharing the transformer's own modules) is not wired into this framework yet")
+    controlnet_kind = "zimage_controlnet"
     denoiser_class = "ZImageTransformer2DModel"
 
     # ---- facts -----------------------------------------------------------------------------------------
@@ -83,8 +88,6 @@ class ZImageBase(RaggedPromptBase):
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
         check_packable(self, *x.shape[-2:])
         context = kwargs.pop("context")
-        dt = self.unet.dtype
-        caps = [e[m.bool()].to(dt) for e, m in zip(context["prompt_embeds"], context["prompt_embeds_mask"])]
-        out = self.unet(list(x.unsqueeze(2).unbind(0)), (1000 - t.float()) / 1000, caps, **kwargs, **extra,
-                        return_dict=False)[0]
+        out = self.unet(list(x.unsqueeze(2).unbind(0)), (1000 - t.float()) / 1000,
+                        caption_list(context, self.unet.dtype), **kwargs, **extra, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)  # the transformer predicts x0 - noise

@@ -479,8 +479,9 @@ class FrozenBase(nn.Module):
             kwargs["down_intrablock_additional_residuals"] = [r.to(dt) for r in down_intrablock_residuals]
         if transformer_block_residuals is not None:
             kwargs["block_controlnet_hidden_states"] = [r.to(dt) for r in transformer_block_residuals]
-        for k, v in (denoiser_kwargs or {}).items():
-            kwargs[k] = None if v is None else [r.to(dt) for r in v]
+        for k, v in (denoiser_kwargs or {}).items():  # a list of residuals, or a dict by block (Z-Image)
+            kwargs[k] = None if v is None else {i: r.to(dt) for i, r in v.items()} if isinstance(v, dict) \
+                else [r.to(dt) for r in v]
         return self._predict(x_t, t, text_emb, **kwargs)
 
     def feature_blocks(self) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""What the transformer ControlNets share (SD3, FLUX.1, Qwen-Image, Sana): conditioning in *latent* space.
+"""What the transformer ControlNets share (SD3, FLUX.1, Qwen-Image, Sana, Z-Image): conditioning in *latent* space.
 
 diffusers' ControlNet pipelines for these families VAE-encode an RGB control image and feed the latent (packed 2x2
 into tokens where the family packs) to the ControlNet's zero-initialised input embedding.  Our modality maps
@@ -70,9 +70,10 @@ class LatentControlNetAdapter(WrappedModelExport, Adapter):
                              "{'segmentation': {'num_classes': 6}}")
         channels = sum(p.channels for p in modality_registry.build_all(modalities).values())
         if channels > base.latent_channels:
-            raise ValueError(f"modalities: {sorted(modalities)} give {channels} conditioning channels; a "
-                             f"{getattr(base, 'display_name', base.family)} ControlNet takes at most the latent's {base.latent_channels} per "
-                             f"pixel{' (packed 2x2)' if cls.packed else ''}")
+            name = getattr(base, "display_name", base.family)
+            raise ValueError(f"modalities: {sorted(modalities)} give {channels} conditioning channels; a {name} "
+                             f"ControlNet takes at most the latent's {base.latent_channels} per pixel"
+                             f"{' (packed 2x2)' if cls.packed else ''}")
 
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
                           size: tuple[int, int], batch_size: int) -> torch.Tensor:

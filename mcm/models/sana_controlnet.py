@@ -4,9 +4,10 @@ diffusers has no ``from_transformer`` for it; :meth:`SanaControlNetAdapter.from_
 ones do: a ``SanaControlNetModel`` of the frozen ``SanaTransformer2DModel``'s sizes with its first blocks (7, the
 released Sana ControlNets' depth), patch, time and caption embeddings copied from the base, and its
 zero-initialised ``input_block`` and ``controlnet_blocks``; output i is added after the frozen transformer's block
-i + 1 (``controlnet_block_samples``), so at most one fewer than the transformer has.  The conditioning enters through the shared patch embedding and the
-zero-initialised ``input_block`` in latent space (``mcm.models.latent_controlnet``), where
-``SanaControlNetPipeline`` puts the deep-compression autoencoder's latent of a control image.
+i + 1 (``controlnet_block_samples``), so it has at most one block fewer than the transformer.  The conditioning
+enters through the shared patch embedding and the zero-initialised ``input_block`` in latent space
+(``mcm.models.latent_controlnet``), where ``SanaControlNetPipeline`` puts the deep-compression autoencoder's latent
+of a control image.
 
 The ControlNet takes ``t * timestep_scale`` as the base's transformer does; diffusers' ``SanaControlNetPipeline``
 omits the scale, which changes nothing where it is 1 (every Sana ControlNet released) and would feed a ControlNet
@@ -31,8 +32,9 @@ def controlnet_from_transformer(transformer, num_layers: int = 7) -> SanaControl
     cfg = dict(transformer.config)
     if cfg.get("guidance_embeds") or cfg.get("qk_norm"):
         raise ValueError("a Sana ControlNet copies a SanaTransformer2DModel without guidance embeddings or "
-                         f"qk_norm (Sana 1.0 / 1.5); this transformer has guidance_embeds={cfg.get('guidance_embeds')}, "
-                         f"qk_norm={cfg.get('qk_norm')} (Sana-Sprint); use an MCM")
+                         "qk_norm (Sana 1.0 / 1.5); this transformer has "
+                         f"guidance_embeds={cfg.get('guidance_embeds')}, qk_norm={cfg.get('qk_norm')} (Sana-Sprint); "
+                         "use an MCM")
     if cfg["num_layers"] < 2:
         raise ValueError(f"a Sana ControlNet's block i is added after the transformer's block i + 1; this "
                          f"SanaTransformer2DModel has {cfg['num_layers']} block, expected at least 2")
