@@ -14,8 +14,10 @@ carries cached predictions: its time and peak memory next to a base forward and 
 
 Per family, through the project's own code path (``FrozenBase`` subclass, ``MCMModule._common_step``,
 ``ControlNetAdapter``): **A** one base forward (bf16 base, no grad), **B** one MCM training step (the paper's
-MCM, fp32, AdamW; the base under no_grad) and, for SDXL, **C** one ControlNet training step
-(``ControlNetModel.from_unet``, fp32 with autocast, backward through the frozen UNet) — if its weights,
+MCM, fp32, AdamW; the base under no_grad) and, where the family has one, **C** one ControlNet training step
+(``ControlNetModel.from_unet`` for SDXL; ``SD3ControlNetModel`` / ``FluxControlNetModel`` /
+``QwenImageControlNetModel`` as ``ControlNetAdapter.from_base`` builds them: fp32 with autocast, backward
+through the frozen denoiser) — if its weights,
 gradients and AdamW state fit in this machine's memory; otherwise the memory it would need is given
 from its parameter count.  Latents and text embeddings are cached (random), as ``mcm data encode``
 would give them.  Steps run interleaved (A B C A B); medians.  Peak memory: peak RSS above the
@@ -220,6 +222,20 @@ def mcm_fp(base):
     return _FORWARD[id(base)]
 
 
+def controlnet_params(base) -> int | None:
+    """Trainable parameters of the family's ControlNet baseline, built on the meta device (nothing allocated; the
+    copy of the base's weights into it is a no-op there); ``None`` where the family has none."""
+    import warnings
+
+    from mcm.models.controlnet import ControlNetAdapter
+
+    if base.controlnet_kind is None and base.no_controlnet_reason:
+        return None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... to a meta parameter is a no-op"
+        return sum(p.numel() for p in ControlNetAdapter.from_base(base, SEG).parameters())
+
+
 def controlnet_parts(base):
     from mcm.models.controlnet import ControlNetAdapter
 
@@ -260,12 +276,8 @@ def child(family: str, a) -> dict:
     fns = {"base_forward": lambda: base_forward(base, batch), "mcm_step": lambda: C.mcm_step(module, opt, batch)}
     order = ["base_forward", "mcm_step", "base_forward", "mcm_step"]
     cn = None
-    if family == "sdxl":
-        from diffusers import ControlNetModel
-
-        with torch.device("meta"):  # count its parameters without allocating them
-            n_cn = sum(p.numel() for p in ControlNetModel.from_unet(base.unet, load_weights_from_unet=False,
-                                                                   conditioning_channels=6).parameters())
+    n_cn = controlnet_params(base)
+    if n_cn is not None:  # the family's ControlNet baseline (a UNet's ControlNetModel, a transformer's own class)
         out["controlnet_params"] = n_cn
         out["controlnet_training_bytes_needed"] = training_bytes(n_cn) + out["peak_base_inference"]
         total = (torch.cuda.get_device_properties(a.device).total_memory if a.device.startswith("cuda")

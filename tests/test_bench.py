@@ -85,7 +85,8 @@ def test_families_json(tmp_path):
     assert set(res) == {"sdxl", "sd3"}
     _finite_numbers(res["sdxl"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference",
                                   "controlnet_step_over_mcm_step"})
-    _finite_numbers(res["sd3"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference"})
+    _finite_numbers(res["sd3"], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference",
+                                 "controlnet_step_over_mcm_step"})  # SD3's own ControlNet class
     assert res["sdxl"]["controlnet_params"] > 0 and res["sdxl"]["mcm_params"] > 0
 
 
@@ -100,7 +101,8 @@ def test_families_base_free_rows(tmp_path):
     res = json.loads(out.read_text())
     for fam in ("flux", "qwenimage"):
         _finite_numbers(res[fam], {"mcm_step_over_base_forward", "mcm_peak_mem_over_base_inference",
-                                   "base_free_step_over_base_forward", "base_free_peak_over_base_inference"})
+                                   "base_free_step_over_base_forward", "base_free_peak_over_base_inference",
+                                   "controlnet_step_over_mcm_step"})
         assert res[fam]["base_free"]["denoiser_loaded"] is False
 
 
