@@ -49,10 +49,9 @@ class FluxControlNetAdapter(LatentControlNetAdapter):
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
         from diffusers import FluxPipeline
 
-        context, t = self.step_inputs(base, x_t, t, context)
+        context, t, kw = self.step_inputs(base, x_t, t, context)
         B, C, h, w = x_t.shape
         dt = self.controlnet.dtype
-        kw = self.controlnet_kwargs(base, context)
         img_ids = FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2, x_t.device, dt)
         blocks, single = self.controlnet(hidden_states=pack_2x2(x_t.to(dt)),
                                          controlnet_cond=repeat_batch(state, B).to(dt), timestep=t.to(dt) / 1000,

@@ -94,12 +94,12 @@ class LatentControlNetAdapter(WrappedModelExport, Adapter):
         return {k: (v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                 for k, v in base.model_kwargs(context).items()}
 
-    @staticmethod
-    def step_inputs(base, x_t: torch.Tensor, t: torch.Tensor, context) -> tuple[Any, torch.Tensor]:
-        """The context (the base's unconditional one where ``None``) and ``t`` per row of ``x_t``."""
+    def step_inputs(self, base, x_t: torch.Tensor, t: torch.Tensor, context) -> tuple[Any, torch.Tensor, dict]:
+        """The context (the base's unconditional one where ``None``), ``t`` per row of ``x_t`` and the context as
+        the denoiser's keyword arguments in the ControlNet's dtype (:meth:`controlnet_kwargs`)."""
         if context is None:
             context = base.encode_context(None, batch_size=x_t.shape[0])
-        return context, (t.expand(x_t.shape[0]) if t.ndim == 0 else t)
+        return context, (t.expand(x_t.shape[0]) if t.ndim == 0 else t), self.controlnet_kwargs(base, context)
 
     @classmethod
     def from_parts(cls, controlnet, cfg: dict) -> "LatentControlNetAdapter":

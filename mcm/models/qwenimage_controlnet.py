@@ -51,10 +51,9 @@ class QwenImageControlNetAdapter(LatentControlNetAdapter):
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context, state: torch.Tensor,
                               strength: float | torch.Tensor = 1.0,
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
-        context, t = self.step_inputs(base, x_t, t, context)
+        context, t, kw = self.step_inputs(base, x_t, t, context)
         B, C, h, w = x_t.shape
         dt = self.controlnet.dtype
-        kw = self.controlnet_kwargs(base, context)
         blocks = self.controlnet(hidden_states=pack_2x2(x_t.to(dt)), controlnet_cond=repeat_batch(state, B).to(dt),
                                  timestep=t.to(dt) / 1000, img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False,
                                  **kw)

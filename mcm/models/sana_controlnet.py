@@ -70,9 +70,8 @@ class SanaControlNetAdapter(LatentControlNetAdapter):
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context, state: torch.Tensor,
                               strength: float | torch.Tensor = 1.0,
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
-        context, t = self.step_inputs(base, x_t, t, context)
+        context, t, kw = self.step_inputs(base, x_t, t, context)
         dt = self.controlnet.dtype
-        kw = self.controlnet_kwargs(base, context)
         blocks = self.controlnet(x_t.to(dt), timestep=t * base.unet.config.timestep_scale,
                                  controlnet_cond=repeat_batch(state, x_t.shape[0]).to(dt), return_dict=False, **kw)[0]
         p = self.controlnet.config.patch_size

@@ -50,9 +50,8 @@ class SD3ControlNetAdapter(LatentControlNetAdapter):
     def controlled_prediction(self, base, x_t: torch.Tensor, t: torch.Tensor, context, state: torch.Tensor,
                               strength: float | torch.Tensor = 1.0,
                               base_prediction: BasePrediction | None = None) -> torch.Tensor:
-        context, t = self.step_inputs(base, x_t, t, context)
+        context, t, kw = self.step_inputs(base, x_t, t, context)
         dt = self.controlnet.dtype
-        kw = self.controlnet_kwargs(base, context)
         # as StableDiffusion3ControlNetPipeline reads the ControlNet's config: zero pooled projections (InstantX's and
         # from_transformer's default) and no prompt tokens for a ControlNet without joint attention (SD3.5's 8B)
         if self.controlnet.config.force_zeros_for_pooled_projection:

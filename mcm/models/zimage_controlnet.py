@@ -90,7 +90,7 @@ class ZImageControlNetAdapter(LatentControlNetAdapter):
                 raise ValueError("strength: the Z-Image ControlNet takes one number per step (its residuals cover "
                                  "the prompt's tokens too), not a map; use an MCM for regional strength")
             strength = float(strength.flatten()[0])
-        context, t = self.step_inputs(base, x_t, t, context)
+        context, t, _ = self.step_inputs(base, x_t, t, context)
         dt = self.controlnet.dtype
         cond = repeat_batch(state, x_t.shape[0]).to(dt).unsqueeze(2)  # (B, C, 1, h, w): one frame
         with lent_transformer_modules(self.controlnet, base.unet) as controlnet:
