@@ -109,3 +109,19 @@ def test_from_pipe_shares_a_flux2_pipeline_and_klein_is_not_this_family(tiny_flu
     (klein / "text_encoder" / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen3ForCausalLM"]}))
     with pytest.raises(ValueError):
         detect_family(klein)
+
+
+def test_the_pipelines_own_prompt_arguments(tiny_flux2_dir, reference, tiny_sd_dir):
+    """``max_sequence_length`` and ``text_encoder_out_layers`` reach the prompt encoding as in ``Flux2Pipeline``
+    (diffusers' own FLUX.2 tests call it with a short sequence and early layers); a family without them says so."""
+    own = dict(max_sequence_length=64, text_encoder_out_layers=(1, 2, 3))
+    expected = reference(**CALL, guidance_scale=4.0, generator=gen(), **own).images
+    default = reference(**CALL, guidance_scale=4.0, generator=gen()).images
+    assert float((expected - default).abs().max()) > 1e-4
+    ours = MCMPipeline.from_pretrained(tiny_flux2_dir, modules=[])
+    ours.set_progress_bar_config(disable=True)
+    assert float((ours(**CALL, guidance_scale=4.0, generator=gen(), **own).images - expected).abs().max()) < TOL
+    assert float((ours(**CALL, guidance_scale=4.0, generator=gen()).images - default).abs().max()) < TOL
+    sd = MCMPipeline.from_pretrained(tiny_sd_dir, modules=[])
+    with pytest.raises(ValueError, match="text_encoder_out_layers: the sd base .* takes no such argument"):
+        sd(prompt="a", num_inference_steps=2, output_type="pt", text_encoder_out_layers=(1,))

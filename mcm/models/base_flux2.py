@@ -34,6 +34,7 @@ from mcm.models.families import denoiser_config
 from mcm.models.prompt_dict_base import PromptDictBase
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline's default max_sequence_length
+TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)  # and text_encoder_out_layers
 DEFAULT_SAMPLE_SIZE = 128  # Flux2Pipeline.default_sample_size: 1024 px with the x8 VAE (64 patchified positions)
 TEXT_ENCODER = "Mistral3ForConditionalGeneration"
 
@@ -44,6 +45,7 @@ class Flux2Base(DistilledGuidance, PromptDictBase):
     denoiser_class = "Flux2Transformer2DModel"
     no_controlnet_reason = "diffusers has no ControlNet for FLUX.2"
     packs_latents = True  # the denoiser sees tokens, not the spatial grid: mcm.attach is refused
+    prompt_option_names = ("max_sequence_length", "text_encoder_out_layers")
 
     @classmethod
     def claims_directory(cls, path: Path) -> bool:
@@ -129,9 +131,11 @@ class Flux2Base(DistilledGuidance, PromptDictBase):
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(f"the FLUX.2 base '{self.source}' needs text_encoder/ (Mistral-3) and tokenizer/ (its "
                              "processor)")
+        opts = self._prompt_options  # the pipeline's own arguments, where a call gives them
         embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
             self.text_encoder, self.tokenizer, list(prompts), device=self.device,
-            max_sequence_length=MAX_SEQUENCE_LENGTH, system_message=SYSTEM_MESSAGE)
+            max_sequence_length=opts.get("max_sequence_length", MAX_SEQUENCE_LENGTH), system_message=SYSTEM_MESSAGE,
+            hidden_states_layers=opts.get("text_encoder_out_layers", TEXT_ENCODER_OUT_LAYERS))
         return {"prompt_embeds": embeds}
 
     def model_kwargs(self, context) -> dict:

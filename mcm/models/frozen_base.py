@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -72,6 +73,8 @@ class FrozenBase(nn.Module):
     #: ``ControlNetModel.from_unet`` (a transformer family's own ControlNet class), and why a family has none
     controlnet_kind: str | None = None
     no_controlnet_reason: str = ""
+    #: the prompt-encoding arguments of the family's pipeline that ``MCMPipeline`` passes on (``prompt_options``)
+    prompt_option_names: tuple[str, ...] = ()
 
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None,
                  text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None, **extra):
@@ -93,6 +96,7 @@ class FrozenBase(nn.Module):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         self._run_dtype: torch.dtype | None = None  # the dtype a denoiser loaded later is cast to
         self._expected_hash: str | None = None  # the hash cached shards name, checked when the weights load
+        self._prompt_options: dict[str, Any] = {}
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
@@ -441,7 +445,7 @@ class FrozenBase(nn.Module):
         if prompts is None:
             prompts = [""] * (batch_size or 1)
         if all(p == "" for p in prompts):  # the unconditional branch is asked for every step: cache it
-            key = (len(prompts), str(self.device))
+            key = (len(prompts), str(self.device), tuple(sorted(self._prompt_options.items())))
             if key not in self._uncond_cache:
                 self._uncond_cache = {key: self._encode(prompts)}
             return self._uncond_cache[key]
@@ -449,6 +453,22 @@ class FrozenBase(nn.Module):
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device)
+
+    @contextmanager
+    def prompt_options(self, **options: Any) -> Iterator["FrozenBase"]:
+        """Prompts encoded with the family pipeline's own arguments for the duration (FLUX.2's
+        ``max_sequence_length``, ``text_encoder_out_layers``); ``None`` values are left at the family's default."""
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - set(self.prompt_option_names))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: the {self.family} base '{self.source}' encodes prompts as its "
+                             f"pipeline does by default and takes no such argument (it takes "
+                             f"{list(self.prompt_option_names) or 'none'})")
+        before, self._prompt_options = self._prompt_options, given
+        try:
+            yield self
+        finally:
+            self._prompt_options = before
 
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, context=None) -> torch.Tensor:

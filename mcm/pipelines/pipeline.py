@@ -288,6 +288,7 @@ class MCMPipeline(DiffusionPipeline):
                  latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), eta: float = 0.0,
+                 max_sequence_length: int | None = None, text_encoder_out_layers: Sequence[int] | None = None,
                  **deprecated: Any) -> MCMPipelineOutput | tuple:
         """Sample images; the arguments follow diffusers' pipelines (``StableDiffusionControlNetPipeline``).
 
@@ -318,6 +319,8 @@ class MCMPipeline(DiffusionPipeline):
                 in [0, 1]) or ``"latent"``.
             return_dict: return :class:`MCMPipelineOutput` (``.images``); ``False``: the tuple ``(images,)``.
             callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict`` after each step, as in diffusers.
+            max_sequence_length / text_encoder_out_layers: the family pipeline's own prompt-encoding arguments, for
+                the families whose pipeline takes them (FLUX.2); ``None`` = the pipeline's defaults.
             strength / modulation_window: the earlier names of ``conditioning_scale`` and of the window
                 (deprecated; they still work, with a warning).
         """
@@ -379,11 +382,13 @@ class MCMPipeline(DiffusionPipeline):
             def callback(step: dict):
                 out = callback_on_step_end(self, step["i"], step["t"], {"latents": step["x"]})
                 return (out or {}).get("latents")
-        x0 = controlled_sample(self.base, controls, B, size=size, prompts=prompts, negative_prompt=negative_prompt,
-                               class_labels=class_labels, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, window=window, generator=generator,
-                               scheduler=self.scheduler, eta=eta, latents=latents, callback=callback,
-                               progress=self.progress_bar)
+        with self.base.prompt_options(max_sequence_length=max_sequence_length,
+                                      text_encoder_out_layers=text_encoder_out_layers):
+            x0 = controlled_sample(self.base, controls, B, size=size, prompts=prompts,
+                                   negative_prompt=negative_prompt, class_labels=class_labels,
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   window=window, generator=generator, scheduler=self.scheduler, eta=eta,
+                                   latents=latents, callback=callback, progress=self.progress_bar)
         # 7. decode and convert
         if output_type == "latent":
             images = x0
