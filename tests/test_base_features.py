@@ -73,3 +73,39 @@ def test_it_trains_exports_and_refuses_cached_predictions_and_attach(module, tmp
 def test_a_transformer_base_says_it_has_no_unet_blocks(tiny_dit_dir):
     with pytest.raises(FrozenBaseError, match="no UNet down and middle blocks"):
         FrozenBase.from_pretrained(tiny_dit_dir).feature_channels()
+
+
+def test_features_at_the_mcms_own_levels(tiny_pixel_base_dir, tmp_path):
+    """``base_feature_levels``: zero-initialised level projections leave the module's output as without them;
+    once non-zero they change it; a step trains them; the export reloads with them (the hooks come back)."""
+    torch.manual_seed(0)
+    m = MCMModule(base=str(tiny_pixel_base_dir), modalities=SEG, **SMALL, base_features=True,
+                  base_feature_levels=True, warmup_steps=0, lr=1e-2)
+    mcm, base = m.mcm, m.base
+    assert len(mcm.base_feature_level_proj) == len(SMALL["block_out_channels"]) + 1  # 2 down blocks + middle
+    torch.nn.init.normal_(mcm.unet.conv_out.weight, std=0.05)
+    torch.manual_seed(0)
+    plain = MCMModule(base=str(tiny_pixel_base_dir), modalities=SEG, **SMALL, base_features=True).mcm
+    plain.load_state_dict({k: v for k, v in mcm.state_dict().items() if "level_proj" not in k})
+    batch = make_batch(2)
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([100, 700]), base.encode_text(batch["caption"])
+    p, feats = base.predict_with_features(x, t, ctx)
+    state = mcm.encode_conditions({"segmentation": batch["segmentation"]}, None, (16, 16), 2)
+    zero = mcm.modulation(x, p, t, state, base_features=feats)[0]
+    assert torch.equal(zero, plain.modulation(x, p, t, state, base_features=feats)[0])
+    opt = m.configure_optimizers()["optimizer"]
+    m.train()
+    m.training_step(batch, 0).backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in mcm.base_feature_level_proj.parameters())
+    opt.step()
+    m.eval()
+    moved = mcm.modulation(x, p, t, state, base_features=feats)[0]
+    assert float((moved - zero).abs().max()) > 1e-6
+    ckpt = {"state_dict": m.state_dict(), "global_step": 1}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    loaded, _ = load_module(export_checkpoint(tmp_path / "m.ckpt", tmp_path / "export", use_ema=False), base)
+    assert loaded.config.base_feature_levels
+    assert torch.equal(loaded.modulation(x, p, t, state, base_features=feats)[0], moved)
+    with pytest.raises(ValueError, match="base_feature_levels: needs base_feature_channels"):
+        MCMModule(base=str(tiny_pixel_base_dir), modalities=SEG, **SMALL, base_feature_levels=True)

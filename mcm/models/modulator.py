@@ -56,6 +56,10 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
             the input. Such a module runs the base itself: it cannot train from cached predictions, and
             ``mcm.attach`` refuses it.
         base_feature_width: channels of each projected base feature.
+        base_feature_levels: also add the base's features at the MCM's own levels (a sketch-gap variant,
+            docs/ablations.md): base down block ``i``'s output to the MCM's down block ``i``'s and the base's middle
+            block's to the MCM's middle block, each through a zero-initialised 1x1 conv to that level's width
+            and resized to it (ControlNet adds its features at every level of the base; here the other way round).
     """
 
     config_name = "config.json"
@@ -65,7 +69,8 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
                  downsample: int = 1, block_out_channels: tuple[int, ...] = (32, 32, 64, 128),
                  layers_per_block: int = 2, attention_levels: tuple[int, ...] = (2,), norm_num_groups: int = 8,
                  attention_head_dim: int = 8, default_strength: float = 1.0,
-                 base_feature_channels: tuple[int, ...] | None = None, base_feature_width: int = 8):
+                 base_feature_channels: tuple[int, ...] | None = None, base_feature_width: int = 8,
+                 base_feature_levels: bool = False):
         super().__init__()
         self.default_strength = float(default_strength)
         if not modalities:
@@ -91,6 +96,32 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         # zero output: gamma = beta = 0, so the module starts as an exact no-op (ControlNet's zero-conv idea)
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
+        self.base_feature_level_proj = None
+        self._level_features: list[torch.Tensor] | None = None  # set by modulation() for its hooks, then cleared
+        if base_feature_levels:
+            if not base_feature_channels:
+                raise ValueError("base_feature_levels: needs base_feature_channels (the base's features to add)")
+            k = min(n, len(base_feature_channels) - 1)  # down blocks paired in order; the base's middle block last
+            blocks = [*self.unet.down_blocks[:k], self.unet.mid_block]
+            sources = [*base_feature_channels[:k], base_feature_channels[-1]]
+            widths = [*block_out_channels[:k], block_out_channels[-1]]
+            self.base_feature_level_proj = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(sources, widths))
+            for i, (block, proj) in enumerate(zip(blocks, self.base_feature_level_proj)):
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+                block.register_forward_hook(self._add_level_feature(i))
+
+    def _add_level_feature(self, i: int):
+        """A forward hook adding the projected base feature ``i`` to a block's output (a down block's hidden
+        states and its last skip, which is the same tensor; the middle block's hidden states)."""
+        def hook(_module, _inputs, out):
+            if self._level_features is None:
+                return out
+            h = out[0] if isinstance(out, tuple) else out
+            f = self.base_feature_level_proj[i](self._level_features[i].to(h.dtype))
+            h = h + F.interpolate(f, size=tuple(h.shape[-2:]), mode="bilinear", align_corners=False)
+            return (h, (*out[1][:-1], h)) if isinstance(out, tuple) else h
+        return hook
 
     @property
     def uses_base_prediction_only(self) -> bool:
@@ -143,7 +174,13 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
                 f = proj(f.to(features.dtype))
                 extra.append(F.interpolate(f, size=tuple(x_t.shape[-2:]), mode="bilinear", align_corners=False))
         h = torch.cat([x_t.to(features.dtype), p.to(features.dtype), features, *extra], dim=1)
-        out = self.unet(h, t).sample
+        if self.base_feature_level_proj is not None:  # the hooks read them during this forward only
+            k = len(self.base_feature_level_proj) - 1
+            self._level_features = [*base_features[:k], base_features[-1]]
+        try:
+            out = self.unet(h, t).sample
+        finally:
+            self._level_features = None
         gamma, beta = out.float().chunk(2, dim=1)
         return gamma, beta
 

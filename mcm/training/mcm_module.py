@@ -20,6 +20,8 @@ class MCMModule(AdapterModule):
             (the paper's: (32, 32, 64, 128), 2, (2,), 8).
         base_features: the MCM also reads the frozen base's own down- and middle-block features of ``x_t``
             (``MultimodalConditioningModule``'s ``base_feature_channels``; UNet bases; no cached predictions).
+        base_feature_levels: with ``base_features``, also add them at the MCM's own levels
+            (``MultimodalConditioningModule``'s ``base_feature_levels``).
     """
 
     adapter_attribute = "mcm"
@@ -28,7 +30,7 @@ class MCMModule(AdapterModule):
 
     def __init__(self, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  attention_levels: tuple[int, ...] = (1,), norm_num_groups: int = 8, lr: float = 3e-4,
-                 base_features: bool = False, **kwargs: Any):
+                 base_features: bool = False, base_feature_levels: bool = False, **kwargs: Any):
         super().__init__(lr=lr, **kwargs)
 
     def build_adapter(self) -> MultimodalConditioningModule:
@@ -37,7 +39,8 @@ class MCMModule(AdapterModule):
             latent_channels=self.base.latent_channels, modalities=h.modalities, downsample=self.base.downsample,
             block_out_channels=tuple(h.block_out_channels), layers_per_block=h.layers_per_block,
             attention_levels=tuple(h.attention_levels), norm_num_groups=h.norm_num_groups,
-            base_feature_channels=tuple(self.base.feature_channels()) if h.get("base_features") else None)
+            base_feature_channels=tuple(self.base.feature_channels()) if h.get("base_features") else None,
+            base_feature_levels=bool(h.get("base_feature_levels")))
 
     def checkpoint_config(self) -> dict:
         return dict(self.mcm.config)
