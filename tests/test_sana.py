@@ -59,3 +59,27 @@ def test_sana_latents_and_its_training_process(tiny_sana_dir):
     assert isinstance(fp, FlowMatchingProcess) and fp.scheduler.config.shift == 3.0  # Sana's flow_shift
     t = fp.sample_timesteps(4096, "cpu", torch.Generator().manual_seed(0))
     assert abs(float((t / 1000).median()) - 3 * 0.5 / (1 + 2 * 0.5)) < 0.02  # logit-normal median, shifted by 3
+
+
+def test_resolution_binning_as_the_pipeline(tiny_sana_dir, tiny_pixart_sigma_dir):
+    """``use_resolution_binning=True`` samples at the pipeline's bin for the transformer's sample size (16: the
+    512 px table; 32x64 asked, 352x704 sampled) and resizes and crops back, as ``SanaPipeline`` does by default;
+    a base whose sample size has no table says so."""
+    kw = dict(prompt=["a red circle"], num_inference_steps=2, height=32, width=64, output_type="pt",
+              guidance_scale=4.5)
+    ref = SanaPipeline.from_pretrained(tiny_sana_dir)
+    ref.set_progress_bar_config(disable=True)
+    ref.transformer.register_to_config(sample_size=16)
+    expected = ref(**kw, generator=gen()).images
+    base = FrozenBase.from_pretrained(tiny_sana_dir)
+    base.unet.register_to_config(sample_size=16)
+    pipe = MCMPipeline.from_base(base, [])
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(**kw, use_resolution_binning=True, generator=gen()).images
+    assert got.shape == expected.shape == (1, 3, 32, 64)
+    assert float((got - expected).abs().max()) < TOL
+    plain = pipe(**kw, generator=gen()).images  # off by default: sampled at 32x64 itself
+    assert float((plain - got).abs().max()) > 1e-3
+    pixart = MCMPipeline.from_pretrained(tiny_pixart_sigma_dir, modules=[])
+    with pytest.raises(ValueError, match="has no aspect-ratio bins .* sample sizes \\[32, 64, 128, 256\\]"):
+        pixart(prompt="a", num_inference_steps=2, output_type="pt", use_resolution_binning=True)

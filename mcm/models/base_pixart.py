@@ -28,6 +28,8 @@ class PixArtSigmaBase(PromptDictBase):
     family = "pixart_sigma"
     no_controlnet_reason = "diffusers has no ControlNet for PixArt-Σ"
     denoiser_class = "PixArtTransformer2DModel"
+    aspect_ratio_bin_tables = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+                               32: "ASPECT_RATIO_256_BIN"}  # PixArtSigmaPipeline's choice by sample_size
 
     @property
     def default_guidance_scale(self) -> float:

@@ -49,6 +49,8 @@ class SanaBase(PromptDictBase):
     family = "sana"
     controlnet_kind = "sana_controlnet"
     denoiser_class = "SanaTransformer2DModel"
+    aspect_ratio_bin_tables = {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "ASPECT_RATIO_1024_BIN",
+                               16: "ASPECT_RATIO_512_BIN"}  # SanaPipeline's choice by sample_size
 
     # ---- facts -----------------------------------------------------------------------------------------
     @property

@@ -75,6 +75,25 @@ class FrozenBase(nn.Module):
     no_controlnet_reason: str = ""
     #: the prompt-encoding arguments of the family's pipeline that ``MCMPipeline`` passes on (``prompt_options``)
     prompt_option_names: tuple[str, ...] = ()
+    #: transformer ``sample_size`` -> the name of diffusers' aspect-ratio bin table its pipeline samples at with
+    #: ``use_resolution_binning`` (PixArt-Σ, Sana); empty: the family's pipeline has no binning
+    aspect_ratio_bin_tables: dict[int, str] = {}
+
+    def aspect_ratio_bins(self) -> dict[str, list[float]]:
+        """The family pipeline's aspect-ratio bins for this base (``use_resolution_binning``); a clear error where
+        it has none."""
+        name = self.aspect_ratio_bin_tables.get(int(getattr(self.unet.config, "sample_size", 0) or 0))
+        if name is None:
+            raise ValueError(f"use_resolution_binning: the {self.family} base '{self.source}' has no aspect-ratio bins "
+                             f"(its pipeline bins only for transformer sample sizes "
+                             f"{sorted(self.aspect_ratio_bin_tables) or 'none'}); pass use_resolution_binning=False")
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
+        from diffusers.pipelines.sana import pipeline_sana
+
+        for module in (pipeline_pixart_sigma, pipeline_pixart_alpha, pipeline_sana):
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise ValueError(f"use_resolution_binning: diffusers has no table {name}")
 
     def __init__(self, unet: nn.Module, scheduler, vae: nn.Module | None = None,
                  text_encoder: nn.Module | None = None, tokenizer=None, source: str | None = None, **extra):

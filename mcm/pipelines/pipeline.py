@@ -289,7 +289,7 @@ class MCMPipeline(DiffusionPipeline):
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), eta: float = 0.0,
                  max_sequence_length: int | None = None, text_encoder_out_layers: Sequence[int] | None = None,
-                 **deprecated: Any) -> MCMPipelineOutput | tuple:
+                 use_resolution_binning: bool = False, **deprecated: Any) -> MCMPipelineOutput | tuple:
         """Sample images; the arguments follow diffusers' pipelines (``StableDiffusionControlNetPipeline``).
 
         Args:
@@ -321,6 +321,10 @@ class MCMPipeline(DiffusionPipeline):
             callback_on_step_end: ``fn(pipe, i, t, {"latents": x}) -> dict`` after each step, as in diffusers.
             max_sequence_length / text_encoder_out_layers: the family pipeline's own prompt-encoding arguments, for
                 the families whose pipeline takes them (FLUX.2); ``None`` = the pipeline's defaults.
+            use_resolution_binning: PixArt-Σ's and Sana's aspect-ratio binning: sample at the nearest size of the
+                pipeline's bin table, then resize and crop to ``height`` x ``width``, as their pipelines do.  Off
+                by default here (their pipelines default to on): the size asked for is the size sampled, and the
+                maps are at that size.
             strength / modulation_window: the earlier names of ``conditioning_scale`` and of the window
                 (deprecated; they still work, with a warning).
         """
@@ -345,6 +349,14 @@ class MCMPipeline(DiffusionPipeline):
             elif class_labels is not None:
                 implied = len(torch.as_tensor(class_labels).reshape(-1))
         B, size = self._batch_and_size(conds, num_images if num_images is not None else implied, height, width)
+        binned_from = None  # the output size asked for, when sampling at a binned size (PixArt-Σ, Sana)
+        if use_resolution_binning:
+            from diffusers.image_processor import PixArtImageProcessor
+
+            ds = self.base.downsample
+            binned_from = (size[0] * ds, size[1] * ds)
+            bh, bw = PixArtImageProcessor.classify_height_width_bin(*binned_from, ratios=self.base.aspect_ratio_bins())
+            size = (bh // ds, bw // ds)
         if class_labels is not None:
             labels = torch.as_tensor(class_labels).reshape(-1)
             if len(labels) != B:
@@ -394,6 +406,10 @@ class MCMPipeline(DiffusionPipeline):
             images = x0
         else:
             image = self.base.decode(x0, clamp=False)
+            if binned_from is not None:  # back to the size asked for, as the binning pipelines do
+                from diffusers.image_processor import PixArtImageProcessor
+
+                image = PixArtImageProcessor.resize_and_crop_tensor(image, binned_from[1], binned_from[0])
             images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return MCMPipelineOutput(images=images) if return_dict else (images,)
