@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from mcm.models.frozen_base import FrozenBase
 from mcm.models.modulator import MultimodalConditioningModule
 from mcm.pipelines import MCMPipeline
+from tiny_models import train_and_export
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 TOL = 1e-5
@@ -257,9 +258,7 @@ def test_sd3_controlnet_trains_exports_and_samples(tiny_sd3_dir, tmp_path):
     zero-initialised input leaves the base's images exactly at step 0, exports and reloads, and a map of
     ones equals strength 1."""
     from mcm.models.sd3_controlnet import SD3ControlNetAdapter
-    from mcm.pipelines import load_module
     from mcm.training.controlnet_module import ControlNetModule
-    from mcm.training.export import export_checkpoint
 
     torch.manual_seed(0)
     # no dropout: with two samples a dropped map (zero input) would leave the input embedding without gradient
@@ -275,21 +274,8 @@ def test_sd3_controlnet_trains_exports_and_samples(tiny_sd3_dir, tmp_path):
     base_images = alone(**kw, output_type="pt").images
     kw["generator"] = gen()
     assert float((at_init(conditions={"segmentation": labels}, **kw, output_type="pt").images - base_images).abs().max()) < 1e-5
-    before = m.base.content_hash()
-    opt = m.configure_optimizers()["optimizer"]
-    m.train()
-    for step in range(2):
-        opt.zero_grad()
-        loss = m.training_step(family_batch(2), step)
-        loss.backward()
-        opt.step()
+    loss, loaded = train_and_export(m, family_batch(2), tmp_path)
     assert torch.isfinite(loss) and torch.count_nonzero(m.adapter.controlnet.pos_embed_input.proj.weight) > 0
-    m.base._hash = None
-    assert m.base.content_hash() == before
-    ckpt = {"state_dict": m.state_dict(), "global_step": 2}
-    m.on_save_checkpoint(ckpt)
-    torch.save(ckpt, tmp_path / "cn.ckpt")
-    loaded, _ = load_module(export_checkpoint(tmp_path / "cn.ckpt", tmp_path / "export", use_ema=False), m.base)
     assert isinstance(loaded, SD3ControlNetAdapter)
     pipe = MCMPipeline.from_base(m.base, [loaded])
     pipe.set_progress_bar_config(disable=True)
@@ -306,9 +292,7 @@ def test_flux_controlnet_trains_exports_and_samples(tiny_flux_dir, tmp_path):
     unchanged), its zero-initialised input leaves FLUX's images exactly at step 0, exports and reloads, and a map of
     ones equals strength 1."""
     from mcm.models.flux_controlnet import FluxControlNetAdapter
-    from mcm.pipelines import load_module
     from mcm.training.controlnet_module import ControlNetModule
-    from mcm.training.export import export_checkpoint
 
     torch.manual_seed(0)
     seg = {"segmentation": {"num_classes": 4}}  # 4 one-hot channels: at most the latent's 4 (packed 2x2)
@@ -324,23 +308,10 @@ def test_flux_controlnet_trains_exports_and_samples(tiny_flux_dir, tmp_path):
     base_images = alone(**kw, generator=gen(), output_type="pt").images
     got = at_init(conditions={"segmentation": labels}, **kw, generator=gen(), output_type="pt").images
     assert float((got - base_images).abs().max()) < 1e-5
-    before = m.base.content_hash()
-    opt = m.configure_optimizers()["optimizer"]
-    m.train()
     batch = family_batch(2, size=32)
     batch["segmentation"] = batch["segmentation"] % 4
-    for step in range(2):
-        opt.zero_grad()
-        loss = m.training_step(batch, step)
-        loss.backward()
-        opt.step()
+    loss, loaded = train_and_export(m, batch, tmp_path)
     assert torch.isfinite(loss) and torch.count_nonzero(m.adapter.controlnet.controlnet_x_embedder.weight) > 0
-    m.base._hash = None
-    assert m.base.content_hash() == before
-    ckpt = {"state_dict": m.state_dict(), "global_step": 2}
-    m.on_save_checkpoint(ckpt)
-    torch.save(ckpt, tmp_path / "cn.ckpt")
-    loaded, _ = load_module(export_checkpoint(tmp_path / "cn.ckpt", tmp_path / "export", use_ema=False), m.base)
     assert isinstance(loaded, FluxControlNetAdapter)
     pipe = MCMPipeline.from_base(m.base, [loaded])
     pipe.set_progress_bar_config(disable=True)

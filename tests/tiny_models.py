@@ -584,3 +584,28 @@ def make_tiny_flux2(path: str | Path, seed: int = 0) -> Path:
     Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=processor,
                   transformer=transformer).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def train_and_export(module, batch: dict, tmp_path: Path, steps: int = 2):
+    """``steps`` training steps of an adapter LightningModule on ``batch`` (its optimiser, train mode), then its
+    checkpoint exported and loaded back as ``mcm.pipelines.load_module`` does: ``(last loss, loaded adapter)``; the
+    base's content hash is checked unchanged."""
+    from mcm.pipelines import load_module
+    from mcm.training.export import export_checkpoint
+
+    before = module.base.content_hash()
+    opt = module.configure_optimizers()["optimizer"]
+    module.train()
+    for step in range(steps):
+        opt.zero_grad()
+        loss = module.training_step(batch, step)
+        loss.backward()
+        opt.step()
+    module.base._hash = None
+    assert module.base.content_hash() == before, "training changed the frozen base"
+    ckpt = {"state_dict": module.state_dict(), "global_step": steps}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "adapter.ckpt")
+    loaded, _ = load_module(export_checkpoint(tmp_path / "adapter.ckpt", tmp_path / "export", use_ema=False),
+                            module.base)
+    return loss, loaded
