@@ -36,15 +36,24 @@ def calculate_shift(image_seq_len: int, config) -> float:
                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
-def packed_flow_timestep_kwargs(scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
-    """The sigmas ``linspace(1, 1/N, N)`` and dynamic shift ``mu`` (from the number of 2x2-packed tokens) that
-    ``FluxPipeline`` and ``QwenImagePipeline`` give their flow-matching scheduler; ``{}`` for another scheduler."""
+def flow_sigma_kwargs(scheduler, num_inference_steps: int) -> dict | None:
+    """The sigmas ``linspace(1, 1/N, N)`` the FLUX-style pipelines give a flow-matching scheduler (none where its
+    config asks for its own flow sigmas); ``None`` for a scheduler that takes no ``sigmas`` and ``mu`` (a DDIM
+    grid: its own timesteps)."""
     accepts = inspect.signature(scheduler.set_timesteps).parameters
     if "sigmas" not in accepts or "mu" not in accepts:
-        return {}  # another scheduler (a DDIM grid): its own timesteps
-    kwargs = {}
-    if not scheduler.config.get("use_flow_sigmas", False):
-        kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        return None
+    if scheduler.config.get("use_flow_sigmas", False):
+        return {}
+    return {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)}
+
+
+def packed_flow_timestep_kwargs(scheduler, num_inference_steps: int, latent_size: tuple[int, int]) -> dict:
+    """The sigmas and dynamic shift ``mu`` (from the number of 2x2-packed tokens) that ``FluxPipeline`` and
+    ``QwenImagePipeline`` give their flow-matching scheduler; ``{}`` for another scheduler."""
+    kwargs = flow_sigma_kwargs(scheduler, num_inference_steps)
+    if kwargs is None:
+        return {}
     if scheduler.config.get("use_dynamic_shifting", False):
         kwargs["mu"] = calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2), scheduler.config)
     return kwargs

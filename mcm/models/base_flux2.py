@@ -21,14 +21,12 @@ ControlNet; ``mcm.attach`` on a ``Flux2Pipeline`` (its denoiser sees tokens) is 
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mcm.models.base_flux import DistilledGuidance
+from mcm.models.base_flux import DistilledGuidance, flow_sigma_kwargs
 from mcm.models.base_loading import vae_downsample
 from mcm.models.families import denoiser_config
 from mcm.models.prompt_dict_base import PromptDictBase
@@ -86,13 +84,10 @@ class Flux2Base(DistilledGuidance, PromptDictBase):
         """``Flux2Pipeline``'s sigmas and its empirical shift ``mu`` of the number of tokens and of steps."""
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-        accepts = inspect.signature(scheduler.set_timesteps).parameters
-        if "sigmas" not in accepts or "mu" not in accepts:
+        kwargs = flow_sigma_kwargs(scheduler, num_inference_steps)
+        if kwargs is None:
             return {}  # another scheduler: its own timesteps
-        kwargs = {"mu": compute_empirical_mu(latent_size[0] * latent_size[1], num_inference_steps)}
-        if not scheduler.config.get("use_flow_sigmas", False):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        return kwargs
+        return {**kwargs, "mu": compute_empirical_mu(latent_size[0] * latent_size[1], num_inference_steps)}
 
     # ---- the VAE, patchified and batch-normalised ---------------------------------------------------------
     def _bn_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
