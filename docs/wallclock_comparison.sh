@@ -26,6 +26,10 @@ job_args() {  # experiment and overrides of each job
     mcm_sketch_regions_base_features_levels) echo 'sketch --model.init_args.loss_weighting min_snr' \
       '--model.init_args.snr_gamma 5.0 --model.init_args.base_features true' \
       '--model.init_args.base_feature_levels true --data.init_args.modalities {"sketch":{"region_hints":true}}' ;;
+    # and a pretrained condition encoder: the frozen base also reads the sketch drawn as an image (condition_features)
+    mcm_sketch_regions_base_features_condition) echo 'sketch --model.init_args.loss_weighting min_snr' \
+      '--model.init_args.snr_gamma 5.0 --model.init_args.base_features true' \
+      '--model.init_args.condition_features true --data.init_args.modalities {"sketch":{"region_hints":true}}' ;;
     controlnet_segmentation|controlnet_sketch|t2i_adapter_segmentation|t2i_adapter_sketch) echo "$1" ;;
     # the README main job's recipe as it is (four maps, single-modality dropout), scored per map alone:
     # does training with the other maps make a better sketch module in the same time?

@@ -1,6 +1,6 @@
 """Regional and scheduled control measured on ``shapes32`` (the tables and grids in docs/results.md).
 
-    python -m mcm.evaluation.regional --data "data/shapes/val-*.tar" --n 64 --seeds 0 1 --out docs/eval/regional
+    python -m mcm.evaluation.regional --data "data/shapes/test-*.tar" --n 64 --seeds 0 1 --out docs/eval/test/regional
 
 (a) **Left/right split.** Each held-out layout's left half is controlled and its right half is not:
   * ``strength map``: the shipped multimodal MCM with the segmentation map and a strength map that is 1
@@ -137,10 +137,10 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="held-out shards (e.g. 'data/shapes/val-*.tar')")
+    p.add_argument("--data", required=True, help="held-out shards (e.g. 'data/shapes/test-*.tar')")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", default="docs/eval/regional")
+    p.add_argument("--out", default="docs/eval/test/regional")
     p.add_argument("--device", default="auto", type=resolve_device,
                    help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N (default auto)")
     a = p.parse_args(argv)

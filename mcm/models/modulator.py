@@ -60,6 +60,13 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
             docs/ablations.md): base down block ``i``'s output to the MCM's down block ``i``'s and the base's middle
             block's to the MCM's middle block, each through a zero-initialised 1x1 conv to that level's width
             and resized to it (ControlNet adds its features at every level of the base; here the other way round).
+        condition_feature_channels: ``None`` or the channels of the frozen base's features (the same blocks as
+            ``base_feature_channels``) of each *map*, drawn as an image (the plugin's ``visualize``, in [-1, 1]) and
+            read by the base at ``t = 0`` under no-grad: a pretrained condition encoder (a sketch-gap variant,
+            docs/ablations.md; ControlNet reads a map through a trained copy of the base's encoder). Each map's
+            features are projected to ``base_feature_width`` channels, resized to ``x_t``'s size, zeroed where
+            the map is absent and added to the input. One more base forward per map and step; pixel-space UNet
+            bases only (the drawn map is the base's input, as its images are).
     """
 
     config_name = "config.json"
@@ -70,7 +77,7 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
                  layers_per_block: int = 2, attention_levels: tuple[int, ...] = (2,), norm_num_groups: int = 8,
                  attention_head_dim: int = 8, default_strength: float = 1.0,
                  base_feature_channels: tuple[int, ...] | None = None, base_feature_width: int = 8,
-                 base_feature_levels: bool = False):
+                 base_feature_levels: bool = False, condition_feature_channels: tuple[int, ...] | None = None):
         super().__init__()
         self.default_strength = float(default_strength)
         if not modalities:
@@ -86,6 +93,15 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         if base_feature_channels:
             self.base_feature_proj = nn.ModuleList(nn.Conv2d(c, base_feature_width, 1) for c in base_feature_channels)
             in_channels += base_feature_width * len(base_feature_channels)
+        self.condition_feature_proj = None
+        if condition_feature_channels:
+            if downsample != 1:
+                raise ValueError(f"condition_feature_channels: the base reads the maps drawn as images, so it must "
+                                 f"work in pixel space (downsample 1, e.g. shapes32); got downsample {downsample}")
+            self.condition_feature_proj = nn.ModuleDict({
+                name: nn.ModuleList(nn.Conv2d(c, base_feature_width, 1) for c in condition_feature_channels)
+                for name in self.modality_names})
+            in_channels += base_feature_width * len(condition_feature_channels) * len(self.plugins)
         n = len(block_out_channels)
         down = tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(n))
         up = tuple("AttnUpBlock2D" if (n - 1 - i) in attention_levels else "UpBlock2D" for i in range(n))
@@ -126,7 +142,13 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
     @property
     def uses_base_prediction_only(self) -> bool:
         """True unless it reads the base's features (it then runs the base itself, so no cached predictions)."""
-        return self.base_feature_proj is None
+        return self.base_feature_proj is None and self.condition_feature_proj is None
+
+    @property
+    def drawn_map_channels(self) -> int:
+        """Channels at the end of the state holding the maps drawn as images (3 per modality) for the base to
+        read (``condition_feature_channels``), else 0."""
+        return 0 if self.condition_feature_proj is None else 3 * len(self.plugins)
 
     # ---- conditions -> features (independent of t: computed once per sampling run) -----------------
     def encode_conditions(self, conditions: Mapping[str, torch.Tensor], present: torch.Tensor | None,
@@ -155,16 +177,46 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
             else:
                 feats.append(torch.zeros(batch_size, plugin.feature_channels, *size, device=device, dtype=dtype))
         masks = present[:, :, None, None].expand(-1, -1, *size)  # (B, M, h, w)
-        return torch.cat(feats + [masks], dim=1)
+        drawn = []
+        if self.condition_feature_proj is not None:  # read by the base in controlled_prediction (it holds the base)
+            for j, (name, plugin) in enumerate(self.plugins.items()):
+                if name in conditions:
+                    raw = plugin.resize(conditions[name].to(device), size)
+                    drawn.append((plugin.visualize(raw).to(dtype) * 2 - 1) * present[:, j, None, None, None])
+                else:
+                    drawn.append(torch.zeros(batch_size, 3, *size, device=device, dtype=dtype))
+        return torch.cat(feats + [masks] + drawn, dim=1)
+
+    def condition_features(self, base, state: torch.Tensor) -> list[torch.Tensor]:
+        """The base's own features of each map drawn as an image (``encode_conditions`` put them at the end of
+        ``state``), projected, at the state's size, zero where the map is absent."""
+        m, r = len(self.plugins), self.drawn_map_channels
+        drawn, masks = state[:, -r:], state[:, -r - m:-r]
+        t = torch.zeros(state.shape[0], dtype=torch.long, device=state.device)
+        out = []
+        for j, name in enumerate(self.modality_names):
+            _, feats = base.predict_with_features(drawn[:, 3 * j:3 * j + 3], t)  # no-grad, t = 0: a clean image
+            for proj, f in zip(self.condition_feature_proj[name], feats):
+                f = F.interpolate(proj(f.to(state.dtype)), size=tuple(state.shape[-2:]), mode="bilinear",
+                                  align_corners=False)
+                out.append(f * masks[:, j:j + 1])
+        return out
 
     # ---- the modulation ------------------------------------------------------------------------
     def modulation(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
-                   base_features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   base_features: list[torch.Tensor] | None = None,
+                   condition_features: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gamma, beta)``, each the shape of ``p``, from ``[x_t, p, features]`` (and the projected base features
-        of ``x_t`` for a module built with ``base_feature_channels``)."""
+        of ``x_t`` for a module built with ``base_feature_channels``, the base's projected features of the maps,
+        ``condition_features``, for one built with ``condition_feature_channels``)."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        extra = []
+        if self.drawn_map_channels:  # the drawn maps were the base's input, not the MCM's
+            features = features[:, :-self.drawn_map_channels]
+            if condition_features is None:
+                raise ValueError("this MCM reads the base's features of its maps (condition_feature_channels): "
+                                 "pass condition_features=module.condition_features(base, state)")
+        extra = list(condition_features or [])
         if self.base_feature_proj is not None:
             if base_features is None or len(base_features) != len(self.base_feature_proj):
                 got = None if base_features is None else len(base_features)
@@ -194,7 +246,10 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         else:  # its own base forward, the features captured in it (a shared p carries no features)
             p, feats = base.predict_with_features(x_t, t, context)
         extra = {} if feats is None else {"base_features": feats}
-        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]), **extra)
+        state = repeat_batch(state, x_t.shape[0])
+        if self.condition_feature_proj is not None:
+            extra["condition_features"] = self.condition_features(base, state)
+        gamma, beta = self.modulation(x_t, p, t, state, **extra)
         return modulate(p, gamma, beta, strength)
 
     # ---- export and checkpoint (the adapter-kind registry, mcm.models.adapter_kinds, asks these) -----------
@@ -233,10 +288,13 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         return cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
     def forward(self, x_t: torch.Tensor, p: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor],
-                present: torch.Tensor | None = None, base_features: list[torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                present: torch.Tensor | None = None, base_features: list[torch.Tensor] | None = None,
+                base=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma, beta)`` from raw maps; ``base``: the frozen base, for a module that reads its features of the
+        maps (``condition_feature_channels``)."""
         features = self.encode_conditions(conditions, present, tuple(x_t.shape[-2:]), x_t.shape[0])
-        return self.modulation(x_t, p, t, features, base_features)
+        cond = None if self.condition_feature_proj is None else self.condition_features(base, features)
+        return self.modulation(x_t, p, t, features, base_features, cond)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -22,6 +22,9 @@ class MCMModule(AdapterModule):
             (``MultimodalConditioningModule``'s ``base_feature_channels``; UNet bases; no cached predictions).
         base_feature_levels: with ``base_features``, also add them at the MCM's own levels
             (``MultimodalConditioningModule``'s ``base_feature_levels``).
+        condition_features: the frozen base's own down- and middle-block features of each map drawn as an image
+            (a pretrained condition encoder: ``MultimodalConditioningModule``'s ``condition_feature_channels``;
+            pixel-space UNet bases; no cached predictions).
     """
 
     adapter_attribute = "mcm"
@@ -30,7 +33,8 @@ class MCMModule(AdapterModule):
 
     def __init__(self, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  attention_levels: tuple[int, ...] = (1,), norm_num_groups: int = 8, lr: float = 3e-4,
-                 base_features: bool = False, base_feature_levels: bool = False, **kwargs: Any):
+                 base_features: bool = False, base_feature_levels: bool = False, condition_features: bool = False,
+                 **kwargs: Any):
         super().__init__(lr=lr, **kwargs)
 
     def build_adapter(self) -> MultimodalConditioningModule:
@@ -40,7 +44,8 @@ class MCMModule(AdapterModule):
             block_out_channels=tuple(h.block_out_channels), layers_per_block=h.layers_per_block,
             attention_levels=tuple(h.attention_levels), norm_num_groups=h.norm_num_groups,
             base_feature_channels=tuple(self.base.feature_channels()) if h.get("base_features") else None,
-            base_feature_levels=bool(h.get("base_feature_levels")))
+            base_feature_levels=bool(h.get("base_feature_levels")),
+            condition_feature_channels=tuple(self.base.feature_channels()) if h.get("condition_features") else None)
 
     def checkpoint_config(self) -> dict:
         return dict(self.mcm.config)
