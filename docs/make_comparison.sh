@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Evaluates every module of docs/comparison.yaml on the same held-out maps, seeds and sampler, then
 # builds the comparison table and the limited-data curve in docs/results.md. Run from the repository
-# root after docs/train_comparison.sh. Usage: docs/make_comparison.sh [EVAL ...] (default: all).
+# root after docs/train_comparison.sh. Usage: [SPLIT=test] docs/make_comparison.sh [EVAL ...] (default: all).
+# SPLIT=val (the default) writes docs/eval/NAME: the split choices are made on; SPLIT=test writes
+# docs/eval/test/NAME, the split the reported figures are read on (train, val, test: docs/results.md).
 set -euo pipefail
-DATA="data/shapes/val-*.tar"
+SPLIT=${SPLIT:-val}
+DATA="data/shapes/$SPLIT-*.tar"
+OUT=docs/eval
+[[ $SPLIT == val ]] || OUT=docs/eval/$SPLIT
 COMMON=(--data "$DATA" --n 64 --seeds 0 1 --steps 25)
 
 ev() {  # ev NAME [mcm evaluate args...]
   local name=$1; shift
-  if [[ -f docs/eval/$name/metrics.json ]]; then echo "skip $name"; return; fi
-  mcm evaluate "${COMMON[@]}" "$@" --out "docs/eval/$name"
+  if [[ -f $OUT/$name/metrics.json ]]; then echo "skip $name"; return; fi
+  mcm evaluate "${COMMON[@]}" "$@" --out "$OUT/$name"
 }
 
 one() {
@@ -22,7 +27,7 @@ one() {
     strength_sweep) ev strength_sweep --mcm runs/shapes32_multimodal_4000/export --modalities segmentation sketch \
                       --per-modality --strength 1 1.5 2 2.5 3 ;;
     mcm_*|controlnet_*|t2i_adapter_*) ev "$1" --mcm "runs/shapes32_${1#mcm_}/export" --strength 1 2 ;;
-    regional) python -m mcm.evaluation.regional --data "$DATA" --n 64 --seeds 0 1 --out docs/eval/regional ;;
+    regional) python -m mcm.evaluation.regional --data "$DATA" --n 64 --seeds 0 1 --out "$OUT/regional" ;;
     compose) ev compose_segmentation_sketch --mcm shapes32_compose_segmentation shapes32_compose_sketch \
                --weights 1 1 --strength 1 2 ;;
     curve_*) ev "$1" --mcm "runs/shapes32_segmentation_n${1#curve_}/export" --strength 1 2 ;;
