@@ -4,8 +4,9 @@
 # what they took here on 2 CPU cores (stages 2 and 3 ran two or three jobs at once).
 set -euo pipefail
 
-# 0. data: 2,000 training images in 4 shards of 500, 200 held-out (val) images; seconds
-mcm data shapes --out data/shapes --train 2000 --val 200
+# 0. data: 2,000 training images in 4 shards of 500, 200 held-out images for choices (val) and 200 from their own
+#    seed stream for the reported figures (test); seconds
+mcm data shapes --out data/shapes --train 2000 --val 200 --test 200
 
 # 1. the shipped multimodal MCM: the README main job's recipe run to 4,000 steps (~60 min on the idle machine),
 #    exported as trained, its strength sweep, then the export that records the chosen strength (model card)
@@ -19,8 +20,12 @@ mcm export runs/shapes32_multimodal_4000/checkpoints/last.ckpt mcm/weights/shape
 docs/train_comparison.sh compose_segmentation compose_sketch mcm_segmentation mcm_sketch \
   controlnet_segmentation controlnet_sketch controlnet_depth controlnet_partial_mask curve_250 curve_500 curve_1000
 
-# 3. evaluations (64 held-out maps x 2 seeds, DDIM 25), the comparison table and the curve
+# 3. evaluations (64 held-out maps x 2 seeds, DDIM 25), the comparison table and the curve (val), then the shipped
+#    modules on test: each map alone and all four at the recorded strength, composition, regional control
 docs/make_comparison.sh
+mcm evaluate --mcm mcm/weights/shapes32/mcm_multimodal --data "data/shapes/test-*.tar" --n 64 --seeds 0 1 --steps 25 \
+  --per-modality --strength 1 STRENGTH --out docs/eval/test/shipped_multimodal
+SPLIT=test docs/make_comparison.sh base compose regional
 
 # 4. one grid per modality from the shipped module (held-out "test" layouts)
 for m in segmentation sketch depth partial_mask; do
