@@ -52,6 +52,8 @@ def test_the_base_reads_each_drawn_map_and_the_zero_module_is_a_noop(module):
     assert float((a - b).detach().abs().max()) > 1e-4  # the output reads them
     with pytest.raises(ValueError, match="pass condition_features"):
         mcm.modulation(x, p, t, state)
+    with pytest.raises(ValueError, match="pass the FrozenBase it was trained with, got NoneType"):
+        mcm(x, p, t, {"segmentation": seg})  # forward without the base
 
 
 def test_it_trains_exports_and_samples_with_guidance(module, tmp_path):

@@ -190,6 +190,9 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
     def condition_features(self, base, state: torch.Tensor) -> list[torch.Tensor]:
         """The base's own features of each map drawn as an image (``encode_conditions`` put them at the end of
         ``state``), projected, at the state's size, zero where the map is absent."""
+        if base is None or not hasattr(base, "predict_with_features"):
+            raise ValueError("this MCM reads the frozen base's features of its maps (condition_feature_channels): "
+                             f"pass the FrozenBase it was trained with, got {type(base).__name__}")
         m, r = len(self.plugins), self.drawn_map_channels
         drawn, masks = state[:, -r:], state[:, -r - m:-r]
         t = torch.zeros(state.shape[0], dtype=torch.long, device=state.device)
