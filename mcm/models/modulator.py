@@ -34,6 +34,13 @@ def modulate(p: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength:
     return p + strength * (p * gamma + beta)
 
 
+def project_features(projections: nn.ModuleList, features: list[torch.Tensor], size: tuple[int, int],
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each of the base's feature maps through its 1x1 projection, resized (bilinear) to the MCM input's ``size``."""
+    return [F.interpolate(proj(f.to(dtype)), size=size, mode="bilinear", align_corners=False)
+            for proj, f in zip(projections, features)]
+
+
 class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
     """MCM: a small UNet that outputs per-pixel scale ``gamma`` and shift ``beta`` for ``p``.
 
@@ -199,10 +206,8 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         out = []
         for j, name in enumerate(self.modality_names):
             _, feats = base.predict_with_features(drawn[:, 3 * j:3 * j + 3], t)  # no-grad, t = 0: a clean image
-            for proj, f in zip(self.condition_feature_proj[name], feats):
-                f = F.interpolate(proj(f.to(state.dtype)), size=tuple(state.shape[-2:]), mode="bilinear",
-                                  align_corners=False)
-                out.append(f * masks[:, j:j + 1])
+            projected = project_features(self.condition_feature_proj[name], feats, tuple(state.shape[-2:]), state.dtype)
+            out += [f * masks[:, j:j + 1] for f in projected]
         return out
 
     # ---- the modulation ------------------------------------------------------------------------
@@ -225,9 +230,7 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
                 got = None if base_features is None else len(base_features)
                 raise ValueError(f"this MCM reads {len(self.base_feature_proj)} base feature maps "
                                  f"(base_feature_channels={list(self.config.base_feature_channels)}), got {got}")
-            for proj, f in zip(self.base_feature_proj, base_features):
-                f = proj(f.to(features.dtype))
-                extra.append(F.interpolate(f, size=tuple(x_t.shape[-2:]), mode="bilinear", align_corners=False))
+            extra += project_features(self.base_feature_proj, base_features, tuple(x_t.shape[-2:]), features.dtype)
         h = torch.cat([x_t.to(features.dtype), p.to(features.dtype), features, *extra], dim=1)
         if self.base_feature_level_proj is not None:  # the hooks read them during this forward only
             k = len(self.base_feature_level_proj) - 1
@@ -249,10 +252,9 @@ class MultimodalConditioningModule(Adapter, ModelMixin, ConfigMixin):
         else:  # its own base forward, the features captured in it (a shared p carries no features)
             p, feats = base.predict_with_features(x_t, t, context)
         extra = {} if feats is None else {"base_features": feats}
-        state = repeat_batch(state, x_t.shape[0])
-        if self.condition_feature_proj is not None:
-            extra["condition_features"] = self.condition_features(base, state)
-        gamma, beta = self.modulation(x_t, p, t, state, **extra)
+        if self.condition_feature_proj is not None:  # once per image, before the guidance branches repeat it
+            extra["condition_features"] = repeat_batch(self.condition_features(base, state), x_t.shape[0])
+        gamma, beta = self.modulation(x_t, p, t, repeat_batch(state, x_t.shape[0]), **extra)
         return modulate(p, gamma, beta, strength)
 
     # ---- export and checkpoint (the adapter-kind registry, mcm.models.adapter_kinds, asks these) -----------
