@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel, SchedulerMixin,
                        SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
-from diffusers.image_processor import VaeImageProcessor
+from diffusers.image_processor import PixArtImageProcessor, VaeImageProcessor
 from diffusers.utils import BaseOutput, deprecate
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -351,8 +351,6 @@ class MCMPipeline(DiffusionPipeline):
         B, size = self._batch_and_size(conds, num_images if num_images is not None else implied, height, width)
         binned_from = None  # the output size asked for, when sampling at a binned size (PixArt-Σ, Sana)
         if use_resolution_binning:
-            from diffusers.image_processor import PixArtImageProcessor
-
             ds = self.base.downsample
             binned_from = (size[0] * ds, size[1] * ds)
             bh, bw = PixArtImageProcessor.classify_height_width_bin(*binned_from, ratios=self.base.aspect_ratio_bins())
@@ -407,8 +405,6 @@ class MCMPipeline(DiffusionPipeline):
         else:
             image = self.base.decode(x0, clamp=False)
             if binned_from is not None:  # back to the size asked for, as the binning pipelines do
-                from diffusers.image_processor import PixArtImageProcessor
-
                 image = PixArtImageProcessor.resize_and_crop_tensor(image, binned_from[1], binned_from[0])
             images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
